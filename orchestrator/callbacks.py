@@ -1,0 +1,92 @@
+"""The Ray Tune callback that turns trial events into MLflow runs, Parquet rows and progress.
+
+It runs in the driver: one child run per trained model (re-attached by its config hash and seed
+when the model was trained before), per-epoch metrics as they are reported, and, when a trial
+ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parquet rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from trainables.trial import run_dir_of, training_config
+
+if TYPE_CHECKING:
+    from orchestrator.sweep import Stage, Sweep
+
+
+def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def final_metrics(final: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a finished model, LA variants prefixed (``mult.acc_avg``)."""
+    out = {k: final[k] for k in ("fdr_train", "fdr_test", "objective", "best_epoch", "train_seconds")}
+    for la, r in final["la"].items():
+        for k in ("many", "medium", "few", "avg", "val_acc"):
+            out[f"{la}.{'acc_' + k if k != 'val_acc' else k}"] = r[k]
+        if r["param"] is not None:
+            out[f"{la}.{'tau' if la == 'add' else 'gamma'}"] = r["param"]
+    return out
+
+
+class TrialCallback(Callback):
+    def __init__(self, sweep: Sweep, stage: Stage, parent_run: str):
+        self.sweep, self.stage, self.parent = sweep, stage, parent_run
+        self.run_ids: dict[str, str] = {}
+        self.completed: list[dict[str, Any]] = []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = training_config(trial.config)
+        folder = run_dir_of(trial.config)
+        m = self.stage.entry.method.name
+        tags = {"wbsweep.config_hash": folder.parent.name, "wbsweep.seed": str(cfg["seed"])}
+        name = f"{m} seed{cfg['seed']}" + (f" {trial.trial_id}" if self.stage.kind == "tune" else "")
+        tracker = self.sweep.tracker
+        run_id = tracker.run(name, {**tags}, parent=self.parent)
+        tracker.client.set_tag(run_id, "wbsweep.method", m)
+        tracker.client.set_tag(run_id, "wbsweep.stage", self.stage.kind)
+        tracker.log_params(run_id, flat_params(cfg))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mlflow_run_id").write_text(run_id)
+        self.run_ids[trial.trial_id] = run_id
+        self.sweep.progress.started()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id and "epoch" in result:
+            keys = ("train_loss", "val_acc", "lr")
+            self.sweep.tracker.log_metrics(run_id, {k: result[k] for k in keys}, step=int(result["epoch"]))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        final = (trial.last_result or {}).get("final")
+        run_id = self.run_ids.get(trial.trial_id)
+        if final is None:  # ended without its final report: treat as failed
+            self.on_trial_error(iteration, trials, trial)
+            return
+        tracker = self.sweep.tracker
+        if run_id:
+            tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
+            folder = run_dir_of(trial.config)
+            tracker.log_artifacts(run_id, folder)
+            tracker.finish(run_id)
+        self.sweep.record(self.stage, trial.config, final, run_id)
+        self.completed.append({"config": trial.config, "objective": final["objective"]})
+        self.sweep.progress.done(float(final["train_seconds"]))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_ids.get(trial.trial_id)
+        reason = "unknown error"
+        if trial.error_file:
+            try:
+                with open(trial.error_file) as fh:
+                    lines = [ln for ln in fh.read().strip().splitlines() if ln.strip()]
+                reason = lines[-1] if lines else reason
+            except OSError:
+                pass
+        if run_id:
+            self.sweep.tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000])
+            self.sweep.tracker.finish(run_id, "FAILED")
+        self.sweep.progress.failed(f"{self.stage.label} trial {trial.trial_id}: {reason}")

@@ -1,0 +1,210 @@
+"""The ``wbsweep`` command line.
+
+    wbsweep run table4 [--preset P] [--out DIR] [--data-root DIR] [--address ADDR] [--tracking-uri URI]
+    wbsweep report table4 [--out DIR] [--format table|markdown|csv]
+    wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
+    wbsweep list
+
+A mistake of the user's (a typo in a name, a bad path, a malformed spec) prints one line saying
+what is wrong and what to do, and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from trainables.errors import WbsweepError
+
+DEFAULT_OUT = "wbsweep-out"
+
+
+def _out_dir(path: str, create: bool) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise WbsweepError(f"--out {out} is a file; give a folder for the results.")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WbsweepError(f"cannot create --out {out}: {exc.strerror}.") from None
+        if not os.access(out, os.W_OK):
+            raise WbsweepError(f"--out {out} is not writable; choose another folder.")
+    return out
+
+
+def _data_root(path: str | None) -> str | None:
+    if path is None:
+        return None
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise WbsweepError(f"--data-root {root} is not a folder; point it at the folder that holds the datasets.")
+    return str(root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.report import report
+    from orchestrator.spec import load_experiment
+    from orchestrator.sweep import Sweep, SweepOptions, plan
+
+    exp = load_experiment(args.spec, args.preset)
+    if args.plan:
+        stages = plan(exp)
+        print(f"{exp.name} preset {exp.preset}: {len(stages)} stages, "
+              f"{sum(s.trials for s in stages)} trials at most (finished work is skipped)")
+        for i, s in enumerate(stages, 1):
+            space = exp.searched_for(s.entry.method) if s.kind == "tune" else {}
+            extra = f" searching {', '.join(space)}" if space else ""
+            print(f"  {i:2d}. {s.label:<24} {s.trials:3d} trial(s){extra}")
+        return 0
+    out = _out_dir(args.out, create=True)
+    from orchestrator.tracking import default_tracking_uri
+
+    opts = SweepOptions(
+        out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), data_root=_data_root(args.data_root),
+        address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, quiet=args.quiet,
+    )
+    started = time.time()
+    sweep = Sweep(exp, opts)
+    sweep.run()
+    minutes = (time.time() - started) / 60
+    print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
+                 exp.title))
+    failed = sweep.progress.n_failed
+    print(f"done in {minutes:.1f} min; results: {out / 'results'} (Parquet), MLflow: {opts.tracking_uri}"
+          + (f"; {failed} trial(s) FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report
+    from orchestrator.spec import WbsweepError as _E  # noqa: F401  (same class, keeps import cheap)
+    from orchestrator.spec import load_experiment
+
+    table, order, title = None, None, None
+    try:
+        exp = load_experiment(args.spec, args.preset)
+        table, order, title, spec = exp.paper_table, [m.method.name for m in exp.methods], exp.title, exp.name
+    except WbsweepError:
+        if Path(args.spec).suffix in (".yaml", ".yml"):
+            raise
+        spec = args.spec  # a spec no longer on disk: the Parquet rows are enough
+    out = _out_dir(args.out, create=False)
+    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title))
+    return 0
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise WbsweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=5.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_experiment
+    from trainables.methods import get_method, method_config
+    from trainables.train import train
+
+    exp = load_experiment(args.spec, args.preset)
+    method = get_method(args.method)
+    cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed, "device": args.device}
+    if args.data_root:
+        cfg["data_root"] = _data_root(args.data_root)
+    cfg.update(_parse_set(args.set or []))
+    out = _out_dir(args.out, create=True)
+
+    def show(m: dict) -> None:
+        print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
+
+    metrics = train(cfg, out, report=show)
+    summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
+    summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
+                     for la, r in metrics["la"].items()}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from orchestrator.spec import spec_names
+    from trainables.data import dataset_names
+    from trainables.methods import METHODS
+    from trainables.models import model_names
+
+    print("specs:    " + ", ".join(spec_names()))
+    print("methods:  " + ", ".join(f"{m.name} ({m.label})" for m in METHODS.values()))
+    print("datasets: " + ", ".join(dataset_names()))
+    print("models:   " + ", ".join(model_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wbsweep", description="Weight-balancing sweeps on Ray Tune + Optuna.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="tune on validation, repeat over seeds, write Parquet + MLflow, print the table")
+    r.add_argument("spec", help="a spec name (wbsweep list) or a path to a spec .yaml")
+    r.add_argument("--preset", help="preset of the spec (default: the spec's default_preset)")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default ./{DEFAULT_OUT})")
+    r.add_argument("--data-root", help="folder with the datasets (CIFAR pickles, IDX files)")
+    r.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: start a local one")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--cpus-per-trial", type=float)
+    r.add_argument("--gpus-per-trial", type=float)
+    r.add_argument("--max-concurrent", type=int)
+    r.add_argument("--plan", action="store_true", help="print the stages and trial counts, run nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="rebuild a table (mean ± std) from the Parquet results")
+    rep.add_argument("spec")
+    rep.add_argument("--out", default=DEFAULT_OUT)
+    rep.add_argument("--preset", help="default: the most recent preset with results")
+    rep.add_argument("--format", default="table", choices=["table", "markdown", "csv"])
+    rep.set_defaults(func=cmd_report)
+
+    t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")
+    t.add_argument("--method", required=True)
+    t.add_argument("--spec", default="table4")
+    t.add_argument("--preset")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--data-root")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
+    t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"))
+    t.set_defaults(func=cmd_train)
+
+    ls = sub.add_parser("list", help="specs, methods, datasets and models")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except WbsweepError as exc:
+        if args.debug:
+            raise
+        print(f"wbsweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wbsweep: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

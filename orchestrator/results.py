@@ -1,0 +1,104 @@
+"""The Parquet results dataset: one row per (spec, dataset, model, method, LA, seed).
+
+Each finished model writes its rows as one file, named by what it holds, to a temporary name that
+is then renamed: a reader never sees a partial file and two writers never touch the same file, so
+no row is lost. ``pandas.read_parquet(DIR / "results")`` reads the whole dataset. Tune-stage trials
+go to a sibling dataset ``DIR / "trials"`` with the same columns, so the results stay one row per
+seed while every Optuna trial can still be queried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainables.errors import WbsweepError
+
+SCHEMA = pa.schema(
+    [
+        ("spec", pa.string()), ("preset", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
+        ("method", pa.string()), ("la", pa.string()), ("seed", pa.int64()), ("stage", pa.string()),
+        ("config_hash", pa.string()), ("parent_hash", pa.string()),
+        ("acc_many", pa.float64()), ("acc_medium", pa.float64()), ("acc_few", pa.float64()),
+        ("acc_avg", pa.float64()), ("val_acc", pa.float64()), ("objective", pa.float64()),
+        ("acc_per_class", pa.list_(pa.float64())),
+        ("fdr_train", pa.float64()), ("fdr_test", pa.float64()),
+        ("tau", pa.float64()), ("gamma", pa.float64()),
+        ("wd", pa.float64()), ("fr", pa.float64()), ("stage2_wd", pa.float64()), ("bn_scale", pa.float64()),
+        ("loss", pa.string()), ("classifier", pa.string()), ("wd_scope", pa.string()), ("bn", pa.string()),
+        ("rho", pa.float64()), ("lr", pa.float64()), ("batch_size", pa.int64()),
+        ("epochs", pa.int64()), ("best_epoch", pa.int64()), ("train_seconds", pa.float64()),
+        ("node", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
+        ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
+        ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
+    ]
+)
+COLUMNS = SCHEMA.names
+
+
+def rows_for_run(
+    metrics: dict[str, Any], cfg: dict[str, Any], *, spec: str, preset: str, method: str,
+    stage: str, mlflow_run_id: str | None, versions: dict[str, str], created_at: pd.Timestamp,
+) -> list[dict[str, Any]]:
+    """One row per LA variant of one trained model. FDR is a property of the features, so it is
+    the same on every LA row of a model."""
+    rows = []
+    for la, r in metrics["la"].items():
+        rows.append({
+            "spec": spec, "preset": preset, "dataset": cfg["dataset"], "model": cfg["model"],
+            "method": method, "la": la, "seed": int(cfg["seed"]), "stage": stage,
+            "config_hash": metrics["config_hash"], "parent_hash": cfg.get("parent_hash"),
+            "acc_many": r["many"], "acc_medium": r["medium"], "acc_few": r["few"], "acc_avg": r["avg"],
+            "val_acc": r["val_acc"], "objective": metrics["objective"], "acc_per_class": r["acc_per_class"],
+            "fdr_train": metrics["fdr_train"], "fdr_test": metrics["fdr_test"],
+            "tau": r["param"] if la == "add" else None, "gamma": r["param"] if la == "mult" else None,
+            "wd": cfg["wd"], "fr": cfg["fr"], "stage2_wd": cfg["stage2_wd"] if cfg["stage2"] else None,
+            "bn_scale": cfg["bn_scale"] if cfg["bn"] == "fixed" else None, "loss": cfg["loss"],
+            "classifier": cfg["classifier"], "wd_scope": cfg["wd_scope"], "bn": cfg["bn"],
+            "rho": metrics.get("rho", cfg["rho"]), "lr": cfg["lr"], "batch_size": cfg["batch_size"],
+            "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
+            "train_seconds": metrics["train_seconds"], "node": metrics["node"], "device": metrics["device"],
+            "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
+            "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,
+            "config": json.dumps(cfg, sort_keys=True, default=str),
+        })
+    return rows
+
+
+def write_rows(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` as ``folder/name.parquet`` atomically (temporary file + rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    final = folder / f"{name}.parquet"
+    tmp = folder / f".{name}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def read_rows(folder: Path) -> pd.DataFrame:
+    """Every row under ``folder`` (empty frame with the schema's columns when there are none).
+
+    A file that is not a readable Parquet file of this schema is named in a one-line error rather
+    than surfacing as an Arrow traceback."""
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return SCHEMA.empty_table().to_pandas()
+    tables = []
+    for f in files:
+        try:
+            t = pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
+        missing = set(COLUMNS) - set(t.column_names)
+        if missing:
+            raise WbsweepError(f"{f} is not a wbsweep results file (missing {', '.join(sorted(missing))}); "
+                               f"move it out of {folder}.")
+        tables.append(t.select(COLUMNS).cast(SCHEMA))
+    return pa.concat_tables(tables).to_pandas()

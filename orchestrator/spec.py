@@ -1,0 +1,202 @@
+"""Experiment specs: declarative YAML files that say what a table of the paper (or a user's new
+experiment) trains, which hyperparameters Optuna searches, and how many seeds to repeat.
+
+A spec has ``methods`` (each with its LA variants) and ``presets`` (``paper``, ``tuned``, ``cpu``,
+``smoke``...). A preset may ``extends`` another and override any part of it; this keeps the CPU and
+smoke presets the same *shape* as the paper's, only smaller. See ``search_spaces/table4.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.config import DEFAULTS, LA_KINDS, resolve_config
+from trainables.errors import WbsweepError
+from trainables.methods import Method, get_method
+
+SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
+PRESET_KEYS = {"extends", "description", "train", "hyper", "search", "trials", "seeds", "resources"}
+RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
+
+
+@dataclass
+class MethodEntry:
+    method: Method
+    la: list[str]
+
+
+@dataclass
+class Experiment:
+    """A spec with one preset resolved: everything the orchestrator needs to plan the sweep."""
+
+    name: str
+    title: str
+    preset: str
+    paper_table: int | None
+    methods: list[MethodEntry]
+    train: dict[str, Any]  # training-config overrides shared by every method
+    hyper: dict[str, float]  # fixed lambda, zeta, ... (the paper's values)
+    search: dict[str, dict[str, Any]]  # knob -> distribution, searched on validation by Optuna
+    trials: int
+    seeds: list[int]
+    resources: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def searched_for(self, method: Method) -> dict[str, dict[str, Any]]:
+        """The part of the search space that applies to ``method`` (its knobs only)."""
+        return {k: v for k, v in self.search.items() if k in method.searched}
+
+
+def spec_dir() -> Path:
+    return Path(str(resources.files("search_spaces")))
+
+
+def spec_names() -> list[str]:
+    return sorted(p.stem for p in spec_dir().glob("*.yaml"))
+
+
+def find_spec(name_or_path: str) -> Path:
+    """A spec by name (``table4``) from the package, or by path (``my/spec.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise WbsweepError(f"spec file {path} does not exist (or is not a file).")
+        return path
+    builtin = spec_dir() / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = spec_names()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise WbsweepError(f"unknown spec '{name_or_path}'.{hint} Known specs: {', '.join(names)} (or a .yaml path).")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise WbsweepError(f"malformed spec {where}: {exc.problem}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WbsweepError(f"cannot read spec {path}: {exc}.") from None
+    if not isinstance(doc, dict):
+        raise WbsweepError(f"spec {path} must be a YAML mapping with 'methods' and 'presets'.")
+    return doc
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _resolve_preset(presets: dict[str, Any], name: str, where: str, chain: tuple[str, ...] = ()) -> dict:
+    if name not in presets:
+        close = difflib.get_close_matches(name, presets, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise WbsweepError(f"{where} has no preset '{name}'.{hint} Presets: {', '.join(presets)}.")
+    if name in chain:
+        raise WbsweepError(f"{where}: presets extend each other in a loop: {' -> '.join((*chain, name))}.")
+    p = presets[name]
+    if not isinstance(p, dict):
+        raise WbsweepError(f"{where}: preset '{name}' must be a mapping.")
+    unknown = set(p) - PRESET_KEYS
+    if unknown:
+        raise WbsweepError(f"{where}: preset '{name}' has unknown key(s) {', '.join(sorted(unknown))}; "
+                           f"allowed: {', '.join(sorted(PRESET_KEYS))}.")
+    if "extends" in p:
+        return _merge(_resolve_preset(presets, p["extends"], where, (*chain, name)), p)
+    return copy.deepcopy(p)
+
+
+def _check_distribution(knob: str, dist: Any, where: str) -> None:
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SEARCH_KINDS:
+        raise WbsweepError(f"{where}: search.{knob} must be one of {{loguniform: [low, high]}}, "
+                           "{uniform: [low, high]}, {grid: [low, high, step]}, {choice: [a, b, ...]}.")
+    kind, args = next(iter(dist.items()))
+    if not isinstance(args, list) or not args:
+        raise WbsweepError(f"{where}: search.{knob}.{kind} needs a list.")
+    if kind in ("loguniform", "uniform", "grid"):
+        n = 3 if kind == "grid" else 2
+        if len(args) != n or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise WbsweepError(f"{where}: search.{knob}.{kind} needs {n} numbers, got {args!r}.")
+        if args[0] >= args[1] or (kind == "loguniform" and args[0] <= 0):
+            raise WbsweepError(f"{where}: search.{knob}.{kind} needs 0 < low < high (low > 0 for log), got {args!r}.")
+
+
+def load_experiment(name_or_path: str, preset: str | None = None) -> Experiment:
+    """Load a spec and resolve one preset (the spec's ``default_preset`` when None), validating
+    every name and number so that mistakes are reported before any cluster time is spent."""
+    path = find_spec(name_or_path)
+    doc = read_yaml(path)
+    where = str(path)
+    for key in ("name", "methods", "presets"):
+        if key not in doc:
+            raise WbsweepError(f"spec {where} lacks the required key '{key}'.")
+    presets = doc["presets"]
+    if not isinstance(presets, dict) or not presets:
+        raise WbsweepError(f"{where}: 'presets' must map preset names to settings.")
+    preset = preset or doc.get("default_preset") or next(iter(presets))
+    p = _resolve_preset(presets, preset, where)
+
+    if not isinstance(doc["methods"], list) or not doc["methods"]:
+        raise WbsweepError(f"{where}: 'methods' must be a list of {{method: NAME, la: [none, add, mult]}}.")
+    methods = []
+    for entry in doc["methods"]:
+        entry = {"method": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise WbsweepError(f"{where}: each entry of 'methods' needs a 'method' name, got {entry!r}.")
+        la = entry.get("la", ["none"])
+        la = [la] if isinstance(la, str) else la
+        if not isinstance(la, list) or not la or any(x not in LA_KINDS for x in la):
+            raise WbsweepError(f"{where}: method {entry['method']}: la must be a list of {', '.join(LA_KINDS)}.")
+        methods.append(MethodEntry(get_method(str(entry["method"])), la))
+    names = [m.method.name for m in methods]
+    for m in methods:
+        if m.method.parent and m.method.parent not in names:
+            raise WbsweepError(f"{where}: method {m.method.name} needs its first stage "
+                               f"'{m.method.parent}' in the same spec.")
+
+    train = p.get("train") or {}
+    if not isinstance(train, dict):
+        raise WbsweepError(f"{where}: preset '{preset}': 'train' must be a mapping of training options.")
+    resolve_config(train)  # validates names, choices and ranges now
+    hyper = p.get("hyper") or {}
+    search = p.get("search") or {}
+    for section, table in (("hyper", hyper), ("search", search)):
+        if not isinstance(table, dict):
+            raise WbsweepError(f"{where}: preset '{preset}': '{section}' must be a mapping.")
+        for knob in table:
+            if knob not in DEFAULTS:
+                close = difflib.get_close_matches(str(knob), DEFAULTS, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise WbsweepError(f"{where}: preset '{preset}': {section}.{knob} is not a training option.{hint}")
+    for knob, value in hyper.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise WbsweepError(f"{where}: preset '{preset}': hyper.{knob} must be a number >= 0, got {value!r}.")
+    for knob, dist in search.items():
+        _check_distribution(knob, dist, f"{where}: preset '{preset}'")
+    trials = p.get("trials", 0)
+    seeds = p.get("seeds", [0])
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise WbsweepError(f"{where}: preset '{preset}': trials must be a whole number >= 0, got {trials!r}.")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise WbsweepError(f"{where}: preset '{preset}': seeds must be a list of distinct whole numbers.")
+    res = p.get("resources") or {}
+    if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
+        raise WbsweepError(f"{where}: preset '{preset}': resources may only set {', '.join(sorted(RESOURCE_KEYS))}.")
+    return Experiment(
+        name=str(doc["name"]), title=str(doc.get("title", doc["name"])), preset=preset,
+        paper_table=doc.get("paper_table"), methods=methods, train=train, hyper=hyper,
+        search=search, trials=trials, seeds=seeds, resources=res, source=where,
+    )

@@ -1,0 +1,245 @@
+"""Data fixtures: small datasets written in the exact on-disk formats, and the real data sources.
+
+The fakes are written byte-for-byte the way the original releases are laid out (Python 2
+protocol-2 CIFAR pickles, big-endian gzip IDX files), so that the readers are tested against the
+real formats rather than against whatever this repository's own writer happens to produce.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR pickles as the original release wrote them (Python 2, cPickle protocol 2, numpy 1.x)
+# --------------------------------------------------------------------------------------------------
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the CIFAR dicts.
+
+    Differences from a Python 3 pickle that matter to readers: every byte string (dict keys,
+    batch_label, filenames and the array's raw buffer) is a Python 2 ``str`` (SHORT_BINSTRING /
+    BINSTRING opcodes, which ``encoding="bytes"`` turns into bytes), and arrays are rebuilt through
+    ``numpy.core.multiarray._reconstruct`` (the pre-numpy-2 module name) with the buffer inline.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+
+    def save_ndarray(self, arr: np.ndarray) -> None:
+        assert arr.dtype == np.uint8, "the CIFAR files only hold uint8 arrays"
+        arr = np.ascontiguousarray(arr)
+        # _reconstruct(ndarray, (0,), 'b')
+        self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+        self.write(pickle.GLOBAL + b"numpy\nndarray\n")
+        self.save((0,))
+        self.save(b"b")
+        self.write(pickle.TUPLE3 + pickle.REDUCE)
+        # __setstate__((1, shape, dtype('uint8'), is_fortran=False, raw bytes))
+        self.write(pickle.MARK)
+        self.save(1)
+        self.save(tuple(int(d) for d in arr.shape))
+        self.write(pickle.GLOBAL + b"numpy\ndtype\n")
+        self.save((b"u1", 0, 1))
+        self.write(pickle.REDUCE)
+        self.save((3, b"|", None, None, None, -1, -1, 0))
+        self.write(pickle.BUILD)
+        self.save(False)
+        self.save(arr.tobytes())
+        self.write(pickle.TUPLE + pickle.BUILD)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[np.ndarray] = save_ndarray
+
+
+def write_py2_pickle(obj: object, path: Path) -> None:
+    with open(path, "wb") as fh:
+        Py2Pickler(fh, protocol=2).dump(obj)
+
+
+def _labels_in_file_order(counts: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(np.repeat(np.arange(len(counts)), counts)).astype(np.int64)
+
+
+def _per_class(value: int | Sequence[int], num_classes: int) -> list[int]:
+    return [int(value)] * num_classes if isinstance(value, int) else [int(v) for v in value]
+
+
+def make_cifar_files(
+    root: Path,
+    num_classes: int,
+    per_class_train: int | Sequence[int],
+    per_class_test: int | Sequence[int],
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Write a fake CIFAR-10 (5 data batches + test_batch) or CIFAR-100 (train + test) under
+    ``root`` with random pixels and labels in shuffled file order; return the arrays in file
+    order: x_train / x_test as (n, 3072) uint8 rows, y_train / y_test as int64."""
+    assert num_classes in (10, 100)
+    rng = np.random.default_rng(seed)
+    y_train = _labels_in_file_order(_per_class(per_class_train, num_classes), rng)
+    y_test = _labels_in_file_order(_per_class(per_class_test, num_classes), rng)
+    x_train = rng.integers(0, 256, size=(len(y_train), 3072), dtype=np.uint8)
+    x_test = rng.integers(0, 256, size=(len(y_test), 3072), dtype=np.uint8)
+    if num_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        bounds = np.linspace(0, len(y_train), 6).astype(int)
+        parts = [(f"data_batch_{i + 1}", slice(bounds[i], bounds[i + 1]), f"training batch {i + 1} of 5")
+                 for i in range(5)]
+        for name, sl, title in parts:
+            _write_cifar10_batch(folder / name, x_train[sl], y_train[sl], title)
+        _write_cifar10_batch(folder / "test_batch", x_test, y_test, "testing batch 1 of 1")
+        write_py2_pickle({b"num_cases_per_batch": 10000, b"num_vis": 3072,
+                          b"label_names": [f"class{k}".encode() for k in range(10)]}, folder / "batches.meta")
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+            write_py2_pickle({
+                b"filenames": [f"{name}_{i:05d}.png".encode() for i in range(len(y))],
+                b"batch_label": f"{name}ing batch 1 of 1".encode(),
+                b"fine_labels": [int(v) for v in y],
+                b"coarse_labels": [int(v) // 5 for v in y],
+                b"data": x,
+            }, folder / name)
+        write_py2_pickle({b"fine_label_names": [f"fine{k}".encode() for k in range(100)],
+                          b"coarse_label_names": [f"coarse{k}".encode() for k in range(20)]}, folder / "meta")
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _write_cifar10_batch(path: Path, x: np.ndarray, y: np.ndarray, title: str) -> None:
+    write_py2_pickle({
+        b"batch_label": title.encode(),
+        b"labels": [int(v) for v in y],
+        b"data": x,
+        b"filenames": [f"{path.name}_{i:05d}.png".encode() for i in range(len(y))],
+    }, path)
+
+
+@pytest.fixture
+def make_cifar() -> Callable[..., dict[str, np.ndarray]]:
+    """``make_cifar(root, num_classes, per_class_train, per_class_test)`` -> arrays in file order."""
+    return make_cifar_files
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX files (MNIST layout)
+# --------------------------------------------------------------------------------------------------
+
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def write_idx_file(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """IDX: 0x00 0x00, type code, ndim, big-endian uint32 dims, then big-endian C-order data."""
+    big = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
+    header = bytes([0, 0, _IDX_CODES[big.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(big).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def make_mnist_files(
+    folder: Path,
+    per_class_train: int | Sequence[int],
+    per_class_test: int | Sequence[int],
+    seed: int = 0,
+    size: int = 28,
+) -> dict[str, np.ndarray]:
+    """Write the four MNIST .gz IDX files into ``folder``; return the arrays in file order."""
+    rng = np.random.default_rng(seed)
+    y_train = _labels_in_file_order(_per_class(per_class_train, 10), rng).astype(np.uint8)
+    y_test = _labels_in_file_order(_per_class(per_class_test, 10), rng).astype(np.uint8)
+    x_train = rng.integers(0, 256, size=(len(y_train), size, size), dtype=np.uint8)
+    x_test = rng.integers(0, 256, size=(len(y_test), size, size), dtype=np.uint8)
+    for stem, array in zip(IDX_STEMS, (x_train, y_train, x_test, y_test), strict=True):
+        write_idx_file(folder / f"{stem}.gz", array)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+@pytest.fixture
+def write_idx() -> Callable[..., None]:
+    """``write_idx(path, array, compress=True)`` writes one IDX file in the original format."""
+    return write_idx_file
+
+
+@pytest.fixture
+def make_mnist() -> Callable[..., dict[str, np.ndarray]]:
+    """``make_mnist(folder, per_class_train, per_class_test)`` -> arrays in file order."""
+    return make_mnist_files
+
+
+# --------------------------------------------------------------------------------------------------
+# Real data (../shared/data, the Debian Fashion-MNIST package)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_cifar10_root() -> Path:
+    """A data root holding the real CIFAR-10 (cifar-10-batches-py/), built once by
+    ../shared/data/get_cifar10.py and kept in ~/.cache/wbsweep-test/cifar10 between runs
+    (WBSWEEP_TEST_CACHE overrides the cache folder)."""
+    cache = Path(os.environ.get("WBSWEEP_TEST_CACHE", "~/.cache/wbsweep-test")).expanduser() / "cifar10"
+    folder = cache / "cifar-10-batches-py"
+    if all((folder / name).is_file() for name in CIFAR10_FILES):
+        return cache
+    script = SHARED_DATA / "get_cifar10.py"
+    if not script.is_file():
+        pytest.skip(f"real CIFAR-10 unavailable: {script} does not exist")
+    if shutil.which("npm") is None:
+        pytest.skip("real CIFAR-10 unavailable: get_cifar10.py needs npm, which is not installed")
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build into a scratch folder and move it in whole, so an interrupted run leaves no half cache.
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        proc = subprocess.run([sys.executable, str(script), scratch], capture_output=True, text=True,
+                              timeout=1200)
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
+            if "npm" in tail or "No module named" in tail:
+                pytest.skip(f"real CIFAR-10 unavailable: get_cifar10.py failed: {tail}")
+            pytest.fail(f"get_cifar10.py failed: {tail}")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(Path(scratch) / "cifar-10-batches-py", folder)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_mnist_root() -> Path:
+    """The shared data folder, which holds the original MNIST IDX files in mnist/."""
+    if not all((SHARED_DATA / "mnist" / f"{stem}.gz").is_file() for stem in IDX_STEMS):
+        pytest.skip(f"real MNIST unavailable: the four IDX .gz files are not in {SHARED_DATA / 'mnist'}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_fashion_mnist_root() -> Path:
+    """/usr/share/datasets, where Debian's dataset-fashion-mnist puts fashion-mnist/*.gz."""
+    root = Path("/usr/share/datasets")
+    if not all((root / "fashion-mnist" / f"{stem}.gz").is_file() for stem in IDX_STEMS):
+        pytest.skip("real Fashion-MNIST unavailable: apt-get install dataset-fashion-mnist to provide it")
+    return root

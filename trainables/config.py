@@ -1,0 +1,122 @@
+"""The one dictionary of hyperparameters that fully describes a training run, and its hash.
+
+Everything the trainer does is read from this dictionary (airbench style), so the saved config is
+enough to say what produced a result. ``config_hash`` covers the keys that change the science and
+leaves out where things live (paths, device, threads), so the same experiment on another machine
+has the same hash and finished work is never run twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from trainables.errors import WbsweepError
+
+DEFAULTS: dict[str, Any] = {
+    # data
+    "dataset": "digits-lt",
+    "rho": None,  # None: the dataset's default imbalance ratio
+    "val_per_class": 20,
+    # model
+    "model": "mlp3",
+    "width": None,  # None: the model's own width (1024 for MLPs, 16/64 for ResNets)
+    "classifier": "linear",  # linear | etf
+    "etf_bias": True,  # the authors' code adds a learnable, weight-decayed bias to the ETF head
+    # loss and regularisation
+    "loss": "ce",  # ce | cb | dr
+    "cb_beta": 0.9999,
+    "cb_form": "softmax",  # softmax (seed code, paper eq. 8) | bce (WB's code)
+    "wd": 0.0,  # lambda, coupled L2 (SGD weight_decay)
+    "wd_scope": "all",  # all | conv_only ("WD w/o BN")
+    "bn": "trainable",  # trainable | fixed
+    "bn_scale": 0.1,  # the common BN scale when bn == fixed
+    "fr": 0.0,  # zeta of feature regularisation
+    # optimisation (paper appendix 7.5.3)
+    "epochs": 320,
+    "batch_size": 64,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "select": "best_val",  # best_val (the authors' code keeps the best validation epoch) | last
+    # WB's second stage (classifier only, CB loss, MaxNorm), from the parent's checkpoint
+    "stage2": False,
+    "stage2_epochs": 10,
+    "stage2_wd": 0.1,
+    "stage2_loss": "cb",
+    "maxnorm": "iter",  # iter (paper) | epoch (authors' code) | none
+    "maxnorm_alpha": 0.1,
+    "parent_hash": None,  # config hash of the stage-1 run (set by the orchestrator)
+    # evaluation
+    "la": ["none", "add", "mult"],
+    "la_mult_form": "paper",  # paper (eq. 9: normalise weight norms, then scale) | code (scale logits)
+    "tau_grid": None,  # None: the paper's grid 1.00, 1.05, ..., 2.00
+    "gamma_grid": None,  # None: the paper's grid 0.00, 0.05, ..., 1.00
+    "fdr_train_augment": True,  # the authors' "train FDR" uses augmented train images (eval mode)
+    # where and how (not part of the hash)
+    "seed": 0,
+    "data_root": None,
+    "device": "auto",  # auto | cpu | cuda
+    "threads": None,  # torch threads; None leaves torch's default
+    "eval_batch_size": 1024,
+    "init_from": None,  # path of the parent's model.pt for stage 2
+}
+
+CHOICES: dict[str, tuple] = {
+    "classifier": ("linear", "etf"),
+    "loss": ("ce", "cb", "dr"),
+    "cb_form": ("softmax", "bce"),
+    "wd_scope": ("all", "conv_only"),
+    "bn": ("trainable", "fixed"),
+    "select": ("best_val", "last"),
+    "stage2_loss": ("ce", "cb"),
+    "maxnorm": ("iter", "epoch", "none"),
+    "la_mult_form": ("paper", "code"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+LA_KINDS = ("none", "add", "mult")
+
+# Keys that say where or how fast, not what: excluded from the hash.
+NOT_HASHED = frozenset({"seed", "data_root", "device", "threads", "eval_batch_size", "init_from"})
+
+_NUMBER_MIN = {  # inclusive lower bounds of numeric keys
+    "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
+    "momentum": 0.0, "cb_beta": 0.0, "epochs": 1, "batch_size": 2, "stage2_epochs": 1,
+    "val_per_class": 1, "eval_batch_size": 1, "rho": 1.0,
+}
+
+
+def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
+    """DEFAULTS updated with ``overrides``, checked: unknown keys, bad choices and out-of-range
+    numbers raise :class:`WbsweepError` naming the key (a typo must not silently do nothing)."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise WbsweepError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}.")
+    cfg = {**DEFAULTS, **overrides}
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise WbsweepError(f"option {key}={cfg[key]!r} is not one of {', '.join(allowed)}.")
+    for key, low in _NUMBER_MIN.items():
+        value = cfg[key]
+        if value is None and DEFAULTS[key] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WbsweepError(f"option {key} must be a number, got {value!r}.")
+        if value < low:
+            raise WbsweepError(f"option {key}={value} is below its minimum {low}.")
+    if isinstance(cfg["la"], str):
+        cfg["la"] = [cfg["la"]]
+    bad = [x for x in cfg["la"] if x not in LA_KINDS]
+    if bad or not cfg["la"]:
+        raise WbsweepError(f"option la={cfg['la']!r}: each entry must be one of {', '.join(LA_KINDS)}.")
+    if cfg["stage2"] and not cfg["init_from"]:
+        raise WbsweepError("a second-stage (WB) run needs init_from: the stage-1 model.pt to start from.")
+    return cfg
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """A short, stable hash of the keys that define the experiment (sorted JSON, sha256)."""
+    science = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
+    blob = json.dumps(science, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

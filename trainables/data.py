@@ -1,0 +1,839 @@
+"""Long-tailed datasets: read the standard on-disk formats and cut the authors' LT split.
+
+Why this module reads files itself: the project must run from the CIFAR python pickles and the
+MNIST IDX files whatever their provenance (rebuilt CIFAR pickles have other MD5s, which
+torchvision's ``CIFAR10`` class refuses), and the split must be exactly the authors' one, so the
+whole path from bytes on disk to the uint8 tensors a trainer puts on the device is spelled out
+here and tested against files written in the exact formats.
+
+The long-tailed split (DESIGN.md section 4), per class k = 0..C-1 in file order::
+
+    n_max = N / C - val_per_class           (N, C: size and classes of the original train set)
+    n_k   = round(n_max * rho ** (-k / (C - 1)))
+    train = the first n_k images of class k, validation = the next val_per_class, test = the
+            official (balanced) test set, unchanged.
+
+Everything is returned as whole uint8 tensors (no Dataset/DataLoader) because trainers keep the
+entire dataset resident on the device and augment with batched tensor ops (DESIGN.md section 6).
+
+Adding a dataset is one entry in ``DATASETS`` (plus a ``DataSource`` if it reads a new format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gzip
+import math
+import numbers
+import os
+import pickle
+import re
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables.errors import WbsweepError
+
+__all__ = [
+    "DATASETS",
+    "DataSource",
+    "DatasetSpec",
+    "LTDataset",
+    "class_groups",
+    "dataset_info",
+    "dataset_names",
+    "default_data_root",
+    "load_dataset",
+    "lt_counts",
+    "read_idx",
+]
+
+#: Environment variable that overrides the default data root (handy on clusters with shared storage).
+DATA_ROOT_ENV = "WBSWEEP_DATA_ROOT"
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset object and the split arithmetic
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, repr=False)
+class LTDataset:
+    """A long-tailed dataset held in memory as whole tensors, ready to be moved to a device at once.
+
+    Images stay uint8 (N, C, H, W) so that a full CIFAR set costs 150 MB rather than 600 MB on the
+    device; the trainer normalises with ``mean``/``std`` (in [0, 1] pixel units) after augmenting.
+    ``eq=False`` because comparing tensors field by field has no single truth value.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_counts: list[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    many_threshold: int
+    few_threshold: int
+    #: Position of every image of each split ("train", "val", "test") in its source: the training
+    #: file for train/val and the test file for test (for digits, all three index the one
+    #: ``load_digits`` array). Kept for provenance and to prove the splits are disjoint; optional
+    #: so code that builds an LTDataset by hand need not fill it.
+    indices: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def groups(self) -> list[str]:
+        """"many" / "medium" / "few" per class, from the training counts (for group accuracies)."""
+        return class_groups(self.class_counts, self.many_threshold, self.few_threshold)
+
+    @property
+    def prior(self) -> np.ndarray:
+        """Training label distribution pi_k (float64), the prior that post-hoc logit adjustment uses."""
+        counts = np.asarray(self.class_counts, dtype=np.float64)
+        return counts / counts.sum()
+
+    def __repr__(self) -> str:
+        # Tensor reprs would flood logs; sizes and the head/tail counts say what matters.
+        return (
+            f"LTDataset({self.name!r}, classes={self.num_classes}, image={tuple(self.x_train.shape[1:])}, "
+            f"train={len(self.y_train)} (n_0={self.class_counts[0] if self.class_counts else 0}, "
+            f"n_last={self.class_counts[-1] if self.class_counts else 0}), val={len(self.y_val)}, "
+            f"test={len(self.y_test)})"
+        )
+
+
+def lt_counts(n_max: int, num_classes: int, rho: float) -> list[int]:
+    """Training images per class of the exponential long-tailed profile.
+
+    n_k = round(n_max * rho ** (-k / (C - 1))) with Python's ``round`` (banker's rounding on the
+    float), as in the authors' code: CIFAR100 (n_max 480, rho 100) gives 480, 458, 437, ..., 5
+    (10,457 in all). ``int()`` instead (the WB repository) would give a different split.
+    """
+    _check_rho(rho)
+    if not _is_int(num_classes) or num_classes < 1:
+        raise WbsweepError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not _is_int(n_max) or n_max < 0:
+        raise WbsweepError(f"n_max (images of the largest class) must be an integer >= 0, got {n_max!r}")
+    num_classes, n_max = int(num_classes), int(n_max)
+    if num_classes == 1:
+        return [n_max]
+    return [round(n_max * rho ** (-k / (num_classes - 1))) for k in range(num_classes)]
+
+
+def class_groups(counts: Sequence[int], many_threshold: int, few_threshold: int) -> list[str]:
+    """Many-/Medium-/Few-shot label per class: Many if n_k > many, Few if n_k < few, else Medium.
+
+    Strict inequalities on both sides, as in the LT literature (CIFAR100: Many > 100, Few < 20,
+    so a class with exactly 100 or exactly 20 images is Medium).
+    """
+    if few_threshold > many_threshold:
+        raise WbsweepError(
+            f"few_threshold ({few_threshold}) must not exceed many_threshold ({many_threshold}); fix the spec"
+        )
+    return ["many" if n > many_threshold else "few" if n < few_threshold else "medium" for n in counts]
+
+
+def _is_int(value: Any) -> bool:
+    """Python and numpy integers (counts often come out of numpy), but not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_rho(rho: Any) -> None:
+    """rho < 1 would make the tail larger than the head: reject it before any file is read."""
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 1:
+        raise WbsweepError(
+            f"imbalance ratio rho must be a finite number >= 1 (1 = balanced, 100 = CIFAR-LT), got {rho!r}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw sources: what a reader hands to the splitter
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Raw:
+    """The original data before the LT split; the pool is what the train/val split is cut from."""
+
+    x_pool: np.ndarray  # uint8 (N, C, H, W), file order
+    y_pool: np.ndarray  # int64 (N,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    pool_index: np.ndarray  # position of each pool image in its source (identity for file datasets)
+    test_index: np.ndarray
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """How to obtain one original dataset and the constants that belong to it (not to the split).
+
+    ``n_max_rule`` says where n_max comes from: "mean" is N/C - val (the authors' rule, for
+    balanced originals); "min" is the smallest class minus val (digits, whose classes differ in
+    size, so that every class can supply n_max images).
+    """
+
+    title: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    many_threshold: int
+    few_threshold: int
+    description: str
+    read: Callable[[Path, bool], _Raw]
+    needs_files: bool = True
+    n_max_rule: str = "mean"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registry entry: a source plus the default imbalance ratio (1 = the balanced dataset)."""
+
+    source: DataSource
+    default_rho: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Data root and downloads
+# --------------------------------------------------------------------------------------------------
+
+
+def default_data_root() -> Path:
+    """``$WBSWEEP_DATA_ROOT`` if set, else ``~/.cache/wbsweep/data`` (a per-user cache, no sudo needed)."""
+    env = os.environ.get(DATA_ROOT_ENV, "").strip()
+    return Path(env).expanduser() if env else Path("~/.cache/wbsweep/data").expanduser()
+
+
+def _resolve_root(data_root: str | Path | None) -> Path:
+    root = default_data_root() if data_root is None else Path(data_root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise WbsweepError(
+            f"data root {root} is a file, not a folder; pass --data-root (or {DATA_ROOT_ENV}) "
+            "pointing at the folder that holds the datasets"
+        )
+    return root
+
+
+def _one_line(exc: BaseException) -> str:
+    """Exception text squeezed onto one line, because error messages must be a single line."""
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """Serialise downloads into one root: parallel Ray trials on a fresh node would otherwise all
+    download and extract the same archive over each other."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking, downloads may race
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".wbsweep-download.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _download_archive(url: str, root: Path, md5: str) -> None:
+    """Fetch and unpack an archive into ``root`` (torchvision's helper checks the MD5)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(url, str(root), md5=md5)
+
+
+def _download_file(url: str, folder: Path, filename: str, md5: str) -> None:
+    """Fetch one file unchanged into ``folder`` (the IDX .gz files are read compressed)."""
+    from torchvision.datasets.utils import download_url
+
+    download_url(url, str(folder), filename=filename, md5=md5)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR python pickles
+# --------------------------------------------------------------------------------------------------
+
+# Globals a CIFAR pickle may reference: numpy's array reconstruction (old and new module names)
+# and the latin-1 codec protocol-2 pickles use for bytes. Anything else is refused, because
+# unpickling a downloaded file must not be able to run arbitrary code.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _get(entry: dict, key: str) -> Any:
+    """Look a key up as bytes (original Python 2 files loaded with encoding="bytes") or as str."""
+    if key.encode() in entry:
+        return entry[key.encode()]
+    return entry.get(key)
+
+
+def _read_cifar_file(
+    path: Path, label_key: str, num_classes: int, hint: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR pickle -> (uint8 (n, 3, 32, 32), int64 (n,)), with every structural check that
+    turns a truncated or foreign file into a one-line message naming it."""
+    bad = f"delete it and {hint}"
+    try:
+        with open(path, "rb") as fh:
+            entry = _CifarUnpickler(fh, encoding="bytes").load()
+    except OSError as exc:
+        raise WbsweepError(f"cannot read CIFAR file {path} ({_one_line(exc)}); {bad}") from exc
+    except Exception as exc:  # truncated or garbled pickles raise many different types
+        raise WbsweepError(
+            f"CIFAR file {path} is corrupt or truncated ({_one_line(exc)}); {bad}"
+        ) from exc
+    data = _get(entry, "data") if isinstance(entry, dict) else None
+    labels = _get(entry, label_key) if isinstance(entry, dict) else None
+    if not isinstance(data, np.ndarray) or labels is None:
+        raise WbsweepError(f"CIFAR file {path} lacks the 'data' or '{label_key}' entry; {bad}")
+    labels = np.asarray(labels)
+    shape_ok = data.ndim == 2 and data.shape[1] == 3 * 32 * 32 and labels.shape == (len(data),)
+    if data.dtype != np.uint8 or not shape_ok:
+        raise WbsweepError(
+            f"CIFAR file {path} has data {data.dtype}{list(data.shape)} and {labels.size} labels, expected "
+            f"uint8 [n, 3072] and n labels; {bad}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise WbsweepError(f"CIFAR file {path} has labels outside 0..{num_classes - 1}; {bad}")
+    # Rows are the R, G and B planes of a 32x32 image, row-major: exactly (3, 32, 32) in C order.
+    return data.reshape(len(data), 3, 32, 32), labels.astype(np.int64)
+
+
+def _read_cifar(
+    root: Path,
+    download: bool,
+    *,
+    key: str,
+    folder: str,
+    train_files: tuple[str, ...],
+    test_files: tuple[str, ...],
+    label_key: str,
+    num_classes: int,
+    url: str,
+    md5: str,
+) -> _Raw:
+    """Read CIFAR-10/100 from ``root/<folder>``, downloading the official archive if allowed."""
+    base = root / folder
+    wanted = train_files + test_files
+    missing = [name for name in wanted if not (base / name).is_file()]
+    how = (
+        f"download {url} (md5 {md5}) and extract it into {root}, or pass --data-root (or {DATA_ROOT_ENV}) "
+        f"pointing at the folder that contains {folder}/"
+    )
+    if missing and download:
+        try:
+            with _download_lock(root):
+                if any(not (base / name).is_file() for name in wanted):
+                    _download_archive(url, root, md5)
+        except Exception as exc:  # offline, HTTP errors, MD5 mismatch, bad archive...
+            raise WbsweepError(
+                f"{key}: expected {', '.join(wanted)} in {base}, and downloading them failed "
+                f"({_one_line(exc)}); {how}"
+            ) from exc
+        missing = [name for name in wanted if not (base / name).is_file()]
+    if missing:
+        raise WbsweepError(
+            f"{key}: missing {', '.join(missing)} in {base} (expected {', '.join(wanted)}); {how}"
+        )
+    hint = f"download {url} again"
+    train = [_read_cifar_file(base / name, label_key, num_classes, hint) for name in train_files]
+    test = [_read_cifar_file(base / name, label_key, num_classes, hint) for name in test_files]
+    x_pool = np.concatenate([x for x, _ in train])
+    y_pool = np.concatenate([y for _, y in train])
+    x_test = np.concatenate([x for x, _ in test])
+    y_test = np.concatenate([y for _, y in test])
+    return _Raw(x_pool, y_pool, x_test, y_test, np.arange(len(y_pool)), np.arange(len(y_test)))
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+# --------------------------------------------------------------------------------------------------
+
+_IDX_TYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (gzip-compressed or not) into a native-endian numpy array.
+
+    Format: two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions, then one
+    big-endian uint32 per dimension, then the data in C order. Every deviation (bad gzip, wrong
+    magic, fewer or more data bytes than the header promises) is a WbsweepError naming the file,
+    so a truncated download is reported as such instead of as a reshape error deep in training.
+    """
+    path = Path(path)
+    redo = "delete it and download it again"
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic; the official files are .gz, torchvision also unpacks them
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise WbsweepError(f"cannot read IDX file {path} ({_one_line(exc)}); {redo}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise WbsweepError(f"{path} is not an IDX file (magic {raw[:4].hex() or 'missing'}); {redo}")
+    dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise WbsweepError(f"IDX file {path} is truncated inside its header; {redo}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise WbsweepError(
+            f"IDX file {path} has {len(raw) - header} data bytes but its header {list(dims)} needs "
+            f"{expected} (truncated or corrupt); {redo}"
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=math.prod(dims), offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _find_idx(root: Path, dirs: tuple[str, ...]) -> list[Path] | None:
+    """The four files from the first candidate folder that has all of them (plain or .gz)."""
+    for sub in dirs:
+        folder = root / sub if sub else root
+        found = []
+        for stem in _IDX_FILES:
+            # Plain first: torchvision leaves both and the unpacked file reads faster.
+            hit = next((folder / n for n in (stem, stem + ".gz") if (folder / n).is_file()), None)
+            if hit is None:
+                break
+            found.append(hit)
+        else:
+            return found
+    return None
+
+
+def _read_idx_images(path: Path, labels: bool) -> np.ndarray:
+    array = read_idx(path)
+    want = 1 if labels else 3
+    if array.ndim != want or array.dtype != np.uint8:
+        raise WbsweepError(
+            f"IDX file {path} holds {array.dtype}{list(array.shape)}, expected uint8 with {want} "
+            "dimension(s); check that the right file has this name"
+        )
+    return array
+
+
+def _read_mnist_like(
+    root: Path,
+    download: bool,
+    *,
+    key: str,
+    dirs: tuple[str, ...],
+    download_dir: str,
+    mirrors: tuple[str, ...],
+    md5s: tuple[str, ...],
+    num_classes: int,
+    extra_hint: str = "",
+) -> _Raw:
+    """Read an MNIST-format dataset from the first of ``root/<dir>`` that has all four files."""
+    files = _find_idx(root, dirs)
+    places = ", ".join(str(root / d) if d else str(root) for d in dirs)
+    names = ", ".join(stem + ".gz" for stem in _IDX_FILES)
+    how = (
+        f"download them from {mirrors[0]} into {root / download_dir}{extra_hint}, or pass --data-root "
+        f"(or {DATA_ROOT_ENV}) pointing at a folder that has them"
+    )
+    failure = ""
+    if files is None and download:
+        target = root / download_dir
+        errors = []
+        try:
+            with _download_lock(root):
+                for stem, md5 in zip(_IDX_FILES, md5s, strict=True):
+                    if (target / (stem + ".gz")).is_file():
+                        continue
+                    for mirror in mirrors:  # torchvision's mirror list: the first may be down
+                        try:
+                            _download_file(mirror + stem + ".gz", target, stem + ".gz", md5)
+                            break
+                        except Exception as exc:  # offline, HTTP errors, MD5 mismatch
+                            errors.append(f"{mirror}{stem}.gz: {_one_line(exc)}")
+                    else:
+                        break  # no mirror has this file: the others will not help, fail fast
+        except OSError as exc:  # the data root itself is not writable
+            errors.append(f"{root}: {_one_line(exc)}")
+        files = _find_idx(root, dirs)
+        if errors:
+            failure = f", and downloading them failed ({errors[0]})"
+    if files is None:
+        raise WbsweepError(f"{key}: the IDX files {names} were not found in any of {places}{failure}; {how}")
+    x_train, y_train, x_test, y_test = (_read_idx_images(p, labels=i % 2 == 1) for i, p in enumerate(files))
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        if len(x) != len(y):
+            raise WbsweepError(f"{key}: {files[0].parent} has {len(x)} images but {len(y)} labels; {how}")
+        if y.size and y.max() >= num_classes:
+            raise WbsweepError(f"{key}: labels in {files[0].parent} exceed {num_classes - 1}; {how}")
+    x_train, x_test = x_train[:, None], x_test[:, None]  # (N, 1, H, W)
+    return _Raw(
+        x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+        np.arange(len(y_train)), np.arange(len(y_test)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# scikit-learn digits (the embedded default: no files, no network)
+# --------------------------------------------------------------------------------------------------
+
+_DIGITS_TEST_PER_CLASS = 50
+
+# Computed once from the uint8 images this module makes (round(v * 255 / 16)), over all 1,797
+# images and all 64 pixels, divided by 255; population std (ddof 0), like the CIFAR constants:
+#   x = np.round(load_digits().images * 255 / 16).astype(np.uint8) / 255; x.mean(), x.std()
+#   -> 0.305309, 0.375886   (tests/test_data.py recomputes them)
+_DIGITS_MEAN = (0.30531,)
+_DIGITS_STD = (0.37589,)
+
+
+def _read_digits(root: Path, download: bool) -> _Raw:
+    """load_digits as uint8 8x8 images; the last 50 images of each class (file order) are the
+    balanced test set, because the data has no official one. ``root``/``download`` are unused."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.round(np.asarray(bunch.images, dtype=np.float64) * 255.0 / 16.0).astype(np.uint8)[:, None]
+    y = np.asarray(bunch.target, dtype=np.int64)
+    test_mask = np.zeros(len(y), dtype=bool)
+    for k in range(10):
+        test_mask[np.flatnonzero(y == k)[-_DIGITS_TEST_PER_CLASS:]] = True
+    pool_index, test_index = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+    return _Raw(x[pool_index], y[pool_index], x[test_index], y[test_index], pool_index, test_index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and the registry
+# --------------------------------------------------------------------------------------------------
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_MNIST_MD5 = (
+    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "d53e105ee54ea40749a09fcbcd1e9432",
+    "9fb629c4189551a2d022fa330f9573f3",
+    "ec29112dd5afa0611ce80d1b7f02629c",
+)
+_FASHION_MD5 = (
+    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "25c81989df183df01b3e8a0aad5dffbe",
+    "bef4ecab320f06d8554ea6380940ec79",
+    "bb300cfdad3c16e7a12a480ee83cd310",
+)
+
+_CIFAR10 = DataSource(
+    title="CIFAR-10",
+    num_classes=10,
+    image_shape=(3, 32, 32),
+    mean=_CIFAR_MEAN,
+    std=(0.2470, 0.2435, 0.2616),
+    augment="crop_flip",
+    many_threshold=1000,
+    few_threshold=200,
+    description="CIFAR-10 python pickles in DATA_ROOT/cifar-10-batches-py (downloaded by torchvision)",
+    read=partial(
+        _read_cifar,
+        key="cifar10",
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+    ),
+)
+_CIFAR100 = DataSource(
+    title="CIFAR-100",
+    num_classes=100,
+    image_shape=(3, 32, 32),
+    mean=_CIFAR_MEAN,
+    std=(0.2023, 0.1994, 0.2010),
+    augment="crop_flip",
+    many_threshold=100,
+    few_threshold=20,
+    description="CIFAR-100 python pickles in DATA_ROOT/cifar-100-python (downloaded by torchvision)",
+    read=partial(
+        _read_cifar,
+        key="cifar100",
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+    ),
+)
+_MNIST = DataSource(
+    title="MNIST",
+    num_classes=10,
+    image_shape=(1, 28, 28),
+    mean=(0.1307,),
+    std=(0.3081,),
+    augment="none",
+    many_threshold=1000,
+    few_threshold=200,
+    description=(
+        "MNIST IDX files in DATA_ROOT/MNIST/raw, DATA_ROOT/mnist or DATA_ROOT (downloaded by torchvision)"
+    ),
+    read=partial(
+        _read_mnist_like,
+        key="mnist",
+        dirs=("MNIST/raw", "mnist", ""),
+        download_dir="MNIST/raw",
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        md5s=_MNIST_MD5,
+        num_classes=10,
+    ),
+)
+_FASHION_MNIST = DataSource(
+    title="Fashion-MNIST",
+    num_classes=10,
+    image_shape=(1, 28, 28),
+    mean=(0.2860,),
+    std=(0.3530,),
+    augment="none",
+    many_threshold=1000,
+    few_threshold=200,
+    description=(
+        "Fashion-MNIST IDX files in DATA_ROOT/FashionMNIST/raw, DATA_ROOT/fashion-mnist or DATA_ROOT "
+        "(downloaded by torchvision; Debian: apt-get install dataset-fashion-mnist, "
+        "data root /usr/share/datasets)"
+    ),
+    read=partial(
+        _read_mnist_like,
+        key="fashion-mnist",
+        dirs=("FashionMNIST/raw", "fashion-mnist", ""),
+        download_dir="FashionMNIST/raw",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        md5s=_FASHION_MD5,
+        num_classes=10,
+        extra_hint=(
+            " (on Debian: apt-get install dataset-fashion-mnist and use --data-root /usr/share/datasets)"
+        ),
+    ),
+)
+_DIGITS = DataSource(
+    title="scikit-learn digits",
+    num_classes=10,
+    image_shape=(1, 8, 8),
+    mean=_DIGITS_MEAN,
+    std=_DIGITS_STD,
+    augment="none",
+    many_threshold=50,
+    few_threshold=20,
+    description="sklearn.datasets.load_digits, bundled with scikit-learn (no files, no network)",
+    read=_read_digits,
+    needs_files=False,
+    n_max_rule="min",
+)
+
+#: name -> spec. The "-lt" entries are the long-tailed datasets; the plain names are the same
+#: split at rho = 1 (balanced), with the same validation carve-out and group thresholds.
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10-lt": DatasetSpec(_CIFAR10, default_rho=100.0),
+    "cifar10": DatasetSpec(_CIFAR10, default_rho=1.0),
+    "cifar100-lt": DatasetSpec(_CIFAR100, default_rho=100.0),
+    "cifar100": DatasetSpec(_CIFAR100, default_rho=1.0),
+    "mnist-lt": DatasetSpec(_MNIST, default_rho=100.0),
+    "mnist": DatasetSpec(_MNIST, default_rho=1.0),
+    "fashion-mnist-lt": DatasetSpec(_FASHION_MNIST, default_rho=100.0),
+    "fashion-mnist": DatasetSpec(_FASHION_MNIST, default_rho=1.0),
+    "digits-lt": DatasetSpec(_DIGITS, default_rho=10.0),
+    "digits": DatasetSpec(_DIGITS, default_rho=1.0),
+}
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names, sorted (for ``wbsweep list`` and error messages)."""
+    return sorted(DATASETS)
+
+
+def _spec(name: str) -> DatasetSpec:
+    if not isinstance(name, str):
+        raise WbsweepError(
+            f"dataset name must be a string, got {name!r}; valid names: {', '.join(dataset_names())}"
+        )
+    spec = DATASETS.get(name)
+    if spec is None:
+        spec = DATASETS.get(name.strip().lower().replace("_", "-"))  # "CIFAR100_LT" is meant kindly
+    if spec is None:
+        close = difflib.get_close_matches(name.lower(), dataset_names(), n=1, cutoff=0.4)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise WbsweepError(f"unknown dataset {name!r}; {guess}valid names: {', '.join(dataset_names())}")
+    return spec
+
+
+def dataset_info(name: str) -> dict[str, Any]:
+    """What ``wbsweep list`` shows about a dataset, without reading any file."""
+    spec = _spec(name)
+    src = spec.source
+    return {
+        "name": _canonical(name),
+        "title": src.title,
+        "num_classes": src.num_classes,
+        "image_shape": src.image_shape,
+        "default_rho": spec.default_rho,
+        "many_threshold": src.many_threshold,
+        "few_threshold": src.few_threshold,
+        "augment": src.augment,
+        "mean": src.mean,
+        "std": src.std,
+        "needs_files": src.needs_files,
+        "source": src.description,
+    }
+
+
+def _canonical(name: str) -> str:
+    return name if name in DATASETS else name.strip().lower().replace("_", "-")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading = reading + the LT split
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A contiguous CPU tensor that owns writable memory (torch warns on read-only numpy buffers)."""
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def load_dataset(
+    name: str,
+    data_root: str | Path | None = None,
+    rho: float | None = None,
+    val_per_class: int = 20,
+    download: bool = True,
+) -> LTDataset:
+    """Read a registered dataset and cut the long-tailed train / validation split.
+
+    Per class k in file order: the first n_k images are train, the next ``val_per_class`` are
+    validation, the rest of the class is unused; the test set is the official one, unchanged.
+    n_max = N / C - val_per_class from the training file (CIFAR10: 4980, CIFAR100: 480,
+    (Fashion-)MNIST: 5980); for digits, whose last 50 images per class are the test set, n_max is
+    the smallest class's remaining count minus val_per_class (104). n_k is capped at
+    (images of class k - val_per_class) so that the validation images always exist: this only
+    bites on MNIST, whose classes are uneven (class 0 has 5,923 images, so n_0 = 5,903 instead
+    of 5,980 at val 20).
+
+    ``rho`` None takes the dataset's default (100 for the "-lt" names, 10 for digits-lt, 1 for the
+    balanced names). ``data_root`` None takes ``$WBSWEEP_DATA_ROOT`` or ``~/.cache/wbsweep/data``.
+    Missing files are downloaded into it through torchvision when ``download`` is true.
+    Train, validation and test keep file order (train is sorted by position in the file).
+    """
+    spec = _spec(name)
+    src = spec.source
+    rho = spec.default_rho if rho is None else rho
+    _check_rho(rho)
+    if not _is_int(val_per_class) or val_per_class < 0:
+        raise WbsweepError(f"val_per_class must be an integer >= 0, got {val_per_class!r}")
+    val_per_class = int(val_per_class)
+    # Only datasets read from files look at the data root: a stale --data-root must not break digits.
+    raw = src.read(_resolve_root(data_root) if src.needs_files else Path(), download)
+
+    C = src.num_classes
+    available = np.bincount(raw.y_pool, minlength=C)
+    if src.n_max_rule == "mean":
+        n_max = len(raw.y_pool) // C - val_per_class
+    else:
+        n_max = int(available.min()) - val_per_class
+    if n_max < 1:
+        raise WbsweepError(
+            f"{_canonical(name)}: val_per_class={val_per_class} leaves no training images (n_max={n_max}); "
+            "use a smaller val_per_class"
+        )
+    profile = lt_counts(n_max, C, rho)
+    empty = [k for k, n in enumerate(profile) if n < 1]
+    if empty:
+        # A class without training images has prior 0 (log 0 in logit adjustment) and no recall
+        # to speak of; refuse rather than silently train a C-1 class problem.
+        raise WbsweepError(
+            f"{_canonical(name)}: rho={rho:g} with n_max={n_max} leaves class {empty[0]} no training images "
+            f"(n_k = round(n_max * rho^(-k/(C-1))) < 1); use a smaller rho or more images per class"
+        )
+    counts = [min(n, int(a) - val_per_class) for n, a in zip(profile, available, strict=True)]
+    short = [k for k, n in enumerate(counts) if n < 1]
+    if short:
+        k = short[0]
+        raise WbsweepError(
+            f"{_canonical(name)}: class {k} has only {int(available[k])} training images, too few for "
+            f"{val_per_class} validation images plus one training image; use a smaller val_per_class"
+        )
+
+    # Stable sort by label keeps file order inside each class, so a class's images are one slice.
+    by_class = np.argsort(raw.y_pool, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(available)])
+    train_parts, val_parts = [], []
+    for k in range(C):
+        members = by_class[starts[k]: starts[k + 1]]
+        train_parts.append(members[: counts[k]])
+        val_parts.append(members[counts[k]: counts[k] + val_per_class])
+    train_pos = np.sort(np.concatenate(train_parts))
+    val_pos = np.sort(np.concatenate(val_parts))
+
+    return LTDataset(
+        name=_canonical(name),
+        x_train=_tensor(raw.x_pool[train_pos]),
+        y_train=_tensor(raw.y_pool[train_pos]),
+        x_val=_tensor(raw.x_pool[val_pos]),
+        y_val=_tensor(raw.y_pool[val_pos]),
+        x_test=_tensor(raw.x_test),
+        y_test=_tensor(raw.y_test),
+        num_classes=C,
+        class_counts=counts,
+        mean=src.mean,
+        std=src.std,
+        augment=src.augment,
+        many_threshold=src.many_threshold,
+        few_threshold=src.few_threshold,
+        indices={
+            "train": raw.pool_index[train_pos],
+            "val": raw.pool_index[val_pos],
+            "test": raw.test_index.copy(),
+        },
+    )

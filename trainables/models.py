@@ -1,0 +1,208 @@
+"""Model registry: backbones that map images to a feature vector, plus a classifier head.
+
+Every model is a :class:`Network` = ``backbone`` (images -> d-dim features, the classifier's input,
+where FDR is measured) + ``classifier`` (``nn.Linear`` or the fixed ETF head). Keeping the two apart
+lets the trainer add feature regularisation, freeze the backbone for WB's second stage and read
+features for the analyses without model-specific code.
+
+Add a model by writing a builder ``(in_channels, image_size, width) -> backbone`` and registering it
+in :data:`BACKBONES`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.errors import WbsweepError
+from trainables.heads import ETFClassifier
+
+
+class Network(nn.Module):
+    """Backbone + classifier. ``forward`` returns logits; ``backbone(x)`` returns features."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, classifier: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+# --- CIFAR ResNets -----------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """3x3-3x3 residual block. ``shortcut`` is "conv" (1x1 conv + BN, torchvision's layout) or
+    "pad" (parameter-free zero-padding shortcut, He et al.'s option A used by CIFAR ResNet32)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.pad = stride, cout - cin
+        self.downsample: nn.Module | None = None
+        if (stride != 1 or cin != cout) and shortcut == "conv":
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        elif self.stride != 1 or self.pad:
+            identity = x[:, :, :: self.stride, :: self.stride]
+            identity = F.pad(identity, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        else:
+            identity = x
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet backbone: 3x3 stride-1 stem, no max-pool, global average pool."""
+
+    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], shortcut: str):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        layers, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, shortcut))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+
+def resnet32(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+    """He et al.'s CIFAR ResNet32: 3 stages x 5 blocks, widths 16-32-64, 64-d features."""
+    w = width or 16
+    return ResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5], shortcut="pad"), 4 * w
+
+
+def resnet34(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+    """The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] layout with a 3x3
+    stride-1 stem and no max-pool, widths 64-512, 512-d features, 1x1 conv shortcuts."""
+    w = width or 64
+    return ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv"), 8 * w
+
+
+# --- MLPs for small inputs -------------------------------------------------------------------
+
+
+def _mlp(depth: int) -> Callable[[int, int, int | None], tuple[nn.Module, int]]:
+    def build(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+        """MLPn of the paper's appendix 7.5.2: n x [Linear (no bias) -> width, BN1d, ReLU]."""
+        w = width or 1024
+        layers: list[nn.Module] = [nn.Flatten()]
+        cin = in_channels * image_size * image_size
+        for _ in range(depth):
+            layers += [nn.Linear(cin, w, bias=False), nn.BatchNorm1d(w), nn.ReLU()]
+            cin = w
+        return nn.Sequential(*layers), w
+
+    return build
+
+
+BACKBONES: dict[str, Callable[[int, int, int | None], tuple[nn.Module, int]]] = {
+    "resnet32": resnet32,
+    "resnet34": resnet34,
+    "mlp3": _mlp(3),
+    "mlp4": _mlp(4),
+    "mlp5": _mlp(5),
+}
+
+
+def model_names() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def check_model_name(name: str) -> None:
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(name, BACKBONES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise WbsweepError(f"unknown model '{name}'.{hint} Known models: {', '.join(model_names())}.")
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    classifier: str = "linear"  # "linear" | "etf"
+    etf_bias: bool = True
+    width: int | None = None
+    etf_seed: int = 0
+
+
+def build_model(spec: ModelSpec) -> Network:
+    """Build a :class:`Network`. The ETF head is seeded separately from the weights so that every
+    seed of a method shares the same fixed classifier geometry only when ``etf_seed`` says so."""
+    check_model_name(spec.name)
+    backbone, dim = BACKBONES[spec.name](spec.in_channels, spec.image_size, spec.width)
+    if spec.classifier == "linear":
+        head: nn.Module = nn.Linear(dim, spec.num_classes)
+    elif spec.classifier == "etf":
+        head = ETFClassifier(dim, spec.num_classes, bias=spec.etf_bias, seed=spec.etf_seed)
+    else:
+        raise WbsweepError(f"unknown classifier '{spec.classifier}': use 'linear' or 'etf'.")
+    return Network(backbone, dim, head)
+
+
+# --- knobs that act on a built model -----------------------------------------------------------
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fix_batchnorm_(model: nn.Module, scale: float) -> None:
+    """"WD fixed BN": every BN scale set to one common ``scale``, every shift to 0, neither trained.
+
+    BN modules are selected by type, never by parameter name (the authors' name matching also froze
+    the 1x1 shortcut convolutions, a bug we do not copy)."""
+    for m in model.modules():
+        if isinstance(m, BN_TYPES) and m.affine:
+            with torch.no_grad():
+                m.weight.fill_(scale)
+                m.bias.zero_()
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+
+
+def weight_decay_groups(model: Network, wd: float, scope: str) -> list[dict]:
+    """SGD parameter groups for coupled L2 weight decay (the paper's eq. 4).
+
+    scope "all": every trainable parameter decays (the paper's WD, BN scales and shifts and biases
+    included). scope "conv_only" ("WD w/o BN"): only the weights of the backbone's convolutions and
+    linear layers decay; BN parameters, biases and the classifier do not.
+    """
+    if scope not in ("all", "conv_only"):
+        raise WbsweepError(f"unknown wd_scope '{scope}': use 'all' or 'conv_only'.")
+    decay, no_decay = [], []
+    conv_weights = set()
+    for m in model.backbone.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            conv_weights.add(id(m.weight))
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if scope == "all" or id(p) in conv_weights:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": wd}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

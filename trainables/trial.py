@@ -1,0 +1,48 @@
+"""The Ray Tune trainable: one trial = one call of :func:`trainables.train.train`.
+
+Trial configs carry the training config plus two bookkeeping keys: ``_runs`` (the folder where
+every trained model lives, at ``_runs/<config_hash>/seed<seed>/``) and ``_objective_la`` (unused
+by training). A model already finished there is not trained again: its metrics are re-reported, so
+a repeated or resumed sweep costs nothing for work that is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainables.config import config_hash, resolve_config
+from trainables.train import load_metrics, train
+
+BOOKKEEPING = ("_runs",)
+
+
+def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved training config of a trial (bookkeeping keys removed, parent path filled in)."""
+    cfg = {k: v for k, v in trial_config.items() if k not in BOOKKEEPING}
+    if cfg.get("stage2") and not cfg.get("init_from"):
+        cfg["init_from"] = str(run_dir(trial_config["_runs"], cfg["parent_hash"], cfg["seed"]) / "model.pt")
+    return resolve_config(cfg)
+
+
+def run_dir(runs: str | Path, hash_: str, seed: int) -> Path:
+    return Path(runs) / hash_ / f"seed{seed}"
+
+
+def run_dir_of(trial_config: dict[str, Any]) -> Path:
+    cfg = training_config(trial_config)
+    return run_dir(trial_config["_runs"], config_hash(cfg), cfg["seed"])
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: per-epoch reports, then one final report with every metric."""
+    from ray import tune
+
+    cfg = training_config(config)
+    out = run_dir(config["_runs"], config_hash(cfg), cfg["seed"])
+    metrics = load_metrics(out)
+    if metrics is None:
+        # Tune wants the objective in every report; per epoch it is the validation accuracy so far.
+        metrics = train(cfg, out, report=lambda m: tune.report({**m, "objective": m["val_acc"]}))
+    final = {k: v for k, v in metrics.items() if k != "history"}
+    tune.report({"objective": metrics["objective"], "final": final})

@@ -260,7 +260,7 @@ class Sweep:
     def finished_rows(self, method: str) -> set[tuple[str, int]]:
         df = read_rows(self.out / "results")
         df = df[(df["spec"] == self.exp.name) & (df["method"] == method)]
-        return set(zip(df["config_hash"], df["seed"].astype(int)))
+        return set(zip(df["config_hash"], df["seed"].astype(int), strict=True))
 
     def _run_id_of(self, hash_: str, seed: int) -> str | None:
         path = run_dir(self.runs, hash_, seed) / "mlflow_run_id"

@@ -76,7 +76,7 @@ class ResNet(nn.Module):
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         layers, cin = [], widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
+        for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             for j in range(n):
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, shortcut))
                 cin = w

@@ -1,0 +1,137 @@
+"""End to end: `wbsweep run table4 --preset smoke` through a real local Ray cluster, real Optuna
+studies, a real MLflow SQLite store and real Parquet files, then the report and a rerun.
+
+One sweep is shared by the tests of this module (it takes a couple of minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.spec import load_experiment
+
+pytestmark = pytest.mark.slow
+
+TABLE4_ROWS = {
+    ("naive", "none"), ("cb", "none"), ("wd", "none"), ("wd", "add"), ("wd", "mult"), ("wb", "none"),
+    ("wd_etf", "none"), ("wd_etf", "add"), ("wd_etf", "mult"),
+    ("wd_fr_etf", "none"), ("wd_fr_etf", "add"), ("wd_fr_etf", "mult"),
+}
+
+
+def wbsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("smoke")
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def trained_models(out: Path) -> set[tuple[str, str]]:
+    return {(p.parent.parent.name, p.parent.name) for p in (out / "runs").glob("*/seed*/metrics.json")}
+
+
+def test_results_have_every_row_of_table4_for_every_seed(sweep):
+    out, proc = sweep
+    df = pd.read_parquet(out / "results")
+    seeds = load_experiment("table4", "smoke").seeds
+    assert len(df) == len(TABLE4_ROWS) * len(seeds)
+    assert set(zip(df["method"], df["la"], strict=True)) == TABLE4_ROWS
+    assert not df.duplicated(["spec", "dataset", "model", "method", "la", "seed"]).any()
+    for (method, la), g in df.groupby(["method", "la"]):
+        assert sorted(g["seed"]) == seeds, (method, la)
+    required = ["spec", "dataset", "model", "method", "la", "seed", "stage", "config_hash", "acc_many",
+                "acc_medium", "acc_few", "acc_avg", "fdr_train", "fdr_test", "epochs", "train_seconds", "node",
+                "mlflow_run_id", "wbsweep_version", "wd", "fr", "tau", "gamma"]
+    assert set(required) <= set(df.columns)
+    assert (df["spec"] == "table4").all() and (df["dataset"] == "digits-lt").all() and (df["stage"] == "repeat").all()
+    for col in ["acc_many", "acc_medium", "acc_few", "acc_avg"]:
+        assert df[col].between(0, 100).all(), col
+    assert (df["fdr_train"] > 0).all() and (df["fdr_test"] > 0).all()
+    # The average is the mean of per-class recalls, consistent with the stored per-class values.
+    for _, row in df.iterrows():
+        assert row["acc_avg"] == pytest.approx(sum(row["acc_per_class"]) / len(row["acc_per_class"]))
+    # The method knobs reached the trainer: no WD for naive/cb, WD for the others; LA params in the paper grids.
+    assert (df.loc[df["method"].isin(["naive", "cb"]), "wd"] == 0).all()
+    assert (df.loc[df["method"].isin(["wd", "wd_etf", "wd_fr_etf"]), "wd"] > 0).all()
+    assert (df.loc[df["method"] == "wd_fr_etf", "fr"] > 0).all()
+    assert df.loc[df["la"] == "add", "tau"].between(1.0, 2.0).all()
+    assert df.loc[df["la"] == "mult", "gamma"].between(0.0, 1.0).all()
+    # WB's rows are a second stage of WD's model of the same seed: same features, so the same FDR.
+    wd = df[(df["method"] == "wd") & (df["la"] == "none")].set_index("seed")
+    wb = df[df["method"] == "wb"].set_index("seed")
+    assert (wb["parent_hash"] == wd["config_hash"]).all()
+    assert wb["fdr_test"].to_numpy() == pytest.approx(wd["fdr_test"].to_numpy(), rel=1e-6)
+    # Progress lines were shown while it ran.
+    assert "[1/" in proc.stderr and "ETA" in proc.stderr
+
+
+def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):
+    from mlflow import MlflowClient
+
+    out, _ = sweep
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("table4")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    # a child run per trained model (tune trials and repeats, the shared seed trained once)
+    assert len(children) == len(trained_models(out))
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} <= set(parents)
+    stages = {(r.data.tags["wbsweep.stage"], r.data.tags["wbsweep.method"]) for r in parents.values()}
+    assert ("tune", "wd") in stages and ("repeat", "naive") in stages and ("repeat", "wb") in stages
+    df = pd.read_parquet(out / "results")
+    for run_id in set(df["mlflow_run_id"]):
+        run = client.get_run(run_id)
+        arts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.json", "model.pt", "logits.npz", "metrics.json"} <= arts
+        assert "fdr_test" in run.data.metrics and "train_loss" in run.data.metrics
+        assert len(client.get_metric_history(run_id, "val_acc")) == int(run.data.params["epochs"]) or \
+            run.data.params.get("stage2") == "True"
+
+
+def test_report_csv_rebuilds_the_table_from_parquet(sweep):
+    out, _ = sweep
+    proc = wbsweep("report", "table4", "--out", str(out), "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(TABLE4_ROWS)
+    from io import StringIO
+
+    table = pd.read_csv(StringIO(proc.stdout))
+    df = pd.read_parquet(out / "results")
+    wd_mult = df[(df["method"] == "wd") & (df["la"] == "mult")]
+    row = table[(table["method"] == "wd") & (table["la"] == "mult")].iloc[0]
+    assert row["acc_avg_mean"] == pytest.approx(wd_mult["acc_avg"].mean(), rel=1e-5)
+    assert row["acc_avg_std"] == pytest.approx(wd_mult["acc_avg"].std(), rel=1e-5)
+    text = wbsweep("report", "table4", "--out", str(out))
+    assert text.returncode == 0 and "WD&FR&ETF" in text.stdout and "±" in text.stdout
+
+
+def test_rerun_trains_nothing_and_duplicates_nothing(sweep):
+    from mlflow import MlflowClient
+
+    out, _ = sweep
+    before_models = trained_models(out)
+    before_rows = pd.read_parquet(out / "results")
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("table4").experiment_id
+    before_runs = len(client.search_runs([exp_id], max_results=1000))
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert trained_models(out) == before_models
+    after_rows = pd.read_parquet(out / "results")
+    assert len(after_rows) == len(before_rows)
+    assert len(client.search_runs([exp_id], max_results=1000)) == before_runs
+    assert "skipped" in proc.stderr

@@ -14,7 +14,7 @@ from ray.tune import Callback
 from trainables.trial import run_dir_of, training_config
 
 if TYPE_CHECKING:
-    from orchestrator.sweep import Stage, Sweep
+    from orchestrator.sweep import Sweep
 
 
 def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -33,21 +33,20 @@ def final_metrics(final: dict[str, Any]) -> dict[str, float]:
 
 
 class TrialCallback(Callback):
-    def __init__(self, sweep: Sweep, stage: Stage, parent_run: str):
-        self.sweep, self.stage, self.parent = sweep, stage, parent_run
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
         self.run_ids: dict[str, str] = {}
-        self.completed: list[dict[str, Any]] = []
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        node = self.sweep.graph.node_of(trial.config)
         cfg = training_config(trial.config)
         folder = run_dir_of(trial.config)
-        m = self.stage.entry.method.name
         tags = {"wbsweep.config_hash": folder.parent.name, "wbsweep.seed": str(cfg["seed"])}
-        name = f"{m} seed{cfg['seed']}" + (f" {trial.trial_id}" if self.stage.kind == "tune" else "")
+        name = f"{node.method} seed{cfg['seed']}" + (f" {trial.trial_id}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
-        run_id = tracker.run(name, {**tags}, parent=self.parent)
-        tracker.client.set_tag(run_id, "wbsweep.method", m)
-        tracker.client.set_tag(run_id, "wbsweep.stage", self.stage.kind)
+        run_id = tracker.run(name, tags, parent=node.parent_run())
+        tracker.client.set_tag(run_id, "wbsweep.method", node.method)
+        tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
         tracker.log_params(run_id, flat_params(cfg))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mlflow_run_id").write_text(run_id)
@@ -72,9 +71,8 @@ class TrialCallback(Callback):
             folder = run_dir_of(trial.config)
             tracker.log_artifacts(run_id, folder)
             tracker.finish(run_id)
-        self.sweep.record(self.stage, trial.config, final, run_id)
-        self.completed.append({"config": trial.config, "objective": final["objective"]})
-        self.sweep.progress.done(float(final["train_seconds"]))
+        self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
+        self.sweep.progress.done()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_ids.get(trial.trial_id)
@@ -89,4 +87,5 @@ class TrialCallback(Callback):
         if run_id:
             self.sweep.tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000])
             self.sweep.tracker.finish(run_id, "FAILED")
-        self.sweep.progress.failed(f"{self.stage.label} trial {trial.trial_id}: {reason}")
+        label = self.sweep.graph.node_of(trial.config).label
+        self.sweep.progress.failed(f"{label} trial {trial.trial_id}: {reason}")

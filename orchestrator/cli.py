@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -77,10 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     minutes = (time.time() - started) / 60
     print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
                  exp.title))
-    failed = sweep.progress.n_failed
+    failures = sweep.progress.failures
     print(f"done in {minutes:.1f} min; results: {out / 'results'} (Parquet), MLflow: {opts.tracking_uri}"
-          + (f"; {failed} trial(s) FAILED" if failed else ""))
-    return 1 if failed else 0
+          + (f"; {len(failures)} failure(s):" if failures else ""))
+    for failure in failures:
+        print(f"  FAILED {failure}")
+    return 1 if failures else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

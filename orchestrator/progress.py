@@ -1,4 +1,4 @@
-"""Progress lines for long sweeps: stage, trials done/running/failed, elapsed time and an ETA.
+"""Progress lines for long sweeps: stages, trials done/running/failed, elapsed time and an ETA.
 
 Plain lines on stderr (no cursor tricks) so that logs of cluster jobs read the same as a terminal.
 The ETA assumes the remaining trials take as long, on average, as the finished ones did.
@@ -16,12 +16,13 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, quiet: bool = False):
-        self.total = total
+    def __init__(self, total_trials: int, total_stages: int, quiet: bool = False):
+        self.total, self.total_stages = total_trials, total_stages
         self.quiet = quiet
         self.start = time.time()
-        self.label = ""
         self.finished = self.running = self.n_failed = self.skipped = 0
+        self.stages_done = 0
+        self.active: list[str] = []
         self.failures: list[str] = []
 
     def _print(self, msg: str) -> None:
@@ -33,32 +34,47 @@ class Progress:
         worked = self.finished + self.n_failed
         left = max(0, self.total - worked - self.skipped)
         eta = f"ETA {_clock(elapsed / worked * left)}" if worked else "ETA --"
-        return (f"{self.label}: {self.finished + self.skipped}/{self.total} done, {self.running} running, "
-                f"{self.n_failed} failed | elapsed {_clock(elapsed)} | {eta}")
+        now = f" ({', '.join(self.active)})" if self.active else ""
+        return (f"[stages {self.stages_done}/{self.total_stages}{now}] trials {self.finished + self.skipped}/"
+                f"{self.total} done, {self.running} running, {self.n_failed} failed | "
+                f"elapsed {_clock(elapsed)} | {eta}")
 
-    def stage(self, label: str) -> None:
-        self.label = label
+    def begin(self) -> None:
+        self.start = time.time()
         self._print(self.line())
+
+    def stage_started(self, label: str) -> None:
+        self.active.append(label)
+
+    def stage_done(self, label: str) -> None:
+        self.stages_done += 1
+        if label in self.active:
+            self.active.remove(label)
+
+    def stage_failed(self, label: str, reason: str) -> None:
+        self.stage_done(label)
+        self.failures.append(f"{label}: {reason}")
+        self._print(f"FAILED stage {label}: {reason}")
 
     def started(self) -> None:
         self.running += 1
 
-    def done(self, seconds: float) -> None:
+    def done(self) -> None:
         self.running = max(0, self.running - 1)
         self.finished += 1
         self._print(self.line())
 
     def skip(self, n: int, why: str) -> None:
         self.skipped += n
-        self._print(f"{self.label}: {n} trial(s) skipped ({why})")
+        self._print(f"skipped {n} trial(s): {why}")
 
-    def failed(self, reason: str) -> None:
-        self.running = max(0, self.running - 1)
+    def failed(self, reason: str, was_running: bool = True) -> None:
+        """A trial failed (``was_running``), or could not start because what it needs failed."""
+        if was_running:
+            self.running = max(0, self.running - 1)
         self.n_failed += 1
         self.failures.append(reason)
         self._print(f"FAILED {reason}")
-        self._print(self.line())
 
     def finish(self) -> None:
-        self.label = "sweep"
         self._print(self.line())

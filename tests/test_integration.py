@@ -73,7 +73,7 @@ def test_results_have_every_row_of_table4_for_every_seed(sweep):
     assert (wb["parent_hash"] == wd["config_hash"]).all()
     assert wb["fdr_test"].to_numpy() == pytest.approx(wd["fdr_test"].to_numpy(), rel=1e-6)
     # Progress lines were shown while it ran.
-    assert "[1/" in proc.stderr and "ETA" in proc.stderr
+    assert "[stages 0/10]" in proc.stderr and "trials 20/20 done" in proc.stderr and "ETA" in proc.stderr
 
 
 def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from trainables.errors import WbsweepError
@@ -87,6 +88,9 @@ _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
 }
 
 
+_COUNTS = frozenset({"epochs", "batch_size", "stage2_epochs", "val_per_class", "eval_batch_size"})
+
+
 def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
     """DEFAULTS updated with ``overrides``, checked: unknown keys, bad choices and out-of-range
     numbers raise :class:`WbsweepError` naming the key (a typo must not silently do nothing)."""
@@ -101,8 +105,12 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         value = cfg[key]
         if value is None and DEFAULTS[key] is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WbsweepError(f"option {key} must be a number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WbsweepError(f"option {key} must be a finite number, got {value!r}.")
+        if key in _COUNTS:
+            if value != int(value):
+                raise WbsweepError(f"option {key} must be a whole number, got {value!r}.")
+            cfg[key] = int(value)
         if value < low:
             raise WbsweepError(f"option {key}={value} is below its minimum {low}.")
     if isinstance(cfg["la"], str):

@@ -1,9 +1,9 @@
 """The Ray Tune trainable: one trial = one call of :func:`trainables.train.train`.
 
-Trial configs carry the training config plus two bookkeeping keys: ``_runs`` (the folder where
-every trained model lives, at ``_runs/<config_hash>/seed<seed>/``) and ``_objective_la`` (unused
-by training). A model already finished there is not trained again: its metrics are re-reported, so
-a repeated or resumed sweep costs nothing for work that is done.
+Trial configs carry the training config plus bookkeeping keys that start with "_": ``_runs`` (the
+folder where every trained model lives, at ``_runs/<config_hash>/seed<seed>/``) and ``_stage`` (the
+sweep stage that asked for the trial). A model already finished there is not trained again: its
+metrics are re-reported, so a repeated or resumed sweep costs nothing for work that is done.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from typing import Any
 from trainables.config import config_hash, resolve_config
 from trainables.train import load_metrics, train
 
-BOOKKEEPING = ("_runs",)
-
 
 def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
     """The resolved training config of a trial (bookkeeping keys removed, parent path filled in)."""
-    cfg = {k: v for k, v in trial_config.items() if k not in BOOKKEEPING}
+    cfg = {k: v for k, v in trial_config.items() if not k.startswith("_")}
     if cfg.get("stage2") and not cfg.get("init_from"):
         cfg["init_from"] = str(run_dir(trial_config["_runs"], cfg["parent_hash"], cfg["seed"]) / "model.pt")
     return resolve_config(cfg)

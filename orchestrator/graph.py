@@ -1,0 +1,288 @@
+"""The stage graph: a whole sweep as ONE Ray Tune experiment.
+
+Each stage of the sweep is a node: ``tune`` (an OptunaSearch over the method's searched knobs, on
+validation) or ``repeat`` (the chosen config over the preset's seeds). :class:`StageGraph` is a Ray
+Tune ``Searcher`` that hands out the next trial of any node whose inputs are ready, so independent
+stages run side by side across the cluster and a stage starts the moment what it needs exists:
+
+* a repeat waits for its method's tune stage to choose a config;
+* a second-stage method (WB) waits, per seed, for its parent's model of that seed.
+
+One experiment instead of a Tuner per stage also pays Ray's start-up cost once and reuses the
+trial actors throughout. When nothing is ready and nothing runs, the graph says FINISHED; nodes
+whose inputs failed are marked failed with the reason instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.search import Searcher
+
+from trainables.config import config_hash
+from trainables.train import load_metrics
+from trainables.trial import run_dir, training_config
+
+if TYPE_CHECKING:
+    from orchestrator.spec import MethodEntry
+    from orchestrator.sweep import Sweep
+
+
+def finished(result: dict | None) -> bool:
+    """Whether a trial's last result is its final report (Tune flattens it to ``final/...`` keys
+    before the searcher sees it)."""
+    return bool(result) and ("final" in result or any(k.startswith("final/") for k in result))
+
+
+class Node:
+    """One stage. Subclasses say when it is ready and what its next trial config is."""
+
+    kind = ""
+
+    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int):
+        self.sweep, self.entry, self.planned = sweep, entry, planned
+        self.method = entry.method.name
+        self.key = f"{self.kind}:{self.method}"
+        self.label = f"{self.kind} {self.method}"
+        self.state = "waiting"  # waiting -> running -> done | failed
+        self.reason = ""
+        self.in_flight: dict[str, dict[str, Any]] = {}  # trial id -> trial config
+        self._parent_run: str | None = None
+
+    # -- shared ------------------------------------------------------------------------------
+    def parent_run(self) -> str:
+        """This stage's MLflow parent run, created (or re-attached) when it first needs it."""
+        if self._parent_run is None:
+            tags = {"wbsweep.stage": self.kind, "wbsweep.method": self.method,
+                    "wbsweep.preset": self.sweep.exp.preset}
+            self._parent_run = self.sweep.tracker.run(f"{self.kind}/{self.method}", tags)
+        return self._parent_run
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+        self.sweep.progress.stage_failed(self.label, reason)
+        if self._parent_run:
+            self.sweep.tracker.finish(self._parent_run, "FAILED")
+
+    def start(self) -> None:
+        self.state = "running"
+        self.sweep.progress.stage_started(self.label)
+
+    def finish(self) -> None:
+        self.state = "done"
+        self.sweep.progress.stage_done(self.label)
+        if self._parent_run:
+            self.sweep.tracker.finish(self._parent_run)
+
+    def trial(self, trial_id: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+        config = {**self.sweep.trial_config(cfg, seed), "_stage": self.key}
+        self.in_flight[trial_id] = config
+        return config
+
+    # -- per kind ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Move from waiting to running (or done/failed) when the inputs allow."""
+
+    def next_config(self, trial_id: str) -> dict[str, Any] | None:
+        return None
+
+    def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
+        self.in_flight.pop(trial_id, None)
+
+
+class TuneNode(Node):
+    """Optuna searches the method's knobs on validation; the best trial's config is chosen."""
+
+    kind = "tune"
+
+    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int):
+        super().__init__(sweep, entry, planned)
+        self.issued = 0
+        self.results: list[tuple[float, dict[str, Any]]] = []
+        self.search = sweep.exp.searched_for(entry.method)
+        self.seed = sweep.exp.seeds[0]
+
+    def step(self) -> None:
+        if self.state != "waiting":
+            return
+        base = self.sweep.base_config(self.entry)
+        if base is None:  # the parent's config is not chosen yet
+            return
+        if isinstance(base, str):
+            return self.fail(base)
+        parent_state = self.sweep.parent_model_state(self.entry, self.seed)
+        if parent_state == "failed":
+            return self.fail(f"its first stage '{self.entry.method.parent}' failed for seed {self.seed}")
+        if parent_state == "pending":
+            return
+        self.base = base
+        key = config_hash({"base": training_config(self.sweep.trial_config(base, self.seed)),
+                           "search": self.search, "trials": self.planned, "seed": self.seed})
+        self.record = self.sweep.out / "stages" / f"tune-{self.method}-{key}.json"
+        if self.record.exists():
+            self.sweep.chosen[self.method] = json.loads(self.record.read_text())["config"]
+            self.sweep.progress.skip(self.planned, f"{self.label}: choice already recorded")
+            self.finish()
+            return
+        from ray.tune.search.optuna import OptunaSearch
+
+        from orchestrator.sweep import optuna_space
+
+        self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max", seed=self.seed)
+        self.start()
+
+    def next_config(self, trial_id: str) -> dict[str, Any] | None:
+        if self.state != "running" or self.issued >= self.planned:
+            return None
+        params = self.optuna.suggest(trial_id)
+        if params is None:
+            return None
+        self.issued += 1
+        return self.trial(trial_id, {**self.base, **params}, self.seed)
+
+    def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
+        config = self.in_flight.pop(trial_id)
+        self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
+        if not error and finished(result):
+            self.results.append((float(result["objective"]), config))
+        if self.issued >= self.planned and not self.in_flight:
+            self.choose()
+
+    def choose(self) -> None:
+        if not self.results:
+            return self.fail("every trial failed")
+        objective, best = max(self.results, key=lambda r: r[0])
+        cfg = training_config(best)
+        chosen = {k: cfg[k] for k in self.base} | {k: cfg[k] for k in self.search}
+        self.sweep.chosen[self.method] = chosen
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_suffix(".tmp")
+        searched = {k: chosen[k] for k in self.search}
+        tmp.write_text(json.dumps({"config": chosen, "objective": objective, "searched": searched},
+                                  indent=2, default=str))
+        os.replace(tmp, self.record)
+        tracker = self.sweep.tracker
+        tracker.log_params(self.parent_run(), {f"best.{k}": v for k, v in searched.items()})
+        tracker.log_metrics(self.parent_run(), {"best_objective": objective})
+        self.finish()
+
+
+class RepeatNode(Node):
+    """The chosen config over every seed; finished seeds are skipped, models trained earlier reused."""
+
+    kind = "repeat"
+
+    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int, tune: TuneNode | None):
+        super().__init__(sweep, entry, planned)
+        self.tune = tune
+        self.todo: list[int] = []
+        self.failed_seeds: dict[int, str] = {}
+
+    def step(self) -> None:
+        if self.state == "waiting":
+            if self.tune is not None:
+                if self.tune.state == "failed":
+                    return self.fail(f"its tune stage failed: {self.tune.reason}")
+                if self.tune.state != "done":
+                    return
+                cfg = self.sweep.chosen[self.method]
+            else:
+                cfg = self.sweep.base_config(self.entry)
+                if cfg is None:
+                    return
+                if isinstance(cfg, str):
+                    return self.fail(cfg)
+                self.sweep.chosen[self.method] = cfg
+            self.cfg = cfg
+            self.todo = self.sweep.unfinished_seeds(self, cfg)
+            self.start()
+        if self.state == "running":
+            for seed in list(self.todo):
+                if self.sweep.parent_model_state(self.entry, seed) == "failed":
+                    self.todo.remove(seed)
+                    self.failed_seeds[seed] = "its first-stage model failed"
+                    self.sweep.progress.failed(f"{self.label} seed {seed}: its first-stage model failed", False)
+            self._maybe_finish()
+
+    def next_config(self, trial_id: str) -> dict[str, Any] | None:
+        if self.state != "running":
+            return None
+        for seed in self.todo:
+            if self.sweep.parent_model_state(self.entry, seed) == "done":
+                self.todo.remove(seed)
+                return self.trial(trial_id, self.cfg, seed)
+        return None
+
+    def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
+        config = self.in_flight.pop(trial_id)
+        if error or not finished(result):
+            self.failed_seeds[config["seed"]] = "trial failed"
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.state == "running" and not self.todo and not self.in_flight:
+            if self.failed_seeds and len(self.failed_seeds) == self.planned:
+                self.fail("every seed failed")
+            else:
+                self.finish()
+
+    def model_state(self, seed: int) -> str:
+        """'done', 'failed' or 'pending' for this method's model of ``seed`` (for its children)."""
+        if self.state == "failed" or seed in self.failed_seeds:
+            return "failed"
+        cfg = self.sweep.chosen.get(self.method)
+        if cfg is None:
+            return "pending"
+        h = config_hash(training_config(self.sweep.trial_config(cfg, seed)))
+        return "done" if load_metrics(run_dir(self.sweep.runs, h, seed)) is not None else "pending"
+
+
+class StageGraph(Searcher):
+    """Ray Tune searcher over the nodes of a sweep (see the module docstring)."""
+
+    def __init__(self, nodes: list[Node]):
+        super().__init__(metric="objective", mode="max")
+        self.nodes = nodes
+        self.by_key = {n.key: n for n in nodes}
+        self.owner: dict[str, Node] = {}
+
+    def node_of(self, trial_config: dict[str, Any]) -> Node:
+        return self.by_key[trial_config["_stage"]]
+
+    def advance(self) -> None:
+        for node in self.nodes:
+            node.step()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self.advance()
+        for node in self.nodes:
+            config = node.next_config(trial_id)
+            if config is not None:
+                self.owner[trial_id] = node
+                return config
+        if not any(n.in_flight for n in self.nodes):
+            # Nothing runs and nothing could start: whatever still waits can never be ready.
+            for n in self.nodes:
+                if n.state == "waiting":
+                    n.fail("its inputs never became available")
+            return Searcher.FINISHED
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        node = self.owner.pop(trial_id, None)
+        if node is not None:
+            node.complete(trial_id, result, error)
+        self.advance()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the graph's state lives in the results, run folders and stage records."""
+        with open(checkpoint_path, "w") as fh:
+            json.dump({n.key: n.state for n in self.nodes}, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

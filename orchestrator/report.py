@@ -2,7 +2,7 @@
 
 Where the experiment ran on the paper's dataset, the paper's published mean ± std stand beside
 ours (``orchestrator/reference/*.csv``, transcribed from the paper). The paper's "ResNet32" rows
-were produced by the authors' CIFAR ResNet34 (see DESIGN.md); we say so under the table.
+were produced by the authors' CIFAR ResNet34 (README); we say so under the table.
 """
 
 from __future__ import annotations
@@ -130,5 +130,5 @@ def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
     text = render(summary, fmt, f"{head} — preset {preset}: {datasets}, {models}; accuracy in %, mean ± std over seeds")
     if fmt != "csv" and "paper_acc_avg" in summary.columns and summary["paper_acc_avg"].notna().any():
         text += ("paper rows: Hasegawa & Sato (2023); their 'ResNet32' is the authors' CIFAR ResNet34 "
-                 "(see DESIGN.md), which the paper presets train.\n")
+                 "(README: choices where the paper and the code differ), which the paper presets train.\n")
     return text

@@ -190,7 +190,7 @@ class Sweep:
             param_space={"_runs": str(self.runs.resolve())},
             tune_config=tune.TuneConfig(
                 metric="objective", mode="max", num_samples=-1, search_alg=self.graph,
-                max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                max_concurrent_trials=self.max_concurrent or self.trials_that_fit(), reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", storage_path=str((self.out / "ray").resolve()),
@@ -201,6 +201,19 @@ class Sweep:
         tuner.fit()
         self.graph.advance()  # stages finished by the last trial
         self.progress.finish()
+
+    def trials_that_fit(self) -> int:
+        """How many trials the cluster holds at once. Ray Tune keeps only one trial pending for a
+        custom searcher unless told a concurrency, which would run the sweep one trial at a time.
+        A cluster that holds none yet (an autoscaling one with no workers) gets 8 pending trials
+        to make it scale up; --max-concurrent overrides either."""
+        import ray
+
+        res = ray.cluster_resources()
+        fit = int(res.get("CPU", 0) // self.cpus) if self.cpus else 10**6
+        if self.gpus:
+            fit = min(fit, int(res.get("GPU", 0) // self.gpus))
+        return fit if fit >= 1 else 8
 
     # --- bookkeeping -------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ torchvision's ``CIFAR10`` class refuses), and the split must be exactly the auth
 whole path from bytes on disk to the uint8 tensors a trainer puts on the device is spelled out
 here and tested against files written in the exact formats.
 
-The long-tailed split (DESIGN.md section 4), per class k = 0..C-1 in file order::
+The long-tailed split (docs/DESIGN.md section 4), per class k = 0..C-1 in file order::
 
     n_max = N / C - val_per_class           (N, C: size and classes of the original train set)
     n_k   = round(n_max * rho ** (-k / (C - 1)))
@@ -14,7 +14,7 @@ The long-tailed split (DESIGN.md section 4), per class k = 0..C-1 in file order:
             official (balanced) test set, unchanged.
 
 Everything is returned as whole uint8 tensors (no Dataset/DataLoader) because trainers keep the
-entire dataset resident on the device and augment with batched tensor ops (DESIGN.md section 6).
+entire dataset resident on the device and augment with batched tensor ops (docs/DESIGN.md section 6).
 
 Adding a dataset is one entry in ``DATASETS`` (plus a ``DataSource`` if it reads a new format).
 """

@@ -1,4 +1,4 @@
-"""Methods are presets of orthogonal knobs (DESIGN.md section 3), never copies of the training loop.
+"""Methods are presets of orthogonal knobs (docs/DESIGN.md section 3), never copies of the training loop.
 
 A method says which knobs it turns on; the numbers (lambda, zeta, ...) come from the spec's preset
 and, where the spec searches them, from Optuna. ``searched`` names the knobs a search may touch for

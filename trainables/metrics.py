@@ -178,7 +178,7 @@ def groups_from_counts(class_counts: Any, many_above: int, few_below: int) -> li
     """Assign each class to "many" (n > many_above), "few" (n < few_below) or "medium" (otherwise).
 
     The paper's splits: CIFAR100-LT / mini-ImageNet-LT use (100, 20), CIFAR10-LT / MNIST-LT use
-    (1000, 200) (DESIGN section 4). Thresholds are counted on the *training* split.
+    (1000, 200) (docs/DESIGN.md section 4). Thresholds are counted on the *training* split.
     """
     if few_below > many_above + 1:
         raise WbsweepError(f"few_below={few_below} must not exceed many_above + 1={many_above + 1}")

@@ -20,7 +20,7 @@ from trainables.metrics import _to_numpy, balanced_accuracy, group_accuracy, per
 LA_KINDS: tuple[str, ...] = ("none", "add", "mult")
 MULT_FORMS: tuple[str, ...] = ("paper", "code")
 
-# Paper grids (appendix 7.2 / DESIGN section 4); rounded so that e.g. 1.05 is the float nearest 1.05.
+# Paper grids (appendix 7.2 / docs/DESIGN.md section 4); rounded so that e.g. 1.05 is the float nearest 1.05.
 TAU_GRID: tuple[float, ...] = tuple(float(v) for v in np.round(1.0 + 0.05 * np.arange(21), 2))
 GAMMA_GRID: tuple[float, ...] = tuple(float(v) for v in np.round(0.05 * np.arange(21), 2))
 

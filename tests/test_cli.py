@@ -1,0 +1,82 @@
+"""The CLI as a user meets it: one clear line and exit status 2 for their mistakes, no traceback,
+nothing written where nothing should be."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def wbsweep(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("wbsweep: error:"), proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_unknown_spec_suggests_the_closest(tmp_path):
+    assert_user_error(wbsweep("run", "tabel4", "--out", str(tmp_path / "o")), "unknown spec 'tabel4'", "table4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_preset(tmp_path):
+    assert_user_error(wbsweep("run", "table4", "--preset", "smok", "--out", str(tmp_path)), "smoke")
+
+
+def test_out_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert_user_error(wbsweep("run", "table4", "--preset", "smoke", "--out", str(f)), "is a file")
+    assert f.read_text() == "keep me"
+
+
+def test_missing_data_root(tmp_path):
+    assert_user_error(wbsweep("run", "table4", "--preset", "smoke", "--out", str(tmp_path / "o"),
+                              "--data-root", str(tmp_path / "nope")), "--data-root", "not a folder")
+
+
+def test_malformed_spec_names_file_and_line(tmp_path):
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("name: mine\nmethods:\n  - {method: wd\npresets: {}\n")
+    assert_user_error(wbsweep("run", str(spec), "--plan"), "mine.yaml:")
+
+
+def test_report_before_any_run(tmp_path):
+    assert_user_error(wbsweep("report", "table4", "--out", str(tmp_path)), "wbsweep run table4")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = wbsweep("--debug", "run", "tabel4")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_plan_prints_the_stages_without_running(tmp_path):
+    proc = wbsweep("run", "table4", "--preset", "cpu", "--plan", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "10 stages" in proc.stdout and "tune wd_fr_etf" in proc.stdout and "searching wd, fr" in proc.stdout
+    assert "repeat wb" in proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("what", ["specs:", "methods:", "datasets:", "models:"])
+def test_list(what):
+    proc = wbsweep("list")
+    assert proc.returncode == 0 and what in proc.stdout
+    assert "table4" in proc.stdout and "cifar100-lt" in proc.stdout and "resnet34" in proc.stdout
+
+
+def test_train_one_model_without_ray(tmp_path):
+    proc = wbsweep("train", "--method", "wd_etf", "--preset", "smoke", "--set", "epochs=1", "--set", "width=32",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "metrics.json").exists() and '"fdr_test"' in proc.stdout
+    assert_user_error(wbsweep("train", "--method", "wd", "--set", "epoch=3", "--out", str(tmp_path)), "epoch")

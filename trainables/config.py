@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "threads": None,  # torch threads; None leaves torch's default
     "eval_batch_size": 1024,
+    "checkpoint_seconds": 60.0,  # save a resumable checkpoint at most this often (0: every epoch)
     "init_from": None,  # path of the parent's model.pt for stage 2
 }
 
@@ -79,12 +80,14 @@ CHOICES: dict[str, tuple] = {
 LA_KINDS = ("none", "add", "mult")
 
 # Keys that say where or how fast, not what: excluded from the hash.
-NOT_HASHED = frozenset({"seed", "data_root", "device", "threads", "eval_batch_size", "init_from"})
+NOT_HASHED = frozenset(
+    {"seed", "data_root", "device", "threads", "eval_batch_size", "init_from", "checkpoint_seconds"}
+)
 
 _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
     "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
     "momentum": 0.0, "cb_beta": 0.0, "epochs": 1, "batch_size": 2, "stage2_epochs": 1,
-    "val_per_class": 1, "eval_batch_size": 1, "rho": 1.0,
+    "val_per_class": 1, "eval_batch_size": 1, "rho": 1.0, "checkpoint_seconds": 0.0,
 }
 
 

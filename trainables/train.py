@@ -178,9 +178,10 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
     n, bs = len(dd.x["train"]), cfg["batch_size"]
 
-    best_acc, best_epoch, best_state = -1.0, 0, None
-    history = []
-    for epoch in range(1, epochs + 1):
+    # Resume from this run's own checkpoint when a crashed or preempted trial is retried.
+    progress = resume(out, cfg, model, opt, sched, gen)
+    last_save = time.time()
+    for epoch in range(progress["epoch"] + 1, epochs + 1):
         model.train()
         if stage2:
             model.backbone.eval()  # frozen features: BN running statistics stay as trained
@@ -212,14 +213,20 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
             raise TrainingDiverged(f"loss became {train_loss} at epoch {epoch}; lower lr or regularisation.")
         _, val_logits = features_and_logits(model, dd, "val", cfg["eval_batch_size"])
         val_acc = balanced_acc(val_logits, dd.y["val"], c)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "lr": lr})
-        if cfg["select"] == "last" or val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        progress["history"].append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "lr": lr})
+        progress["epoch"] = epoch
+        if cfg["select"] == "last" or val_acc > progress["best_acc"]:
+            progress["best_acc"], progress["best_epoch"] = val_acc, epoch
+            progress["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if epoch < epochs and time.time() - last_save >= cfg["checkpoint_seconds"]:
+            save_checkpoint(out, cfg, model, opt, sched, gen, progress, time.time() - started)
+            last_save = time.time()
+        inject_crash(out, epoch)
         if report is not None:
-            report(history[-1])
-    train_seconds = time.time() - started
-    model.load_state_dict(best_state)
+            report(progress["history"][-1])
+    train_seconds = progress["seconds"] + time.time() - started
+    model.load_state_dict(progress["best_state"])
+    best_epoch, history = progress["best_epoch"], progress["history"]
 
     metrics = evaluate(model, dd, cfg)
     metrics.update(
@@ -230,6 +237,55 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     )
     save_run(out, cfg, model, metrics)
     return metrics
+
+
+# --- checkpoints: nothing lost when a trial is killed -----------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator,
+                    progress: dict[str, Any], seconds: float) -> None:
+    """Everything needed to continue bit-for-bit: weights, optimizer and schedule, the data RNG and
+    the best epoch so far. Written to a temporary name and renamed, so a crash mid-write leaves the
+    previous checkpoint intact."""
+    state = {
+        "config_hash": config_hash(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "generator": gen.get_state(),
+        **{k: v for k, v in progress.items() if k != "seconds"}, "seconds": progress["seconds"] + seconds,
+    }
+    torch.save(state, out / f"{CHECKPOINT}.tmp")
+    os.replace(out / f"{CHECKPOINT}.tmp", out / CHECKPOINT)
+
+
+def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator) -> dict[str, Any]:
+    """The training progress to continue from: this run's checkpoint if it has one (of the same
+    config), else a fresh start."""
+    fresh = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": [], "seconds": 0.0}
+    path = out / CHECKPOINT
+    if not path.exists():
+        return fresh
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves to device
+    except Exception:  # a torn or foreign file: start over rather than fail the trial
+        return fresh
+    if state.get("config_hash") != config_hash(cfg):
+        return fresh
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return {k: state[k] for k in fresh}
+
+
+def inject_crash(out: Path, epoch: int) -> None:
+    """Fault injection for tests: with WBSWEEP_INJECT_CRASH=N the process dies at the end of epoch
+    N, once per run (a marker file stops the retried trial from dying again)."""
+    at = os.environ.get("WBSWEEP_INJECT_CRASH")
+    marker = out / ".crash-injected"
+    if at and int(at) == epoch and not marker.exists():
+        marker.write_text(str(epoch))
+        os._exit(17)
 
 
 def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +339,7 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
     os.replace(out / "logits.npz.tmp", out / "logits.npz")
     (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, default=float))
     os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt now holds the result
 
 
 def load_metrics(out_dir: str | Path) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "tau_grid": None,  # None: the paper's grid 1.00, 1.05, ..., 2.00
     "gamma_grid": None,  # None: the paper's grid 0.00, 0.05, ..., 1.00
     "fdr_train_augment": True,  # the authors' "train FDR" uses augmented train images (eval mode)
+    "track_forgetting": False,  # record forgetting events per training image (figure 4): forgetting.npz
     # where and how (not part of the hash)
     "seed": 0,
     "data_root": None,

@@ -180,6 +180,11 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
 
     # Resume from this run's own checkpoint when a crashed or preempted trial is retried.
     progress = resume(out, cfg, model, opt, sched, gen)
+    track = cfg["track_forgetting"] and not stage2
+    if track and "forgetting" not in progress:
+        # Toneva et al.'s forgetting events, per training image, kept on the device (figure 4)
+        progress["forgetting"] = {k: torch.zeros(n, dtype=torch.long if k == "events" else torch.bool, device=device)
+                                  for k in ("events", "prev_correct", "ever_correct")}
     last_save = time.time()
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         model.train()
@@ -196,6 +201,11 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
             feats = model.backbone(x)
             logits = model.classifier(feats)
             loss = loss_fn(feats, logits, y, model)
+            if track:
+                f, correct = progress["forgetting"], logits.detach().argmax(1) == y
+                f["events"][idx] += (f["prev_correct"][idx] & ~correct).long()
+                f["ever_correct"][idx] |= correct
+                f["prev_correct"][idx] = correct
             if cfg["fr"] > 0 and not stage2:
                 loss = loss + feature_regularisation(feats, cfg["fr"])
             opt.zero_grad(set_to_none=True)
@@ -228,6 +238,10 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     model.load_state_dict(progress["best_state"])
     best_epoch, history = progress["best_epoch"], progress["history"]
 
+    if track:
+        f = progress["forgetting"]
+        np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
+                            ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
     metrics = evaluate(model, dd, cfg)
     metrics.update(
         config_hash=config_hash(cfg), seed=cfg["seed"], epochs=epochs, best_epoch=best_epoch,
@@ -261,7 +275,8 @@ def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, 
 def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator) -> dict[str, Any]:
     """The training progress to continue from: this run's checkpoint if it has one (of the same
     config), else a fresh start."""
-    fresh = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": [], "seconds": 0.0}
+    fresh: dict[str, Any] = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": [],
+                             "seconds": 0.0}
     path = out / CHECKPOINT
     if not path.exists():
         return fresh
@@ -275,7 +290,7 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
-    return {k: state[k] for k in fresh}
+    return {k: state[k] for k in (*fresh, "forgetting") if k in state}
 
 
 def inject_crash(out: Path, epoch: int) -> None:

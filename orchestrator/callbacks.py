@@ -62,8 +62,8 @@ class TrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = (trial.last_result or {}).get("final")
         run_id = self.run_ids.get(trial.trial_id)
-        if final is None:  # ended without its final report: treat as failed
-            self.on_trial_error(iteration, trials, trial)
+        if final is None:  # ended without its final report (a diverged loss): a failure with its reason
+            self.on_trial_error(iteration, trials, trial, reason=(trial.last_result or {}).get("diverged"))
             return
         tracker = self.sweep.tracker
         if run_id:
@@ -74,10 +74,10 @@ class TrialCallback(Callback):
         self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
         self.sweep.progress.done()
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):
         run_id = self.run_ids.get(trial.trial_id)
-        reason = "unknown error"
-        if trial.error_file:
+        reason = reason or "unknown error"
+        if reason == "unknown error" and trial.error_file:
             try:
                 with open(trial.error_file) as fh:
                     lines = [ln for ln in fh.read().strip().splitlines() if ln.strip()]

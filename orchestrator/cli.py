@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = SweepOptions(
         out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), data_root=_data_root(args.data_root),
         address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, quiet=args.quiet,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        quiet=args.quiet,
     )
     started = time.time()
     sweep = Sweep(exp, opts)
@@ -138,6 +139,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.status import status_text
+
+    sys.stdout.write(status_text(Path(args.out).expanduser()))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from orchestrator.spec import spec_names
     from trainables.data import dataset_names
@@ -166,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--cpus-per-trial", type=float)
     r.add_argument("--gpus-per-trial", type=float)
-    r.add_argument("--max-concurrent", type=int)
+    r.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
+    r.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
     r.add_argument("--plan", action="store_true", help="print the stages and trial counts, run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
@@ -188,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
     t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"))
     t.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("status", help="what is done, running, failed and left in a results folder")
+    st.add_argument("--out", default=DEFAULT_OUT)
+    st.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("list", help="specs, methods, datasets and models")
     ls.set_defaults(func=cmd_list)

@@ -126,12 +126,40 @@ class TuneNode(Node):
             self.sweep.progress.skip(self.planned, f"{self.label}: choice already recorded")
             self.finish()
             return
+        self.open_study(f"{self.sweep.exp.name}-{self.method}-{key}")
+        if self.issued >= self.planned:
+            self.choose()
+        else:
+            self.start()
+
+    def open_study(self, name: str) -> None:
+        """The Optuna study of this stage, persisted in DIR/optuna.db so that a resumed sweep
+        continues it: its finished trials count towards the budget and compete for the choice,
+        and trials left RUNNING by a killed driver are marked failed (Ray's own restore once lost
+        OptunaSearch's state: ray-project/ray#30861, so the study is ours to keep)."""
+        import optuna
+        from optuna.trial import TrialState
         from ray.tune.search.optuna import OptunaSearch
 
         from orchestrator.sweep import optuna_space
 
-        self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max", seed=self.seed)
-        self.start()
+        storage = self.sweep.optuna_storage()
+        earlier = []
+        if name in {s.study_name for s in storage.get_all_studies()}:
+            for t in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False):
+                if t.state == TrialState.RUNNING:
+                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                elif t.state == TrialState.COMPLETE:
+                    earlier.append(t)
+        self.results = [(float(t.value), self.sweep.trial_config({**self.base, **t.params}, self.seed))
+                        for t in earlier]
+        self.issued = len(self.results)
+        if earlier:
+            self.sweep.progress.skip(len(earlier), f"{self.label}: {len(earlier)} Optuna trial(s) of an earlier run")
+        # A new seed per resume, so the sampler does not propose the finished points again.
+        sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier))
+        self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
+                                   sampler=sampler, storage=storage, study_name=name)
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running" or self.issued >= self.planned:
@@ -144,8 +172,9 @@ class TuneNode(Node):
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         config = self.in_flight.pop(trial_id)
+        error = error or not finished(result)  # a diverged trial reports no final metrics
         self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
-        if not error and finished(result):
+        if not error:
             self.results.append((float(result["objective"]), config))
         if self.issued >= self.planned and not self.in_flight:
             self.choose()

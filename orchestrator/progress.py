@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 
 def _clock(seconds: float) -> str:
@@ -24,10 +25,13 @@ class Progress:
         self.stages_done = 0
         self.active: list[str] = []
         self.failures: list[str] = []
+        self.listener: Callable[[], None] | None = None  # told after every change (the status file)
 
     def _print(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
+        if self.listener is not None:
+            self.listener()
 
     def line(self) -> str:
         elapsed = time.time() - self.start

@@ -15,7 +15,10 @@ interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestra
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -56,6 +59,7 @@ class SweepOptions:
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
+    max_failures: int | None = None  # retries of a crashed trial (from its checkpoint); spec default 2
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +72,19 @@ def plan(exp: Experiment) -> list[Stage]:
             stages.append(Stage("tune", entry, exp.trials))
         stages.append(Stage("repeat", entry, len(exp.seeds)))
     return stages
+
+
+def check_reachable(address: str, what: str, timeout: float = 5.0) -> None:
+    """A quick TCP connect, so that an unreachable address fails in seconds with a clear line
+    instead of after the client library's long retries."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise WbsweepError(f"{what} address '{address}' is not HOST:PORT.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise WbsweepError(f"cannot reach {what} at {hostport}: {exc.strerror or exc}; is it running?") from None
 
 
 def versions() -> dict[str, str]:
@@ -108,13 +125,16 @@ class Sweep:
         self.runs = self.out / "runs"
         self.chosen: dict[str, dict[str, Any]] = {}  # method -> training config (without seed)
         self.versions = versions()
+        self._optuna_storage = None
         res = exp.resources
         self.cpus = opts.cpus_per_trial or res.get("cpus_per_trial", 1)
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent or res.get("max_concurrent")
-        self.max_failures = res.get("max_failures", 0)
+        self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
+        if opts.tracking_uri.startswith(("http://", "https://")):
+            check_reachable(opts.tracking_uri, "the MLflow tracking server (--tracking-uri)")
         self.tracker = Tracker(opts.tracking_uri, exp.name, self.out / "mlartifacts")
         self.nodes: list[Node] = []
         self.repeat_nodes: dict[str, RepeatNode] = {}
@@ -128,6 +148,7 @@ class Sweep:
                 self.repeat_nodes[s.entry.method.name] = node
                 self.nodes.append(node)
         self.graph = StageGraph(self.nodes)
+        self.progress.listener = lambda: self.status("running")
 
     # --- configs ---------------------------------------------------------------------------
 
@@ -174,7 +195,10 @@ class Sweep:
         from orchestrator.callbacks import TrialCallback
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.preflight()
         if not ray.is_initialized():
+            if self.opts.address not in (None, "auto", "local"):
+                check_reachable(self.opts.address, "the Ray cluster (--address)")
             try:
                 ray.init(address=self.opts.address, include_dashboard=False, logging_level="ERROR",
                          log_to_driver=False, configure_logging=True)
@@ -198,9 +222,56 @@ class Sweep:
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
-        tuner.fit()
+        self.status("running")
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            self.status("interrupted")
+            raise
         self.graph.advance()  # stages finished by the last trial
         self.progress.finish()
+        if any(n.state in ("waiting", "running") for n in self.nodes):
+            # Ray Tune stops gracefully on Ctrl-C/SIGTERM and returns: this sweep is not done.
+            self.status("interrupted")
+            raise KeyboardInterrupt
+        self.status("failed" if self.progress.failures else "finished")
+
+    def preflight(self) -> None:
+        """Check what would otherwise fail inside every trial, before any cluster time is spent:
+        the dataset loads (files present and readable) and the model builds."""
+        from trainables.data import load_dataset
+        from trainables.models import check_model_name
+
+        train = {**self.exp.train}
+        check_model_name(train.get("model", "mlp3"))
+        root = self.opts.data_root
+        load_dataset(train.get("dataset", "digits-lt"), root, train.get("rho"),
+                     val_per_class=train.get("val_per_class", 20))
+
+    def status(self, state: str) -> None:
+        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""
+        folder = self.out / "status"
+        folder.mkdir(parents=True, exist_ok=True)
+        p = self.progress
+        doc = {
+            "spec": self.exp.name, "preset": self.exp.preset, "state": state, "pid": os.getpid(),
+            "host": socket.gethostname(), "updated": time.time(), "started": p.start,
+            "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
+                       "failed": p.n_failed},
+            "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
+        }
+        path = folder / f"{self.exp.name}-{self.exp.preset}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, path)
+
+    def optuna_storage(self):
+        """One RDB storage (SQLite beside the results) for every tune stage's study."""
+        if self._optuna_storage is None:
+            import optuna
+
+            self._optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'optuna.db').resolve()}")
+        return self._optuna_storage
 
     def trials_that_fit(self) -> int:
         """How many trials the cluster holds at once. Ray Tune keeps only one trial pending for a

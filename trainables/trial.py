@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.config import config_hash, resolve_config
-from trainables.train import load_metrics, train
+from trainables.train import TrainingDiverged, load_metrics, train
 
 
 def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +41,11 @@ def tune_trainable(config: dict[str, Any]) -> None:
     metrics = load_metrics(out)
     if metrics is None:
         # Tune wants the objective in every report; per epoch it is the validation accuracy so far.
-        metrics = train(cfg, out, report=lambda m: tune.report({**m, "objective": m["val_acc"]}))
+        try:
+            metrics = train(cfg, out, report=lambda m: tune.report({**m, "objective": m["val_acc"]}))
+        except TrainingDiverged as exc:
+            # Not a crash to retry (it would diverge again): end the trial with the reason.
+            tune.report({"objective": float("nan"), "diverged": str(exc)})
+            return
     final = {k: v for k, v in metrics.items() if k != "history"}
     tune.report({"objective": metrics["objective"], "final": final})

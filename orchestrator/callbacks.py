@@ -51,7 +51,11 @@ class TrialCallback(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mlflow_run_id").write_text(run_id)
         self.run_ids[trial.trial_id] = run_id
-        self.sweep.progress.started()
+        self.sweep.progress.started(trial.trial_id)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        node = self.sweep.graph.node_of(trial.config)
+        self.sweep.progress.retrying(trial.trial_id, f"{node.label} seed {trial.config['seed']}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_ids.get(trial.trial_id)
@@ -72,7 +76,11 @@ class TrialCallback(Callback):
             tracker.log_artifacts(run_id, folder)
             tracker.finish(run_id)
         self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
-        self.sweep.progress.done()
+        from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
+
+        record_run_analyses(self.sweep.out, run_dir_of(trial.config), spec=self.sweep.exp.name,
+                            preset=self.sweep.exp.preset, method=self.sweep.graph.node_of(trial.config).method)
+        self.sweep.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):
         run_id = self.run_ids.get(trial.trial_id)
@@ -88,4 +96,4 @@ class TrialCallback(Callback):
             self.sweep.tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000])
             self.sweep.tracker.finish(run_id, "FAILED")
         label = self.sweep.graph.node_of(trial.config).label
-        self.sweep.progress.failed(f"{label} trial {trial.trial_id}: {reason}")
+        self.sweep.progress.failed(f"{label} trial {trial.trial_id}: {reason}", trial.trial_id)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -51,18 +50,23 @@ def _data_root(path: str | None) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.report import report
-    from orchestrator.spec import load_experiment
+    from orchestrator.spec import load_experiments
     from orchestrator.sweep import Sweep, SweepOptions, plan
 
-    exp = load_experiment(args.spec, args.preset)
+    exps = load_experiments(args.spec, args.preset)  # one, or one per variant (dataset/model) of the preset
+    exp = exps[0]
     if args.plan:
-        stages = plan(exp)
-        print(f"{exp.name} preset {exp.preset}: {len(stages)} stages, "
-              f"{sum(s.trials for s in stages)} trials at most (finished work is skipped)")
-        for i, s in enumerate(stages, 1):
-            space = exp.searched_for(s.entry.method) if s.kind == "tune" else {}
-            extra = f" searching {', '.join(space)}" if space else ""
-            print(f"  {i:2d}. {s.label:<24} {s.trials:3d} trial(s){extra}")
+        plans = [plan(e) for e in exps]
+        n_var = f"{len(exps)} variants, " if len(exps) > 1 else ""
+        print(f"{exp.name} preset {exp.preset}: {n_var}{sum(map(len, plans))} stages, "
+              f"{sum(s.trials for p in plans for s in p)} trials at most (finished work is skipped)")
+        for e, stages in zip(exps, plans, strict=True):
+            if len(exps) > 1:
+                print(f"  variant {e.variant}: {e.train.get('dataset', 'digits-lt')}, {e.train.get('model', 'mlp3')}")
+            for i, s in enumerate(stages, 1):
+                space = e.searched_for(s.entry.method) if s.kind == "tune" else {}
+                extra = f" searching {', '.join(space)}" if space else ""
+                print(f"  {i:2d}. {s.label:<24} {s.trials:3d} trial(s){extra}")
         return 0
     out = _out_dir(args.out, create=True)
     from orchestrator.tracking import default_tracking_uri
@@ -74,12 +78,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     started = time.time()
-    sweep = Sweep(exp, opts)
-    sweep.run()
+    failures = []
+    for exp in exps:
+        if len(exps) > 1 and not args.quiet:
+            print(f"[variant {exp.variant}]", file=sys.stderr)
+        sweep = Sweep(exp, opts)
+        sweep.run()
+        failures += sweep.progress.failures
+    from orchestrator.analyses import ensure_analyses  # models reused from elsewhere get theirs now
+
+    ensure_analyses(out, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
+                    tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
     minutes = (time.time() - started) / 60
     print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
-                 exp.title))
-    failures = sweep.progress.failures
+                 exp.title, layout=exp.layout))
     print(f"done in {minutes:.1f} min; results: {out / 'results'} (Parquet), MLflow: {opts.tracking_uri}"
           + (f"; {len(failures)} failure(s):" if failures else ""))
     for failure in failures:
@@ -92,16 +104,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.spec import WbsweepError as _E  # noqa: F401  (same class, keeps import cheap)
     from orchestrator.spec import load_experiment
 
-    table, order, title = None, None, None
+    table, order, title, layout = None, None, None, "accuracy"
     try:
         exp = load_experiment(args.spec, args.preset)
         table, order, title, spec = exp.paper_table, [m.method.name for m in exp.methods], exp.title, exp.name
+        layout = exp.layout
     except WbsweepError:
         if Path(args.spec).suffix in (".yaml", ".yml"):
             raise
         spec = args.spec  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
-    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title))
+    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title, layout=layout))
     return 0
 
 
@@ -136,6 +149,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from orchestrator.analyses import ensure_analyses
+    from orchestrator.results import read_rows
+    from orchestrator.tracking import default_tracking_uri
+
+    out = _out_dir(args.out, create=False)
+    df = read_rows(out / "results")
+    specs = [args.spec] if args.spec else sorted(set(df["spec"]))
+    if df.empty or not set(specs) & set(df["spec"]):
+        raise WbsweepError(f"no results{' for spec ' + repr(args.spec) if args.spec else ''} in {out / 'results'}; "
+                           "run the spec first (`wbsweep run SPEC --out DIR`).")
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    for spec in specs:
+        counts = ensure_analyses(out, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
+                                 data_root=_data_root(args.data_root), tracking_uri=uri,
+                                 log=lambda m: print(m, file=sys.stderr))
+        print(f"{spec}: {counts['analysed']} of {counts['models']} model(s) analysed, {counts['rows']} rows written "
+              f"to {out / 'analyses'}" + (f", {counts['skipped']} without a checkpoint" if counts["skipped"] else ""))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from trainables import mini_imagenet
+    from trainables.data import default_data_root
+
+    try:
+        per_class = tuple(int(x) for x in args.per_class.split(","))
+        assert len(per_class) == 3 and min(per_class) >= 1
+    except (ValueError, AssertionError):
+        raise WbsweepError(f"--per-class {args.per_class!r}: write three positive counts, e.g. 500,100,100.") from None
+    out = Path(args.out).expanduser() if args.out else default_data_root() / mini_imagenet.FOLDER
+    info = mini_imagenet.prepare(args.imagenet_root, out, size=args.size, seed=args.seed, per_class=per_class)
+    print(f"mini-imagenet: {info['counts']} images of {info['num_classes']} classes at {info['size']} px in {out}; "
+          f"use --data-root {out.parent} (datasets mini-imagenet, mini-imagenet-lt)")
     return 0
 
 
@@ -184,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("spec")
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--preset", help="default: the most recent preset with results")
-    rep.add_argument("--format", default="table", choices=["table", "markdown", "csv"])
+    rep.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
     rep.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")
@@ -202,13 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=DEFAULT_OUT)
     st.set_defaults(func=cmd_status)
 
+    an = sub.add_parser("analyze", help="(re)compute analyses (Table 3, figures) of finished runs from checkpoints")
+    an.add_argument("--out", default=DEFAULT_OUT)
+    an.add_argument("--spec", help="only this spec's models (default: every spec with results)")
+    an.add_argument("--preset", help="only this preset's models")
+    an.add_argument("--names", nargs="+", metavar="NAME", help="analyses to compute (default: each run's own)")
+    an.add_argument("--missing", action="store_true", help="compute only what is missing (default: recompute)")
+    an.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    an.add_argument("--data-root")
+    an.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    an.set_defaults(func=cmd_analyze)
+
+    dp = sub.add_parser("data", help="prepare datasets that are built from files the user supplies")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="build a dataset's split files (mini-imagenet: from ImageNet)")
+    prep.add_argument("dataset", choices=["mini-imagenet"])
+    prep.add_argument("--imagenet-root", required=True, help="ImageNet's training folder (one folder per synset)")
+    prep.add_argument("--out", help="where to write (default: DATA_ROOT/mini-imagenet)")
+    prep.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the per-class draw (default 0)")
+    prep.add_argument("--per-class", default="500,100,100", help="train,val,test images per class")
+    prep.set_defaults(func=cmd_data)
+
     ls = sub.add_parser("list", help="specs, methods, datasets and models")
     ls.set_defaults(func=cmd_list)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its database-migration chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

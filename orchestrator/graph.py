@@ -232,7 +232,7 @@ class RepeatNode(Node):
                 if self.sweep.parent_model_state(self.entry, seed) == "failed":
                     self.todo.remove(seed)
                     self.failed_seeds[seed] = "its first-stage model failed"
-                    self.sweep.progress.failed(f"{self.label} seed {seed}: its first-stage model failed", False)
+                    self.sweep.progress.failed(f"{self.label} seed {seed}: its first-stage model failed")
             self._maybe_finish()
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ class Progress:
         self.total, self.total_stages = total_trials, total_stages
         self.quiet = quiet
         self.start = time.time()
-        self.finished = self.running = self.n_failed = self.skipped = 0
+        self.finished = self.n_failed = self.skipped = 0
+        self._running: set[str | None] = set()
         self.stages_done = 0
         self.active: list[str] = []
         self.failures: list[str] = []
@@ -60,22 +61,28 @@ class Progress:
         self.failures.append(f"{label}: {reason}")
         self._print(f"FAILED stage {label}: {reason}")
 
-    def started(self) -> None:
-        self.running += 1
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
-    def done(self) -> None:
-        self.running = max(0, self.running - 1)
+    def started(self, trial_id: str) -> None:
+        self._running.add(trial_id)
+
+    def done(self, trial_id: str) -> None:
+        self._running.discard(trial_id)
         self.finished += 1
         self._print(self.line())
+
+    def retrying(self, trial_id: str, what: str) -> None:
+        self._print(f"RETRY {what}: the trial crashed; it resumes from its last checkpoint")
 
     def skip(self, n: int, why: str) -> None:
         self.skipped += n
         self._print(f"skipped {n} trial(s): {why}")
 
-    def failed(self, reason: str, was_running: bool = True) -> None:
-        """A trial failed (``was_running``), or could not start because what it needs failed."""
-        if was_running:
-            self.running = max(0, self.running - 1)
+    def failed(self, reason: str, trial_id: str | None = None) -> None:
+        """A trial failed, or (no ``trial_id``) could not start because what it needs failed."""
+        self._running.discard(trial_id)
         self.n_failed += 1
         self.failures.append(reason)
         self._print(f"FAILED {reason}")

@@ -20,9 +20,14 @@ import yaml
 from trainables.config import DEFAULTS, LA_KINDS, resolve_config
 from trainables.errors import WbsweepError
 from trainables.methods import Method, get_method
+from trainables.models import check_model_name
 
 SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
-PRESET_KEYS = {"extends", "description", "train", "hyper", "search", "trials", "seeds", "resources"}
+PRESET_KEYS = {"extends", "description", "train", "hyper", "search", "trials", "seeds", "resources", "variants"}
+VARIANT_KEYS = {"name", "train", "hyper", "search", "trials", "seeds"}
+#: How ``wbsweep report`` lays a spec out: Table 4's accuracy table, Table 2's FDR per dataset,
+#: Table 3's FDR before/after a random layer, or the figures of the analyses (trainables/analysis.py).
+LAYOUTS = ("accuracy", "fdr", "fdr_random_layer", "figure")
 RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
 
 
@@ -48,10 +53,23 @@ class Experiment:
     seeds: list[int]
     resources: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    layout: str = "accuracy"  # one of LAYOUTS
+    paper_figure: int | None = None
+    variant: str | None = None  # the preset's variant (dataset/model) this experiment is, if it has variants
 
     def searched_for(self, method: Method) -> dict[str, dict[str, Any]]:
         """The part of the search space that applies to ``method`` (its knobs only)."""
         return {k: v for k, v in self.search.items() if k in method.searched}
+
+
+def check_dataset_name(name: str) -> None:
+    from trainables.data import dataset_names
+
+    names = dataset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise WbsweepError(f"unknown dataset '{name}'.{hint} Known datasets: {', '.join(names)}.")
 
 
 def spec_dir() -> Path:
@@ -133,9 +151,25 @@ def _check_distribution(knob: str, dist: Any, where: str) -> None:
             raise WbsweepError(f"{where}: search.{knob}.{kind} needs 0 < low < high (low > 0 for log), got {args!r}.")
 
 
-def load_experiment(name_or_path: str, preset: str | None = None) -> Experiment:
+def load_experiment(name_or_path: str, preset: str | None = None, variant: str | None = None) -> Experiment:
     """Load a spec and resolve one preset (the spec's ``default_preset`` when None), validating
-    every name and number so that mistakes are reported before any cluster time is spent."""
+    every name and number so that mistakes are reported before any cluster time is spent. A preset
+    with ``variants`` gives the named variant (default: the first); see :func:`load_experiments`."""
+    exps = load_experiments(name_or_path, preset)
+    if variant is None:
+        return exps[0]
+    for exp in exps:
+        if exp.variant == variant:
+            return exp
+    raise WbsweepError(f"{exps[0].source}: preset '{exps[0].preset}' has no variant '{variant}'; variants: "
+                       f"{', '.join(str(e.variant) for e in exps)}.")
+
+
+def load_experiments(name_or_path: str, preset: str | None = None) -> list[Experiment]:
+    """Every experiment of one preset of a spec: one, or one per entry of the preset's
+    ``variants`` (a list of {name, train, hyper, search, trials, seeds} merged over the preset, so
+    that one spec covers several datasets or models, e.g. Table 2's three datasets). The variants
+    share the spec's methods and name; their results are told apart by dataset and model."""
     path = find_spec(name_or_path)
     doc = read_yaml(path)
     where = str(path)
@@ -147,6 +181,22 @@ def load_experiment(name_or_path: str, preset: str | None = None) -> Experiment:
         raise WbsweepError(f"{where}: 'presets' must map preset names to settings.")
     preset = preset or doc.get("default_preset") or next(iter(presets))
     p = _resolve_preset(presets, preset, where)
+    layout = doc.get("layout", "accuracy")
+    if layout not in LAYOUTS:
+        raise WbsweepError(f"{where}: layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
+    variants = p.pop("variants", None)
+    if variants is not None:
+        if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+            raise WbsweepError(f"{where}: preset '{preset}': variants must be a list of mappings "
+                               f"with keys among {', '.join(sorted(VARIANT_KEYS))}.")
+        for i, v in enumerate(variants):
+            if set(v) - VARIANT_KEYS:
+                raise WbsweepError(f"{where}: preset '{preset}': variant {i + 1} has unknown key(s) "
+                                   f"{', '.join(sorted(set(v) - VARIANT_KEYS))}; allowed: "
+                                   f"{', '.join(sorted(VARIANT_KEYS))}.")
+        labels = [str(v.get("name", i + 1)) for i, v in enumerate(variants)]
+        if len(set(labels)) != len(labels):
+            raise WbsweepError(f"{where}: preset '{preset}': variant names must differ, got {labels}.")
 
     if not isinstance(doc["methods"], list) or not doc["methods"]:
         raise WbsweepError(f"{where}: 'methods' must be a list of {{method: NAME, la: [none, add, mult]}}.")
@@ -165,11 +215,25 @@ def load_experiment(name_or_path: str, preset: str | None = None) -> Experiment:
         if m.method.parent and m.method.parent not in names:
             raise WbsweepError(f"{where}: method {m.method.name} needs its first stage "
                                f"'{m.method.parent}' in the same spec.")
+    common = dict(name=str(doc["name"]), title=str(doc.get("title", doc["name"])), paper_table=doc.get("paper_table"),
+                  paper_figure=doc.get("paper_figure"), layout=layout, methods=methods)
+    if variants is None:
+        return [_experiment(p, preset, where, common, None)]
+    return [_experiment(_merge(p, {k: x for k, x in v.items() if k != "name"}), preset, where, common, label)
+            for v, label in zip(variants, labels, strict=True)]
+
+
+def _experiment(p: dict[str, Any], preset: str, where: str, common: dict[str, Any], variant: str | None) -> Experiment:
+    """Validate one resolved preset (or variant) into an :class:`Experiment`."""
+    if variant is not None:
+        preset_name, preset = preset, f"{preset}' variant '{variant}"  # error messages name the variant
 
     train = p.get("train") or {}
     if not isinstance(train, dict):
         raise WbsweepError(f"{where}: preset '{preset}': 'train' must be a mapping of training options.")
     resolve_config(train)  # validates names, choices and ranges now
+    check_dataset_name(str(train.get("dataset", DEFAULTS["dataset"])))
+    check_model_name(str(train.get("model", DEFAULTS["model"])))
     hyper = p.get("hyper") or {}
     search = p.get("search") or {}
     for section, table in (("hyper", hyper), ("search", search)):
@@ -195,8 +259,7 @@ def load_experiment(name_or_path: str, preset: str | None = None) -> Experiment:
     res = p.get("resources") or {}
     if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
         raise WbsweepError(f"{where}: preset '{preset}': resources may only set {', '.join(sorted(RESOURCE_KEYS))}.")
-    return Experiment(
-        name=str(doc["name"]), title=str(doc.get("title", doc["name"])), preset=preset,
-        paper_table=doc.get("paper_table"), methods=methods, train=train, hyper=hyper,
-        search=search, trials=trials, seeds=seeds, resources=res, source=where,
-    )
+    if variant is not None:
+        preset = preset_name
+    return Experiment(preset=preset, train=train, hyper=hyper, search=search, trials=trials, seeds=seeds,
+                      resources=res, source=where, variant=variant, **common)

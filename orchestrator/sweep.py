@@ -16,6 +16,7 @@ interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -133,9 +134,8 @@ class Sweep:
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
-        if opts.tracking_uri.startswith(("http://", "https://")):
-            check_reachable(opts.tracking_uri, "the MLflow tracking server (--tracking-uri)")
-        self.tracker = Tracker(opts.tracking_uri, exp.name, self.out / "mlartifacts")
+        self.preflight()
+        self.tracker: Tracker  # opened in run(), once the cluster is known to fit the trials
         self.nodes: list[Node] = []
         self.repeat_nodes: dict[str, RepeatNode] = {}
         tune_nodes: dict[str, TuneNode] = {}
@@ -195,10 +195,10 @@ class Sweep:
         from orchestrator.callbacks import TrialCallback
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.preflight()
+        # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
+        # the traceback stays in the trial's error.txt under DIR/ray.
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         if not ray.is_initialized():
-            if self.opts.address not in (None, "auto", "local"):
-                check_reachable(self.opts.address, "the Ray cluster (--address)")
             try:
                 ray.init(address=self.opts.address, include_dashboard=False, logging_level="ERROR",
                          log_to_driver=False, configure_logging=True)
@@ -208,6 +208,7 @@ class Sweep:
         if self.gpus and not ray.cluster_resources().get("GPU"):
             raise WbsweepError(f"{self.gpus} GPU(s) per trial asked for, but the Ray cluster has no GPU; "
                                "use --gpus-per-trial 0 or join a cluster with GPUs (--address).")
+        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts")
         self.progress.begin()
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
@@ -237,16 +238,19 @@ class Sweep:
         self.status("failed" if self.progress.failures else "finished")
 
     def preflight(self) -> None:
-        """Check what would otherwise fail inside every trial, before any cluster time is spent:
-        the dataset loads (files present and readable) and the model builds."""
+        """Check what would otherwise fail later (inside every trial, or after hours), before any
+        cluster time is spent and before anything is written: the dataset loads (files present and
+        readable), the results already there are readable, the cluster and tracking server answer."""
         from trainables.data import load_dataset
-        from trainables.models import check_model_name
 
-        train = {**self.exp.train}
-        check_model_name(train.get("model", "mlp3"))
-        root = self.opts.data_root
-        load_dataset(train.get("dataset", "digits-lt"), root, train.get("rho"),
+        train = self.exp.train
+        load_dataset(train.get("dataset", "digits-lt"), self.opts.data_root, train.get("rho"),
                      val_per_class=train.get("val_per_class", 20))
+        read_rows(self.out / "results")
+        if self.opts.address not in (None, "auto", "local"):
+            check_reachable(self.opts.address, "the Ray cluster (--address)")
+        if self.opts.tracking_uri.startswith(("http://", "https://")):
+            check_reachable(self.opts.tracking_uri, "the MLflow tracking server (--tracking-uri)")
 
     def status(self, state: str) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""

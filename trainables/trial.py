@@ -8,6 +8,8 @@ metrics are re-reported, so a repeated or resumed sweep costs nothing for work t
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
     out = run_dir(config["_runs"], config_hash(cfg), cfg["seed"])
     metrics = load_metrics(out)
     if metrics is None:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
+            fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
         # Tune wants the objective in every report; per epoch it is the validation accuracy so far.
         try:
             metrics = train(cfg, out, report=lambda m: tune.report({**m, "objective": m["val_acc"]}))
@@ -47,5 +52,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             tune.report({"objective": float("nan"), "diverged": str(exc)})
             return
+    if cfg["analyses"]:  # before the final report, so the driver logs their files with the run's artifacts
+        from trainables.analysis import ensure_run_analyses
+
+        ensure_run_analyses(out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])
     final = {k: v for k, v in metrics.items() if k != "history"}
     tune.report({"objective": metrics["objective"], "final": final})

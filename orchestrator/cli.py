@@ -189,6 +189,25 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mlflow_server(args: argparse.Namespace) -> int:
+    """Serve DIR's MLflow store for the UI and for sweeps logging over HTTP (--tracking-uri), the
+    way cluster/a100.yaml does on the head node. Binds 127.0.0.1 unless --host says otherwise."""
+    import shutil
+
+    out = _out_dir(args.out, create=True)
+    from orchestrator.tracking import default_tracking_uri
+
+    mlflow = shutil.which("mlflow")
+    if mlflow is None:
+        raise WbsweepError("the `mlflow` command is not on PATH; reinstall wbsweep (pip install -e .).")
+    cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(out),
+           "--artifacts-destination", str((out / "mlartifacts").resolve()),
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow server for {out} on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    os.execv(mlflow, cmd)
+    return 0  # not reached
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.status import status_text
 
@@ -273,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the per-class draw (default 0)")
     prep.add_argument("--per-class", default="500,100,100", help="train,val,test images per class")
     prep.set_defaults(func=cmd_data)
+
+    ms = sub.add_parser("mlflow-server", help="serve the MLflow store of a results folder (UI, HTTP logging)")
+    ms.add_argument("--out", default=DEFAULT_OUT)
+    ms.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ms.add_argument("--port", type=int, default=5000)
+    ms.set_defaults(func=cmd_mlflow_server)
 
     ls = sub.add_parser("list", help="specs, methods, datasets and models")
     ls.set_defaults(func=cmd_list)

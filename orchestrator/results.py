@@ -34,7 +34,7 @@ SCHEMA = pa.schema(
         ("loss", pa.string()), ("classifier", pa.string()), ("wd_scope", pa.string()), ("bn", pa.string()),
         ("rho", pa.float64()), ("lr", pa.float64()), ("batch_size", pa.int64()),
         ("epochs", pa.int64()), ("best_epoch", pa.int64()), ("train_seconds", pa.float64()),
-        ("node", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
+        ("node", pa.string()), ("ray_node_id", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
         ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
     ]
@@ -63,7 +63,8 @@ def rows_for_run(
             "classifier": cfg["classifier"], "wd_scope": cfg["wd_scope"], "bn": cfg["bn"],
             "rho": metrics.get("rho", cfg["rho"]), "lr": cfg["lr"], "batch_size": cfg["batch_size"],
             "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
-            "train_seconds": metrics["train_seconds"], "node": metrics["node"], "device": metrics["device"],
+            "train_seconds": metrics["train_seconds"], "node": metrics["node"],
+            "ray_node_id": metrics.get("ray_node_id"), "device": metrics["device"],
             "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
             "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,
             "config": json.dumps(cfg, sort_keys=True, default=str),

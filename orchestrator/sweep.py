@@ -208,7 +208,10 @@ class Sweep:
         if self.gpus and not ray.cluster_resources().get("GPU"):
             raise WbsweepError(f"{self.gpus} GPU(s) per trial asked for, but the Ray cluster has no GPU; "
                                "use --gpus-per-trial 0 or join a cluster with GPUs (--address).")
-        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts")
+        # A local store keeps artifacts beside the results; a tracking server decides where they go
+        # (its --artifacts-destination), so that every node can upload them over HTTP.
+        local = not self.opts.tracking_uri.startswith(("http://", "https://"))
+        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts" if local else None)
         self.progress.begin()
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
@@ -304,8 +307,11 @@ class Sweep:
             if (h, seed) in done:
                 self.progress.skip(1, f"{node.label} seed {seed}: already in results")
                 continue
-            metrics = load_metrics(run_dir(self.runs, h, seed))
+            folder = run_dir(self.runs, h, seed)
+            metrics = load_metrics(folder)
             if metrics is not None:
+                node = folder / "ray_node_id"
+                metrics["ray_node_id"] = node.read_text() if node.exists() else None
                 self.record(node, self.trial_config(cfg, seed), metrics, self._run_id_of(h, seed))
                 self.progress.skip(1, f"{node.label} seed {seed}: trained earlier, rows written")
                 continue

@@ -243,3 +243,14 @@ def real_fashion_mnist_root() -> Path:
     if not all((root / "fashion-mnist" / f"{stem}.gz").is_file() for stem in IDX_STEMS):
         pytest.skip("real Fashion-MNIST unavailable: apt-get install dataset-fashion-mnist to provide it")
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted `wbsweep run table4 --preset smoke` through a real local Ray cluster,
+    shared by the end-to-end tests (its results are also the reference for the resilience tests)."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc

@@ -30,11 +30,8 @@ def wbsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("smoke")
-    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc
+def sweep(smoke_sweep) -> tuple[Path, subprocess.CompletedProcess]:
+    return smoke_sweep
 
 
 def trained_models(out: Path) -> set[tuple[str, str]]:

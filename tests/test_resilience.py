@@ -48,10 +48,9 @@ def mlflow_children(out: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> pd.DataFrame:
-    out = tmp_path_factory.mktemp("reference")
-    code, err = finish(run_cmd(out))
-    assert code == 0, err[-3000:]
+def reference(smoke_sweep) -> pd.DataFrame:
+    """The rows of the uninterrupted smoke sweep (shared with tests/test_integration.py)."""
+    out, _ = smoke_sweep
     return pd.read_parquet(out / "results").sort_values(KEY).reset_index(drop=True)
 
 

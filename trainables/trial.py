@@ -36,6 +36,7 @@ def run_dir_of(trial_config: dict[str, Any]) -> Path:
 
 def tune_trainable(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: per-epoch reports, then one final report with every metric."""
+    import ray
     from ray import tune
 
     cfg = training_config(config)
@@ -45,6 +46,8 @@ def tune_trainable(config: dict[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
             fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
+        # Which Ray node trained it (hostnames can repeat: several nodes per machine, containers).
+        (out / "ray_node_id").write_text(ray.get_runtime_context().get_node_id())
         # Tune wants the objective in every report; per epoch it is the validation accuracy so far.
         try:
             metrics = train(cfg, out, report=lambda m: tune.report({**m, "objective": m["val_acc"]}))
@@ -57,4 +60,6 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
         ensure_run_analyses(out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])
     final = {k: v for k, v in metrics.items() if k != "history"}
+    node_file = out / "ray_node_id"
+    final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
     tune.report({"objective": metrics["objective"], "final": final})

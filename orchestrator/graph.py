@@ -276,6 +276,7 @@ class StageGraph(Searcher):
         self.nodes = nodes
         self.by_key = {n.key: n for n in nodes}
         self.owner: dict[str, Node] = {}
+        self.error: Exception | None = None  # a bug in the graph: the sweep stops and raises it
 
     def node_of(self, trial_config: dict[str, Any]) -> Node:
         return self.by_key[trial_config["_stage"]]
@@ -285,6 +286,15 @@ class StageGraph(Searcher):
             node.step()
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        try:
+            return self._suggest(trial_id)
+        except Exception as exc:  # Ray Tune would log it and go on; stop the sweep and re-raise after
+            self.error = exc
+            return Searcher.FINISHED
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.error is not None:
+            return Searcher.FINISHED
         self.advance()
         for node in self.nodes:
             config = node.next_config(trial_id)
@@ -300,10 +310,13 @@ class StageGraph(Searcher):
         return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        node = self.owner.pop(trial_id, None)
-        if node is not None:
-            node.complete(trial_id, result, error)
-        self.advance()
+        try:
+            node = self.owner.pop(trial_id, None)
+            if node is not None:
+                node.complete(trial_id, result, error)
+            self.advance()
+        except Exception as exc:
+            self.error = exc
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True

@@ -232,6 +232,9 @@ class Sweep:
         except KeyboardInterrupt:
             self.status("interrupted")
             raise
+        if self.graph.error is not None:
+            self.status("failed")
+            raise self.graph.error
         self.graph.advance()  # stages finished by the last trial
         self.progress.finish()
         if any(n.state in ("waiting", "running") for n in self.nodes):
@@ -310,8 +313,8 @@ class Sweep:
             folder = run_dir(self.runs, h, seed)
             metrics = load_metrics(folder)
             if metrics is not None:
-                node = folder / "ray_node_id"
-                metrics["ray_node_id"] = node.read_text() if node.exists() else None
+                node_file = folder / "ray_node_id"
+                metrics["ray_node_id"] = node_file.read_text() if node_file.exists() else None
                 self.record(node, self.trial_config(cfg, seed), metrics, self._run_id_of(h, seed))
                 self.progress.skip(1, f"{node.label} seed {seed}: trained earlier, rows written")
                 continue

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 import ray
 import yaml
@@ -30,3 +40,101 @@ def test_schema_rejects_a_broken_config():
     config["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, ray_schema())
+
+
+# --- a real two-node Ray cluster on loopback, and the MLflow server -------------------------------
+
+
+def _kill_tree(pattern: str) -> None:
+    """Stop the processes of the test cluster only (never `ray stop`, which would stop every Ray
+    cluster on the machine): those whose command line names our temp dir, and their children."""
+    parent, cmdline = {}, {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                cmdline[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    doomed = {pid for pid, cmd in cmdline.items() if pattern in cmd}
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parent.items() if ppid in doomed} - doomed
+        grew = bool(children)
+        doomed |= children
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+
+
+@pytest.fixture()
+def two_node_cluster(tmp_path):
+    # The session folder is named in every process of this cluster (for the clean-up); short,
+    # because Ray's socket paths under it must fit in 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="wbray", dir="/tmp"))
+    port = 6400 + os.getpid() % 500
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", '--resources={"node_a": 1}',
+            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
+    worker = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}',
+              "--disable-usage-stats"]
+    try:
+        for cmd in (head, worker):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _kill_tree(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path):
+
+
+    address, env = two_node_cluster
+    out = tmp_path / "shared"  # stands in for the shared filesystem both nodes write
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
+                           "--address", address, "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_parquet(out / "results")
+    assert len(df) == 24 and not df.duplicated(["method", "la", "seed"]).any()
+    assert df["ray_node_id"].nunique() == 2, "every trial ran on one node"
+
+
+@pytest.mark.slow
+def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path):
+    port = 5100 + os.getpid() % 500
+    out = tmp_path / "out"
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "mlflow-server", "--out", str(out),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("the MLflow server did not answer on 127.0.0.1")
+        # bound to loopback only: the machine's other address does not answer
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+        uri = f"http://127.0.0.1:{port}"
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
+                               "--out", str(out), "--tracking-uri", uri], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("table4")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == len(list((out / "runs").glob("*/seed*/metrics.json")))
+        arts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+        assert {"model.pt", "logits.npz", "config.json"} <= arts  # uploaded through the server
+    finally:
+        os.killpg(server.pid, 9)

@@ -4,6 +4,7 @@
     wbsweep report table4 [--out DIR] [--format table|markdown|csv]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
     wbsweep list
+    wbsweep bench [--device cpu|cuda] [--model resnet32|mlp3] [--json]
 
 A mistake of the user's (a typo in a name, a bad path, a malformed spec) prints one line saying
 what is wrong and what to do, and exits with status 2; ``--debug`` shows the traceback instead.
@@ -90,8 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_analyses(out, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
                     tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
     minutes = (time.time() - started) / 60
+    analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
     print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
-                 exp.title, layout=exp.layout))
+                 exp.title, layout=exp.layout, analyses=analyses))
     print(f"done in {minutes:.1f} min; results: {out / 'results'} (Parquet), MLflow: {opts.tracking_uri}"
           + (f"; {len(failures)} failure(s):" if failures else ""))
     for failure in failures:
@@ -102,19 +104,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import report
     from orchestrator.spec import WbsweepError as _E  # noqa: F401  (same class, keeps import cheap)
-    from orchestrator.spec import load_experiment
+    from orchestrator.spec import load_experiments
 
-    table, order, title, layout = None, None, None, "accuracy"
+    table, order, title, layout, analyses = None, None, None, "accuracy", None
     try:
-        exp = load_experiment(args.spec, args.preset)
+        exps = load_experiments(args.spec, args.preset)
+        exp = exps[0]
         table, order, title, spec = exp.paper_table, [m.method.name for m in exp.methods], exp.title, exp.name
         layout = exp.layout
+        analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
     except WbsweepError:
         if Path(args.spec).suffix in (".yaml", ".yml"):
             raise
         spec = args.spec  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
-    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title, layout=layout))
+    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title, layout=layout,
+                            analyses=analyses))
     return 0
 
 
@@ -215,6 +220,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import run_bench
+
+    return run_bench(args, _parse_set(args.set or []))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from orchestrator.spec import spec_names
     from trainables.data import dataset_names
@@ -301,6 +312,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="specs, methods, datasets and models")
     ls.set_defaults(func=cmd_list)
+
+    b = sub.add_parser("bench", help="images/s of wbsweep's trainer vs a naive one; packing; Ray overhead")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--model", default="resnet32", help="resnet32 (CIFAR-shaped data), mlp3 (MNIST-shaped), ...")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--width", type=int, help="model width (default: the model's own)")
+    b.add_argument("--images", type=int, help="training images per epoch (default: all on cuda, a subset on cpu)")
+    b.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up round")
+    b.add_argument("--fast-epochs", type=int, help="wbsweep epochs per round (default 1 on cpu, 5 on cuda)")
+    b.add_argument("--threads", type=int, help="torch threads for both trainers (default: 1 on cpu, torch's on cuda)")
+    b.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers of the naive trainer")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="a knob of the wbsweep trainer: precision=bf16")
+    b.add_argument("--json", action="store_true", help="print one JSON object (text goes to stderr)")
+    b.add_argument("--json-out", help="also write the JSON to this file")
+    b.add_argument("--skip-compare", action="store_true", help="skip naive vs wbsweep (run only the other sections)")
+    b.add_argument("--check-knobs", action="store_true", help="do channels_last/bf16/CUDA graph keep the numbers?")
+    b.add_argument("--with-torch-compile", action="store_true", help="include compile=torch in --check-knobs")
+    b.add_argument("--knob-timing", action="store_true", help="images/s for each knob combination")
+    b.add_argument("--full-run", type=int, metavar="EPOCHS", help="train() for EPOCHS epochs, extrapolate to 320")
+    b.add_argument("--full-run-models", help="comma-separated models for --full-run (default --model)")
+    b.add_argument("--packed", type=int, metavar="N", help="N trial processes on one device vs one alone")
+    b.add_argument("--packed-seconds", type=float, default=15.0)
+    b.add_argument("--packed-compile", default="auto", help="compile setting(s) of the packed trials, e.g. auto,off")
+    b.add_argument("--overhead", action="store_true", help="N short trials through Ray Tune vs called directly")
+    b.add_argument("--overhead-trials", type=int, default=4)
+    b.add_argument("--overhead-epochs", type=int, default=320, help="epochs (= per-epoch reports) per trial")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

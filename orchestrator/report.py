@@ -63,7 +63,8 @@ def select_rows(df: pd.DataFrame, spec: str, preset: str | None) -> tuple[pd.Dat
     keys = ["dataset", "model", "method"]
     latest = df.sort_values("created_at").groupby(keys)["config_hash"].last().rename("_latest")
     df = df.merge(latest, left_on=keys, right_index=True)
-    return df[df["config_hash"] == df["_latest"]].drop(columns="_latest"), preset
+    df = df[df["config_hash"] == df["_latest"]].drop(columns="_latest")
+    return df.sort_values("created_at", kind="stable"), preset  # variants in the order they ran
 
 
 def summarize(df: pd.DataFrame, method_order: list[str] | None = None) -> pd.DataFrame:
@@ -312,7 +313,8 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
     order = {m: i for i, m in enumerate(method_order or [])}
     sections: list[tuple[str, list[str], list[list[str] | str], Path]] = []
     csv_parts = []
-    for analysis in [x for x in TITLES if x in set(a["analysis"])]:
+    drawn = [x for x in TITLES if x != "fdr_random_layer"]  # Table 3's numbers are a table, not a figure
+    for analysis in [x for x in drawn if x in set(a["analysis"])]:
         sub_a = a[a["analysis"] == analysis]
         for dataset, model in _groups(sub_a):
             sub = sub_a[(sub_a["dataset"] == dataset) & (sub_a["model"] == model)]
@@ -343,7 +345,7 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                     for (i, j), v in mean.items():
                         mat[int(i), int(j)] = v
                     im = plot_heatmap(ax, mat, _label(m))
-                    lines.append([_label(m), _pm(intra.mean(), intra.std()), _pm2(inter.mean(), inter.std()),
+                    lines.append([_label(m), _pm2(intra.mean(), intra.std()), _pm2(inter.mean(), inter.std()),
                                   str(cos["seed"].nunique())])
                 fig.colorbar(im, ax=list(axes[0]), label="mean cosine similarity")
                 fig.suptitle(head, fontsize=10)
@@ -415,8 +417,9 @@ def _pm2(mean: float, std: float) -> str:
 
 def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
            table: int | None = None, method_order: list[str] | None = None, title: str | None = None,
-           layout: str = "accuracy") -> str:
-    """The text of the report for ``spec`` from ``out/results`` (and ``out/analyses``)."""
+           layout: str = "accuracy", analyses: list[str] | None = None) -> str:
+    """The text of the report for ``spec`` from ``out/results`` (and ``out/analyses``). ``analyses``
+    limits a figure report to the spec's own analyses (a model reused from another spec may hold more)."""
     if fmt not in FORMATS:
         raise WbsweepError(f"unknown report format '{fmt}': use {', '.join(FORMATS)}.")
     if not (out / "results").is_dir():
@@ -435,7 +438,10 @@ def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
                                              method_order)
         return text + (RESNET_NOTE if has_paper and fmt != "csv" else "")
     if layout == "figure":
-        return figure_report(out, _analysis_rows(out, rows, spec), spec, preset, fmt, where, method_order)
+        a = _analysis_rows(out, rows, spec)
+        if analyses:
+            a = a[a["analysis"].isin(analyses)]
+        return figure_report(out, a, spec, preset, fmt, where, method_order)
     summary = attach_paper(summarize(rows, method_order), table)
     text = render(summary, fmt, f"{where}; accuracy in %, mean ± std over seeds")
     if fmt != "csv" and "paper_acc_avg" in summary.columns and summary["paper_acc_avg"].notna().any():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -77,7 +78,9 @@ def spec_dir() -> Path:
 
 
 def spec_names() -> list[str]:
-    return sorted(p.stem for p in spec_dir().glob("*.yaml"))
+    """Built-in spec names in natural order (table2 before table10)."""
+    key = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]  # noqa: E731
+    return sorted((p.stem for p in spec_dir().glob("*.yaml")), key=key)
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -231,9 +234,12 @@ def _experiment(p: dict[str, Any], preset: str, where: str, common: dict[str, An
     train = p.get("train") or {}
     if not isinstance(train, dict):
         raise WbsweepError(f"{where}: preset '{preset}': 'train' must be a mapping of training options.")
-    resolve_config(train)  # validates names, choices and ranges now
-    check_dataset_name(str(train.get("dataset", DEFAULTS["dataset"])))
-    check_model_name(str(train.get("model", DEFAULTS["model"])))
+    try:
+        resolve_config(train)  # validates names, choices and ranges now
+        check_dataset_name(str(train.get("dataset", DEFAULTS["dataset"])))
+        check_model_name(str(train.get("model", DEFAULTS["model"])))
+    except WbsweepError as exc:
+        raise WbsweepError(f"{where}: preset '{preset}': {exc}") from None
     hyper = p.get("hyper") or {}
     search = p.get("search") or {}
     for section, table in (("hyper", hyper), ("search", search)):

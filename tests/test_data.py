@@ -28,7 +28,7 @@ from trainables.data import (
 from trainables.errors import WbsweepError
 
 ALL_NAMES = ["cifar10", "cifar10-lt", "cifar100", "cifar100-lt", "digits", "digits-lt",
-             "fashion-mnist", "fashion-mnist-lt", "mnist", "mnist-lt"]
+             "fashion-mnist", "fashion-mnist-lt", "mini-imagenet", "mini-imagenet-lt", "mnist", "mnist-lt"]
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "momentum": 0.9,
     "select": "best_val",  # best_val (the authors' code keeps the best validation epoch) | last
+    "precision": "fp32",  # fp32 | bf16: autocast convolutions and matmuls to bfloat16 (BN and the loss stay fp32)
     # WB's second stage (classifier only, CB loss, MaxNorm), from the parent's checkpoint
     "stage2": False,
     "stage2_epochs": 10,
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "stage2_loss": "cb",
     "maxnorm": "iter",  # iter (paper) | epoch (authors' code) | none
     "maxnorm_alpha": 0.1,
+    "stage2_init_norm": False,  # scale classifier rows to unit norm before stage 2 ("WD&Norm&CB", figure 6)
     "parent_hash": None,  # config hash of the stage-1 run (set by the orchestrator)
     # evaluation
     "la": ["none", "add", "mult"],
@@ -55,12 +57,15 @@ DEFAULTS: dict[str, Any] = {
     "gamma_grid": None,  # None: the paper's grid 0.00, 0.05, ..., 1.00
     "fdr_train_augment": True,  # the authors' "train FDR" uses augmented train images (eval mode)
     "track_forgetting": False,  # record forgetting events per training image (figure 4): forgetting.npz
+    "analyses": [],  # analyses computed from the trained model (trainables/analysis.py): ANALYSES
     # where and how (not part of the hash)
     "seed": 0,
     "data_root": None,
     "device": "auto",  # auto | cpu | cuda
     "threads": None,  # torch threads; None leaves torch's default
     "eval_batch_size": 1024,
+    "channels_last": True,  # NHWC memory layout for convolutional models (faster convolutions, same math)
+    "compile": "auto",  # auto (CUDA graph on a GPU, off on a CPU) | off | torch (torch.compile) | cudagraph
     "checkpoint_seconds": 60.0,  # save a resumable checkpoint at most this often (0: every epoch)
     "init_from": None,  # path of the parent's model.pt for stage 2
 }
@@ -69,21 +74,34 @@ CHOICES: dict[str, tuple] = {
     "classifier": ("linear", "etf"),
     "loss": ("ce", "cb", "dr"),
     "cb_form": ("softmax", "bce"),
-    "wd_scope": ("all", "conv_only"),
+    "wd_scope": ("all", "conv_only", "no_bn_shift"),
     "bn": ("trainable", "fixed"),
     "select": ("best_val", "last"),
     "stage2_loss": ("ce", "cb"),
     "maxnorm": ("iter", "epoch", "none"),
     "la_mult_form": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16"),
+    "compile": ("auto", "off", "torch", "cudagraph"),
 }
 
 LA_KINDS = ("none", "add", "mult")
+#: What trainables/analysis.py computes from a finished run (names of the option ``analyses``).
+ANALYSES = ("fdr_random_layer", "class_cosine", "relu_fdr", "feature_norms", "forgetting", "weight_norms")
 
 # Keys that say where or how fast, not what: excluded from the hash.
+# The speed knobs channels_last, compile and eval_batch_size only change how the same arithmetic is
+# scheduled (memory layout, kernel fusion, a replayed CUDA graph of the same kernels, evaluation batch
+# size in eval mode): results agree to float32 rounding, like two runs of cuDNN's nondeterministic
+# kernels (tests/test_speed.py, bench/gpu_check.sh). precision changes the arithmetic (bf16 rounds
+# every product to 8 bits of mantissa), so it is hashed.
 NOT_HASHED = frozenset(
-    {"seed", "data_root", "device", "threads", "eval_batch_size", "init_from", "checkpoint_seconds"}
+    {"seed", "data_root", "device", "threads", "eval_batch_size", "init_from", "checkpoint_seconds", "analyses",
+     "channels_last", "compile"}
 )
+# Keys added after results existed are hashed only when set away from their default, so every run
+# finished before they existed (all fp32) keeps its hash and is not trained again.
+HASHED_WHEN_CHANGED = frozenset({"precision", "stage2_init_norm"})
 
 _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
     "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
@@ -102,6 +120,8 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise WbsweepError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}.")
     cfg = {**DEFAULTS, **overrides}
+    if cfg["compile"] is False:  # YAML reads a bare `off` as false
+        cfg["compile"] = "off"
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise WbsweepError(f"option {key}={cfg[key]!r} is not one of {', '.join(allowed)}.")
@@ -122,13 +142,22 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
     bad = [x for x in cfg["la"] if x not in LA_KINDS]
     if bad or not cfg["la"]:
         raise WbsweepError(f"option la={cfg['la']!r}: each entry must be one of {', '.join(LA_KINDS)}.")
+    analyses = [cfg["analyses"]] if isinstance(cfg["analyses"], str) else cfg["analyses"]
+    if not isinstance(analyses, (list, tuple)) or any(a not in ANALYSES for a in analyses):
+        raise WbsweepError(f"option analyses={cfg['analyses']!r}: a list of {', '.join(ANALYSES)}.")
+    cfg["analyses"] = list(dict.fromkeys(analyses))
+    if "forgetting" in cfg["analyses"] and not cfg["track_forgetting"]:
+        raise WbsweepError("analysis 'forgetting' needs the per-epoch predictions: set track_forgetting: true.")
     if cfg["stage2"] and not cfg["init_from"]:
         raise WbsweepError("a second-stage (WB) run needs init_from: the stage-1 model.pt to start from.")
+    if not isinstance(cfg["channels_last"], bool):
+        raise WbsweepError(f"option channels_last must be true or false, got {cfg['channels_last']!r}.")
     return cfg
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
     """A short, stable hash of the keys that define the experiment (sorted JSON, sha256)."""
-    science = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
+    science = {k: v for k, v in cfg.items()
+               if k not in NOT_HASHED and not (k in HASHED_WHEN_CHANGED and v == DEFAULTS[k])}
     blob = json.dumps(science, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

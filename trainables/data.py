@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainables import mini_imagenet as _mini
 from trainables.errors import WbsweepError
 
 __all__ = [
@@ -196,6 +197,9 @@ class DataSource:
     read: Callable[[Path, bool], _Raw]
     needs_files: bool = True
     n_max_rule: str = "mean"
+    #: "pool": cut train/val from the training file (above); "lists": prepared split lists with
+    #: their own validation and test sets and TailCalibX's int() profile (mini-ImageNet).
+    split_rule: str = "pool"
 
 
 @dataclass(frozen=True)
@@ -670,6 +674,29 @@ _DIGITS = DataSource(
     n_max_rule="min",
 )
 
+def _read_unused(root: Path, download: bool) -> _Raw:  # pragma: no cover - split_rule "lists" never calls it
+    raise NotImplementedError
+
+
+_MINI_IMAGENET = DataSource(
+    title="mini-ImageNet",
+    num_classes=100,
+    image_shape=(3, 224, 224),
+    mean=_mini.MEAN,
+    std=_mini.STD,
+    augment="crop_flip",
+    many_threshold=100,
+    few_threshold=20,
+    description=(
+        "the 100 mini-ImageNet classes of ImageNet's training images, 500/100/100 per class "
+        "train/val/test (TailCalibX, seeded), decoded into DATA_ROOT/mini-imagenet by "
+        "`wbsweep data prepare mini-imagenet --imagenet-root DIR`; validation is the prepared 100 per "
+        "class (val_per_class does not apply)"
+    ),
+    read=_read_unused,
+    split_rule="lists",
+)
+
 #: name -> spec. The "-lt" entries are the long-tailed datasets; the plain names are the same
 #: split at rho = 1 (balanced), with the same validation carve-out and group thresholds.
 DATASETS: dict[str, DatasetSpec] = {
@@ -681,6 +708,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(_MNIST, default_rho=1.0),
     "fashion-mnist-lt": DatasetSpec(_FASHION_MNIST, default_rho=100.0),
     "fashion-mnist": DatasetSpec(_FASHION_MNIST, default_rho=1.0),
+    "mini-imagenet-lt": DatasetSpec(_MINI_IMAGENET, default_rho=100.0),
+    "mini-imagenet": DatasetSpec(_MINI_IMAGENET, default_rho=1.0),
     "digits-lt": DatasetSpec(_DIGITS, default_rho=10.0),
     "digits": DatasetSpec(_DIGITS, default_rho=1.0),
 }
@@ -773,6 +802,8 @@ def load_dataset(
     if not _is_int(val_per_class) or val_per_class < 0:
         raise WbsweepError(f"val_per_class must be an integer >= 0, got {val_per_class!r}")
     val_per_class = int(val_per_class)
+    if src.split_rule == "lists":
+        return _load_from_lists(name, src, _resolve_root(data_root), rho)
     # Only datasets read from files look at the data root: a stale --data-root must not break digits.
     raw = src.read(_resolve_root(data_root) if src.needs_files else Path(), download)
 
@@ -836,4 +867,31 @@ def load_dataset(
             "val": raw.pool_index[val_pos],
             "test": raw.test_index.copy(),
         },
+    )
+
+
+def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDataset:
+    """mini-ImageNet(-LT) from a prepared folder (trainables/mini_imagenet.py): the first
+    n_k = int(500 * (1/rho) ** (k / 99)) train images of class k in list order, the prepared
+    validation and test sets unchanged."""
+    key = _canonical(name)
+    splits = _mini.read_prepared(root / _mini.FOLDER, key)
+    x_tr, y_tr = splits["train"]
+    C = src.num_classes
+    available = np.bincount(y_tr, minlength=C)
+    n_max = int(available.min())
+    counts = _mini.lt_counts_int(n_max, C, rho)
+    if min(counts) < 1:
+        raise WbsweepError(f"{key}: rho={rho:g} with {n_max} train images per class leaves class "
+                           f"{counts.index(min(counts))} no training images; use a smaller rho")
+    keep = np.concatenate([np.flatnonzero(y_tr == k)[:n] for k, n in enumerate(counts)])
+    keep.sort()
+    x_val, y_val = splits["val"]
+    x_te, y_te = splits["test"]
+    return LTDataset(
+        name=key, x_train=_tensor(np.asarray(x_tr[keep])), y_train=_tensor(y_tr[keep]),
+        x_val=_tensor(np.asarray(x_val)), y_val=_tensor(y_val), x_test=_tensor(np.asarray(x_te)),
+        y_test=_tensor(y_te), num_classes=C, class_counts=counts, mean=src.mean, std=src.std,
+        augment=src.augment, many_threshold=src.many_threshold, few_threshold=src.few_threshold,
+        indices={"train": keep, "val": np.arange(len(y_val)), "test": np.arange(len(y_te))},
     )

@@ -48,6 +48,12 @@ METHODS: dict[str, Method] = {
             loss="ce", wd=True, wd_scope="conv_only", bn="fixed", classifier="etf",
         ),
         _m("wd_etf_dr", "WD&ETF&DR", ("wd",), loss="dr", wd=True, classifier="etf"),
+        # Figure 2: WD on everything but the BN shifts ("WD w/o shift")
+        _m("wd_noshift", "WD w/o shift", ("wd",), loss="ce", wd=True, wd_scope="no_bn_shift"),
+        # Figure 6: WB's second stage with the classifier rows scaled to unit norm before training
+        # instead of MaxNorm ("WD + WD&Norm&CB")
+        _m("wd_norm_cb", "WD&Norm&CB", ("stage2_wd",), parent="wd", stage2=True, stage2_init_norm=True,
+           maxnorm="none"),
     ]
 }
 

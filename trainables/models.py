@@ -7,6 +7,11 @@ features for the analyses without model-specific code.
 
 Add a model by writing a builder ``(in_channels, image_size, width) -> backbone`` and registering it
 in :data:`BACKBONES`.
+
+The convolutional backbones pick their stem from the input size: images under 64 px (CIFAR, 32 px)
+get the CIFAR stem (3x3 stride-1 convolution, no max-pool, as in both official codebases), larger
+images (mini-ImageNet, 224 px) get torchvision's ImageNet stem (7x7 stride-2 convolution + 3x3
+stride-2 max-pool), so that ``resnet34`` and ``resnext50`` serve both datasets.
 """
 
 from __future__ import annotations
@@ -67,19 +72,63 @@ class BasicBlock(nn.Module):
         return F.relu(out + identity)
 
 
-class ResNet(nn.Module):
-    """A CIFAR-style ResNet backbone: 3x3 stride-1 stem, no max-pool, global average pool."""
+class Bottleneck(nn.Module):
+    """torchvision's ResNeXt bottleneck: 1x1 -> grouped 3x3 (stride here) -> 1x1 (x4), 1x1 conv + BN
+    shortcut where the shape changes. ``planes`` is the stage width before the x4 expansion."""
 
-    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], shortcut: str):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, base_width: int):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
-        )
+        width = int(planes * (base_width / 64.0)) * groups
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return F.relu(out + identity)
+
+
+IMAGENET_STEM_FROM = 64  # images at least this many pixels wide get the ImageNet stem
+
+
+def make_stem(in_channels: int, width: int, image_size: int) -> nn.Sequential:
+    """CIFAR stem (3x3 stride 1, no max-pool) for small images; torchvision's ImageNet stem (7x7
+    stride 2 + 3x3 stride-2 max-pool) for images of ``IMAGENET_STEM_FROM`` pixels or more."""
+    if image_size >= IMAGENET_STEM_FROM:
+        return nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                             nn.MaxPool2d(3, 2, 1))
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+
+
+class ResNet(nn.Module):
+    """A ResNet backbone: stem (see :func:`make_stem`), residual stages, global average pool."""
+
+    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], shortcut: str,
+                 image_size: int = 32, bottleneck: tuple[int, int] | None = None):
+        super().__init__()
+        self.stem = make_stem(in_channels, widths[0], image_size)
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             for j in range(n):
-                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, shortcut))
-                cin = w
+                stride = 2 if (i > 0 and j == 0) else 1
+                if bottleneck is not None:
+                    layers.append(Bottleneck(cin, w, stride, *bottleneck))
+                    cin = w * Bottleneck.expansion
+                else:
+                    layers.append(BasicBlock(cin, w, stride, shortcut))
+                    cin = w
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +138,24 @@ class ResNet(nn.Module):
 def resnet32(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
     """He et al.'s CIFAR ResNet32: 3 stages x 5 blocks, widths 16-32-64, 64-d features."""
     w = width or 16
-    return ResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5], shortcut="pad"), 4 * w
+    return ResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5], shortcut="pad", image_size=image_size), 4 * w
 
 
 def resnet34(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
     """The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] layout with a 3x3
     stride-1 stem and no max-pool, widths 64-512, 512-d features, 1x1 conv shortcuts."""
     w = width or 64
-    return ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv"), 8 * w
+    return ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv", image_size=image_size), 8 * w
+
+
+def resnext50(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+    """ResNeXt50 (32x4d) as in torchvision and the WB code's Table 10 model: bottleneck blocks
+    [3, 4, 6, 3], cardinality 32, base width 4, stage widths 64-512 (x4 expansion), 2048-d
+    features; CIFAR stem for 32-px images (see :func:`make_stem`)."""
+    w = width or 64
+    backbone = ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv", image_size=image_size,
+                      bottleneck=(32, 4))
+    return backbone, 8 * w * Bottleneck.expansion
 
 
 # --- MLPs for small inputs -------------------------------------------------------------------
@@ -116,13 +175,47 @@ def _mlp(depth: int) -> Callable[[int, int, int | None], tuple[nn.Module, int]]:
     return build
 
 
+class ResBlock1d(nn.Module):
+    """He et al.'s residual block with linear layers (paper appendix 7.5.2): Linear (no bias) -> BN
+    -> ReLU -> Linear (no bias) -> BN, plus the identity, then ReLU."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width, bias=False)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.fc2 = nn.Linear(width, width, bias=False)
+        self.bn2 = nn.BatchNorm1d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.fc1(x)))
+        return F.relu(self.bn2(self.fc2(out)) + x)
+
+
+def _resblock(blocks: int) -> Callable[[int, int, int | None], tuple[nn.Module, int]]:
+    def build(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+        """ResBlockn of the paper's appendix 7.5.2: one MLP block (Linear (no bias) -> width, BN1d,
+        ReLU), then n residual blocks of width ``width``."""
+        w = width or 1024
+        layers: list[nn.Module] = [nn.Flatten(), nn.Linear(in_channels * image_size * image_size, w, bias=False),
+                                   nn.BatchNorm1d(w), nn.ReLU()]
+        layers += [ResBlock1d(w) for _ in range(blocks)]
+        return nn.Sequential(*layers), w
+
+    return build
+
+
 BACKBONES: dict[str, Callable[[int, int, int | None], tuple[nn.Module, int]]] = {
     "resnet32": resnet32,
     "resnet34": resnet34,
+    "resnext50": resnext50,
     "mlp3": _mlp(3),
     "mlp4": _mlp(4),
     "mlp5": _mlp(5),
+    "resblock1": _resblock(1),
+    "resblock2": _resblock(2),
 }
+#: Blocks whose output is a residual sum (after its ReLU): the per-layer analyses hook them.
+RESIDUAL_BLOCKS = (BasicBlock, Bottleneck, ResBlock1d)
 
 
 def model_names() -> list[str]:
@@ -165,6 +258,7 @@ def build_model(spec: ModelSpec) -> Network:
 # --- knobs that act on a built model -----------------------------------------------------------
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+WD_SCOPES = ("all", "conv_only", "no_bn_shift")
 
 
 def fix_batchnorm_(model: nn.Module, scale: float) -> None:
@@ -186,19 +280,25 @@ def weight_decay_groups(model: Network, wd: float, scope: str) -> list[dict]:
 
     scope "all": every trainable parameter decays (the paper's WD, BN scales and shifts and biases
     included). scope "conv_only" ("WD w/o BN"): only the weights of the backbone's convolutions and
-    linear layers decay; BN parameters, biases and the classifier do not.
+    linear layers decay; BN parameters, biases and the classifier do not. scope "no_bn_shift"
+    ("WD w/o shift", figure 2): everything decays except the BN shifts (biases of BN modules).
+    Parameters are selected by module type, never by name.
     """
-    if scope not in ("all", "conv_only"):
-        raise WbsweepError(f"unknown wd_scope '{scope}': use 'all' or 'conv_only'.")
+    if scope not in WD_SCOPES:
+        raise WbsweepError(f"unknown wd_scope '{scope}': use one of {', '.join(WD_SCOPES)}.")
     decay, no_decay = [], []
-    conv_weights = set()
+    conv_weights, bn_shifts = set(), set()
     for m in model.backbone.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             conv_weights.add(id(m.weight))
+    for m in model.modules():
+        if isinstance(m, BN_TYPES) and m.bias is not None:
+            bn_shifts.add(id(m.bias))
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if scope == "all" or id(p) in conv_weights:
+        if scope == "all" or (scope == "conv_only" and id(p) in conv_weights) or \
+                (scope == "no_bn_shift" and id(p) not in bn_shifts):
             decay.append(p)
         else:
             no_decay.append(p)

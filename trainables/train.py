@@ -6,25 +6,41 @@ epoch, then measure FDR and per-class accuracy with every post-hoc LA variant (i
 on validation logits). It writes what produced the result next to the result:
 ``config.json``, ``model.pt``, ``logits.npz`` and ``metrics.json`` in ``out_dir``.
 
-The data lives on the training device as one uint8 tensor and is augmented with batched tensor ops
-(no DataLoader); the loop only synchronises with the host once per epoch.
+Speed without changing the science (docs/DESIGN.md section 6):
+
+* the data lives on the training device as one uint8 tensor; each epoch's order, random crop and
+  flip are drawn on the device and applied as batched tensor ops (no DataLoader, no per-sample
+  transforms), a chunk of many batches at a time;
+* :class:`EpochRunner` runs an epoch without synchronising with the host: the loss is summed on
+  the device and read once, with the validation predictions, after the epoch;
+* SGD is PyTorch's fused implementation (one pass over each parameter instead of four);
+* the knobs ``channels_last``, ``precision`` (fp32 | bf16 autocast), ``compile`` (off | torch.compile |
+  a CUDA graph of the whole step) and ``eval_batch_size`` (see trainables/config.py).
+
+The benchmark (orchestrator/bench.py) trains with the same :func:`build_training` and
+:class:`EpochRunner` that :func:`train` uses, against the naive trainer of trainables/reference.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import platform
 import socket
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trainables.config import config_hash, resolve_config
 from trainables.data import LTDataset, load_dataset
@@ -45,23 +61,38 @@ class TrainingDiverged(RuntimeError):
 # --- data on the device --------------------------------------------------------------------------
 
 
-def crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+def draw_crop_flip(b: int, pad: int, generator: torch.Generator | None,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets (top ``oy``, left ``ox``, each uniform over 0..2*pad) and flips (p = 1/2),
+    drawn on ``device`` in this order from ``generator``."""
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+    flip = torch.rand(b, device=device, generator=generator) < 0.5
+    return oy, ox, flip
+
+
+def crop_flip_at(x: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Image i of the uint8 batch ``x`` (B, C, H, W), zero-padded by ``pad``, cropped back to H x W at
+    row ``oy[i]``, column ``ox[i]`` of the padded image, then mirrored left-right where ``flip[i]``:
+    torchvision's ``hflip(crop(pad(img, pad), oy, ox, H, W))``, for the whole batch in one gather."""
+    b, c, h, w = x.shape
+    dev = x.device
+    wp = w + 2 * pad
+    padded = F.pad(x, (pad, pad, pad, pad)).reshape(b, c, -1)
+    cols = torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], (w - 1) - cols, cols) + ox[:, None]  # (B, W): source column
+    rows = oy[:, None] + torch.arange(h, device=dev)  # (B, H): source row
+    index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.gather(2, index).reshape(b, c, h, w)
+
+
+def crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
     """Zero-padded random crop + horizontal flip of a uint8 batch (B, C, H, W), per image.
 
     The same distribution as torchvision's RandomCrop(H, padding=pad) + RandomHorizontalFlip():
     offsets uniform over 0..2*pad in each axis, flip with probability 1/2, zero padding before
     normalisation (as torchvision pads the raw image)."""
-    b, _, h, w = x.shape
-    dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
-    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # (B, H, 1)
-    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # (B, 1, W)
-    out = padded[torch.arange(b, device=dev)[:, None, None], :, rows, cols]  # (B, H, W, C)
-    out = out.permute(0, 3, 1, 2)
-    flip = torch.rand(b, device=dev, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out).contiguous()
+    return crop_flip_at(x, pad, *draw_crop_flip(x.shape[0], pad, generator, x.device))
 
 
 class DeviceData:
@@ -74,11 +105,93 @@ class DeviceData:
         self.y = {s: getattr(data, f"y_{s}").to(device) for s in ("train", "val", "test")}
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        self.crop = data.augment == "crop_flip"
 
-    def prepare(self, x_u8: torch.Tensor, augment: bool, generator: torch.Generator) -> torch.Tensor:
-        if augment and self.data.augment == "crop_flip":
-            x_u8 = crop_flip(x_u8, 4, generator)
+    def normalise(self, x_u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """(x / 255 - mean) / std in float32: the same operations, in the same order, as torchvision's
+        ToTensor + Normalize, so the values are bit-identical to the reference trainer's."""
+        if channels_last:
+            x_u8 = x_u8.contiguous(memory_format=torch.channels_last)  # elementwise ops keep the layout
         return (x_u8.float() / 255.0 - self.mean) / self.std
+
+    def prepare(self, x_u8: torch.Tensor, augment: bool, generator: torch.Generator | None,
+                channels_last: bool = False) -> torch.Tensor:
+        if augment and self.crop:
+            x_u8 = crop_flip(x_u8, 4, generator)
+        return self.normalise(x_u8, channels_last)
+
+
+# --- speed knobs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The speed knobs of a run, resolved for its device (config keys ``channels_last``,
+    ``precision``, ``compile``). ``compile`` is one of off | torch | cudagraph here; "auto" is
+    resolved by :meth:`resolve`. ``strict`` says it was asked for by name, so a failed CUDA-graph
+    capture or compilation is an error rather than a warning and a fall-back to eager steps."""
+
+    channels_last: bool = False
+    precision: str = "fp32"
+    compile: str = "off"
+    strict: bool = False
+
+    @classmethod
+    def resolve(cls, cfg: dict[str, Any], device: torch.device, conv: bool = False, steps: int = 0) -> Knobs:
+        """compile "auto": the CUDA-graph step on a GPU; on a CPU torch.compile for a convolutional
+        model (``conv``) whose run has at least AUTO_COMPILE_MIN_STEPS steps (``steps``), where
+        the minute or two of compilation is repaid (about 1.5x faster steps for resnet32), else off."""
+        mode = cfg["compile"]
+        if mode == "auto":
+            if device.type == "cuda":
+                mode = "cudagraph"
+            else:
+                mode = "torch" if conv and steps >= AUTO_COMPILE_MIN_STEPS else "off"
+        elif mode == "cudagraph" and device.type != "cuda":
+            raise WbsweepError(f"compile=cudagraph captures the training step as a CUDA graph and needs a CUDA "
+                               f"device, but this run is on {device.type}; use compile=auto or off.")
+        if cfg["precision"] == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise WbsweepError("precision=bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp32.")
+        return cls(bool(cfg["channels_last"]), cfg["precision"], mode, strict=cfg["compile"] != "auto")
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bf16: autocast of matmuls and convolutions to bfloat16. Parameters (BN's included), BN's
+        running statistics and its reductions stay in float32 (autocast never casts parameters,
+        and the BN kernels accumulate in float32); the loss is computed in float32. No cast cache:
+        each weight is cast once per forward anyway, and a CUDA graph must record every cast."""
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+
+#: Steps from which compile "auto" compiles a convolutional model on a CPU (a 320-epoch CIFAR100-LT
+#: run has 52,000; the tests' and the cpu preset's runs have far fewer).
+AUTO_COMPILE_MIN_STEPS = 2000
+
+
+def has_conv(model: nn.Module) -> bool:
+    """channels_last only concerns models with 2-D convolutions (for an MLP it would only add copies)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@functools.lru_cache(maxsize=8)
+def fused_sgd_available(device: torch.device) -> bool:
+    """Whether this torch has a fused SGD kernel for ``device`` (CUDA since 2.2 or so, CPU since 2.4)."""
+    try:
+        p, g = torch.zeros(2, device=device), torch.ones(2, device=device)
+        torch._fused_sgd_([p], [g], [], weight_decay=0.0, momentum=0.0, lr=0.5, dampening=0.0, nesterov=False,
+                          maximize=False, is_first_step=False)
+        return bool(p[0] == -0.5)
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def make_sgd(groups: list[dict], lr: float, momentum: float, device: torch.device) -> torch.optim.SGD:
+    """SGD with coupled weight decay (the paper's), PyTorch's fused implementation where it exists:
+    the same update as the default one in one pass over each tensor (equal to fp32 rounding)."""
+    if fused_sgd_available(torch.device(device)):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -86,26 +199,254 @@ class DeviceData:
 
 @torch.no_grad()
 def features_and_logits(
-    model: Network, dd: DeviceData, split: str, batch: int, augment: bool = False, seed: int = 0
+    model: Network, dd: DeviceData, split: str, batch: int, augment: bool = False, seed: int = 0,
+    knobs: Knobs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier-input features and logits of a whole split, in eval mode, on the CPU."""
+    """Classifier-input features and logits of a whole split, in eval mode, on the CPU (float32)."""
     model.eval()
+    knobs = knobs or Knobs()
+    cl = knobs.channels_last and has_conv(model)
     gen = torch.Generator(device=dd.device).manual_seed(seed)
     feats, logits = [], []
     x = dd.x[split]
     for i in range(0, len(x), batch):
-        f = model.backbone(dd.prepare(x[i : i + batch], augment, gen))
+        with knobs.autocast(dd.device):
+            f = model.backbone(dd.prepare(x[i : i + batch], augment, gen, cl))
+            z = model.classifier(f)
         feats.append(f.float().cpu())
-        logits.append(model.classifier(f).float().cpu())
+        logits.append(z.float().cpu())
     return torch.cat(feats), torch.cat(logits)
 
 
-def balanced_acc(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    recall = per_class_recall(logits.argmax(1).cpu().numpy(), labels.cpu().numpy(), num_classes)
+@torch.no_grad()
+def predict(model: Network, dd: DeviceData, split: str, batch: int, knobs: Knobs | None = None) -> torch.Tensor:
+    """Predicted classes of a split, in eval mode, left on the device (no host synchronisation)."""
+    model.eval()
+    knobs = knobs or Knobs()
+    cl = knobs.channels_last and has_conv(model)
+    x, preds = dd.x[split], []
+    for i in range(0, len(x), batch):
+        with knobs.autocast(dd.device):
+            preds.append(model(dd.prepare(x[i : i + batch], False, None, cl)).argmax(1))
+    return torch.cat(preds)
+
+
+def balanced_acc(logits_or_pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Mean per-class recall in % from logits (N, C) or predicted classes (N,)."""
+    pred = logits_or_pred.argmax(1) if logits_or_pred.dim() == 2 else logits_or_pred
+    recall = per_class_recall(pred.cpu().numpy(), labels.cpu().numpy(), num_classes)
     return float(np.nanmean(recall) * 100)
 
 
-# --- the run ---------------------------------------------------------------------------------
+# --- one training step, one epoch ------------------------------------------------------------
+
+#: Eager steps of a CUDA-graph run before the step is captured (PyTorch's recipe: warm up on a side
+#: stream, so the momentum buffers, cuDNN's algorithm choice and the allocator are settled).
+GRAPH_WARMUP_STEPS = 3
+
+
+class EpochRunner:
+    """Trains ``model`` one epoch at a time on device-resident data, as the config says.
+
+    An epoch: a random order of the training images (the last image is left out when it would
+    form a batch of one, which train-mode BatchNorm cannot take), then per chunk of batches the
+    images are gathered, augmented (:func:`crop_flip`) and normalised with a few batched ops, and
+    per batch one step: forward, loss (+ FR), backward, fused SGD, MaxNorm when ``maxnorm`` is
+    "iter". MaxNorm "epoch" projects once after the epoch. Forgetting events (``forgetting``, the
+    per-image state) are counted from each step's logits. The loss is summed on the device;
+    :meth:`epoch` returns that sum and the number of images without waiting for the device.
+
+    ``knobs.compile``: "torch" runs the full batches' forward and loss through ``torch.compile``;
+    "cudagraph" captures a full batch's whole step (forward, backward, SGD with the learning rate
+    read from a device tensor, MaxNorm, loss sum) as one CUDA graph after a few eager warm-up
+    steps and replays it, the data preparation staying outside the graph (it fills the graph's
+    static input). The last, smaller batch of an epoch always runs eagerly, so every mode trains
+    on exactly the same batches.
+    """
+
+    def __init__(self, model: Network, dd: DeviceData, opt: torch.optim.Optimizer, loss_fn: Callable, *,
+                 batch_size: int, knobs: Knobs, generator: torch.Generator, fr: float = 0.0,
+                 threshold: float | None = None, maxnorm: str = "none", frozen_backbone: bool = False,
+                 forgetting: dict[str, torch.Tensor] | None = None):
+        self.model, self.dd, self.opt, self.loss_fn = model, dd, opt, loss_fn
+        self.device = dd.device
+        self.bs, self.knobs, self.gen = int(batch_size), knobs, generator
+        self.fr, self.threshold, self.maxnorm = fr, threshold, maxnorm
+        self.frozen_backbone, self.forgetting = frozen_backbone, forgetting
+        self.channels_last = knobs.channels_last and has_conv(model)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.mode = knobs.compile
+        # Chunks of whole batches of float images: few ops per epoch, bounded memory (256 MB on a GPU).
+        budget = (256 if self.device.type == "cuda" else 32) * 2**20
+        image_bytes = 4 * max(1, dd.x["train"][0].numel())
+        self.chunk = max(1, budget // (image_bytes * self.bs)) * self.bs
+        self._compiled: Callable | None = None
+        self._compiled_ran = False
+        if self.mode == "torch":
+            if self.device.type == "cpu":
+                import torch._inductor.config as inductor_config
+
+                # compile with this trial's threads, not a worker per core of the machine
+                inductor_config.compile_threads = max(1, torch.get_num_threads())
+            self._compiled = torch.compile(self._forward_loss, dynamic=False)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._warm = 0
+        self._static: dict[str, torch.Tensor] = {}
+        # On a GPU the fused SGD reads the learning rate from a float32 device tensor per parameter
+        # group, refilled every epoch: a CUDA graph cannot bake it in, and eager and captured steps
+        # then compute the very same update.
+        self._lr: list[torch.Tensor] = []
+        fused = all(g.get("fused") for g in opt.param_groups)
+        if self.device.type == "cuda" and fused:
+            self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
+                        for g in opt.param_groups]
+        elif self.mode == "cudagraph":  # without a device learning rate a graph would keep the first epoch's
+            self._abandon_graph(RuntimeError("this torch has no fused SGD for the device"))
+        self._align_optimizer_state()
+
+    def _align_optimizer_state(self) -> None:
+        """Momentum buffers with their parameter's memory layout (a checkpoint written with another
+        channels_last setting has other strides), as the fused SGD kernels require."""
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                buf = self.opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and buf.stride() != p.stride():
+                    self.opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+    # --- the step ---
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.knobs.autocast(self.device):
+            feats = self.model.backbone(x)
+            logits = self.model.classifier(feats)
+        feats, logits = feats.float(), logits.float()  # no-ops in fp32; the loss is always fp32
+        loss = self.loss_fn(feats, logits, y, self.model)
+        if self.fr > 0:
+            loss = loss + feature_regularisation(feats, self.fr)
+        return loss, logits
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
+        loss, logits = forward(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self._lr:
+            saved = [g["lr"] for g in self.opt.param_groups]
+            for g, t in zip(self.opt.param_groups, self._lr, strict=True):
+                g["lr"] = t
+            try:
+                self.opt.step()
+            finally:
+                for g, lr in zip(self.opt.param_groups, saved, strict=True):
+                    g["lr"] = lr
+        else:
+            self.opt.step()
+        if self.maxnorm == "iter" and self.threshold is not None:
+            apply_maxnorm_(self.model.classifier.weight.data, self.threshold)
+        self.loss_sum.add_(loss.detach() * y.shape[0])
+        return logits.detach()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the batch (x, y); returns its logits (from before the update)."""
+        if y.shape[0] == self.bs and self.mode == "cudagraph":
+            return self._graph_step(x, y)
+        if y.shape[0] == self.bs and self._compiled is not None:
+            if self._compiled_ran:
+                return self._eager_step(x, y, self._compiled)
+            try:  # the first call compiles (a C++ compiler is needed on a CPU)
+                logits = self._eager_step(x, y, self._compiled)
+            except Exception as exc:  # any compilation failure: eager steps, or a clear error
+                self._compiled, self.mode = None, "off"
+                self.opt.zero_grad(set_to_none=True)
+                msg = f"torch.compile of the training step failed ({type(exc).__name__}: {str(exc)[:300]})"
+                if self.knobs.strict:
+                    raise WbsweepError(f"{msg}; use compile=off (or auto).") from exc
+                warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=2)
+                return self._eager_step(x, y, self._forward_loss)
+            self._compiled_ran = True
+            return logits
+        return self._eager_step(x, y, self._forward_loss)
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self._static:
+            self._static = {"x": torch.empty_like(x), "y": torch.empty_like(y)}
+        sx, sy = self._static["x"], self._static["y"]
+        sx.copy_(x)
+        sy.copy_(y)
+        if self.graph is None:
+            if self._warm < GRAPH_WARMUP_STEPS:
+                self._warm += 1
+                side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    logits = self._eager_step(sx, sy, self._forward_loss)
+                main.wait_stream(side)
+                return logits
+            try:
+                self._capture()
+            except Exception as exc:  # any capture failure: eager steps, or a clear error
+                self._abandon_graph(exc)
+                return self._eager_step(sx, sy, self._forward_loss)
+        self.graph.replay()
+        return self._static["logits"]
+
+    def _capture(self) -> None:
+        """Record one whole step. Nothing runs while recording: the replay that follows performs the
+        step. The learning rate is read from device tensors (refilled every epoch), never baked in."""
+        self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._eager_step(self._static["x"], self._static["y"], self._forward_loss)
+        self._static["logits"] = logits
+        self.graph = graph
+
+    def _abandon_graph(self, exc: Exception) -> None:
+        self.graph, self.mode = None, "off"
+        self.opt.zero_grad(set_to_none=True)
+        msg = f"capturing the training step as a CUDA graph failed ({type(exc).__name__}: {exc})"
+        if self.knobs.strict:
+            raise WbsweepError(f"{msg}; use compile=off (or auto).") from exc
+        warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=3)
+
+    # --- the epoch ---
+
+    def _track_forgetting(self, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Toneva et al.'s forgetting events per training image (figure 4), kept on the device."""
+        f, correct = self.forgetting, logits.argmax(1) == y
+        f["events"][idx] += (f["prev_correct"][idx] & ~correct).long()
+        f["ever_correct"][idx] |= correct
+        f["prev_correct"][idx] = correct
+
+    def epoch(self, order: torch.Tensor | None = None, augment: bool = True) -> tuple[torch.Tensor, int]:
+        """Train one epoch; returns (the loss summed over its images, on the device; their number).
+
+        ``order`` (indices into the training set) replaces the random order, ``augment=False``
+        turns crop and flip off: both for comparing with another trainer on the same batches."""
+        self.model.train()
+        if self.frozen_backbone:
+            self.model.backbone.eval()  # frozen features: BN running statistics stay as trained
+        x_all, y_all = self.dd.x["train"], self.dd.y["train"]
+        if order is None:
+            order = torch.randperm(len(x_all), device=self.device, generator=self.gen)
+            if len(order) % self.bs == 1:  # a batch of one breaks BatchNorm in train mode
+                order = order[:-1]
+        self.loss_sum.zero_()
+        if self._lr:  # this epoch's learning rate
+            for t, g in zip(self._lr, self.opt.param_groups, strict=True):
+                t.fill_(float(g["lr"]))
+        for start in range(0, len(order), self.chunk):
+            idx = order[start : start + self.chunk]
+            x = self.dd.prepare(x_all[idx], augment, self.gen, self.channels_last)
+            y = y_all[idx]
+            for i in range(0, len(idx), self.bs):
+                logits = self.step(x[i : i + self.bs], y[i : i + self.bs])
+                if self.forgetting is not None:
+                    self._track_forgetting(idx[i : i + self.bs], logits, y[i : i + self.bs])
+        if self.maxnorm == "epoch" and self.threshold is not None:
+            apply_maxnorm_(self.model.classifier.weight.data, self.threshold)
+        return self.loss_sum, len(order)
+
+
+# --- building a run -----------------------------------------------------------------------------
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,31 +469,44 @@ def make_loss(cfg: dict[str, Any], kind: str, counts: list[int], device: torch.d
     raise WbsweepError(f"unknown loss '{kind}'.")
 
 
-def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None = None) -> dict[str, Any]:
-    """Train one model as ``cfg_in`` says, write its artifacts to ``out_dir`` and return its metrics.
+@dataclass
+class Training:
+    """What one run trains with: built by :func:`build_training`, shared by train() and the benchmark."""
 
-    ``report`` is called once per epoch with ``epoch``, ``train_loss``, ``val_acc`` and ``lr``
-    (Ray Tune's reporter when run as a trial). Raises :class:`TrainingDiverged` on a NaN loss.
-    """
-    cfg = resolve_config(cfg_in)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    device = pick_device(cfg["device"])
+    cfg: dict[str, Any]
+    dd: DeviceData
+    knobs: Knobs
+    model: Network
+    opt: torch.optim.SGD
+    sched: torch.optim.lr_scheduler.CosineAnnealingLR
+    gen: torch.Generator
+    loss_fn: Callable
+    epochs: int
+    stage2: bool
+    threshold: float | None
 
-    data = load_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"])
-    dd = DeviceData(data, device)
-    c = data.num_classes
+    def runner(self, forgetting: dict[str, torch.Tensor] | None = None) -> EpochRunner:
+        cfg = self.cfg
+        return EpochRunner(
+            self.model, self.dd, self.opt, self.loss_fn, batch_size=cfg["batch_size"], knobs=self.knobs,
+            generator=self.gen, fr=0.0 if self.stage2 else cfg["fr"], threshold=self.threshold,
+            maxnorm=cfg["maxnorm"] if self.stage2 else "none", frozen_backbone=self.stage2, forgetting=forgetting,
+        )
+
+
+def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = None) -> Training:
+    """Model (initialised from the global torch RNG: seed it first), optimizer, schedule and data RNG
+    of a resolved config; for WB's stage 2 the stage-1 model with only its classifier trainable.
+    ``knobs`` None: the config's, resolved for this device, model and run length."""
+    data, device = dd.data, dd.device
     model = build_model(
         ModelSpec(
-            cfg["model"], c, data.x_train.shape[1], data.x_train.shape[-1], cfg["classifier"],
+            cfg["model"], data.num_classes, data.x_train.shape[1], data.x_train.shape[-1], cfg["classifier"],
             cfg["etf_bias"], cfg["width"], etf_seed=cfg["seed"],
         )
     ).to(device)
+    if cfg["channels_last"] and has_conv(model):
+        model = model.to(memory_format=torch.channels_last)
 
     stage2 = bool(cfg["stage2"])
     if stage2:
@@ -160,6 +514,8 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         state = torch.load(cfg["init_from"], map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         model.backbone.requires_grad_(False)
+        if cfg["stage2_init_norm"]:  # "WD&Norm&CB" (figure 6): unit-norm classifier rows instead of MaxNorm
+            model.classifier.weight.data /= model.classifier.weight.data.norm(dim=1, keepdim=True).clamp_min(1e-12)
         threshold = maxnorm_threshold(model.classifier.weight.detach(), cfg["maxnorm_alpha"])
         epochs, wd, loss_kind = cfg["stage2_epochs"], cfg["stage2_wd"], cfg["stage2_loss"]
         groups = [{"params": [p for p in model.classifier.parameters() if p.requires_grad], "weight_decay": wd}]
@@ -172,57 +528,67 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     if loss_kind == "dr" and cfg["classifier"] != "etf":
         raise WbsweepError("the DR loss needs the fixed ETF classifier (classifier: etf).")
 
+    if knobs is None:
+        steps = epochs * math.ceil(len(data.y_train) / cfg["batch_size"])
+        knobs = Knobs.resolve(cfg, device, conv=has_conv(model), steps=steps)
     loss_fn = make_loss(cfg, loss_kind, data.class_counts, device)
-    opt = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+    opt = make_sgd(groups, cfg["lr"], cfg["momentum"], device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    n, bs = len(dd.x["train"]), cfg["batch_size"]
+    return Training(cfg, dd, knobs, model, opt, sched, gen, loss_fn, epochs, stage2, threshold)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None = None,
+          data: LTDataset | None = None) -> dict[str, Any]:
+    """Train one model as ``cfg_in`` says, write its artifacts to ``out_dir`` and return its metrics.
+
+    ``report`` is called once per epoch with ``epoch``, ``train_loss``, ``val_acc`` and ``lr``
+    (Ray Tune's reporter when run as a trial). Raises :class:`TrainingDiverged` on a NaN loss.
+    ``data`` replaces the configured dataset (the benchmark trains on synthetic data this way).
+    """
+    cfg = resolve_config(cfg_in)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    device = pick_device(cfg["device"])
+    Knobs.resolve(cfg, device)  # a knob this device cannot do fails before the data is read
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+
+    if data is None:
+        data = load_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"])
+    dd = DeviceData(data, device)
+    c = data.num_classes
+    run = build_training(cfg, dd)
+    model, opt, sched, gen, epochs, stage2 = run.model, run.opt, run.sched, run.gen, run.epochs, run.stage2
+    knobs = run.knobs
 
     # Resume from this run's own checkpoint when a crashed or preempted trial is retried.
     progress = resume(out, cfg, model, opt, sched, gen)
+    n = len(dd.x["train"])
     track = cfg["track_forgetting"] and not stage2
     if track and "forgetting" not in progress:
         # Toneva et al.'s forgetting events, per training image, kept on the device (figure 4)
         progress["forgetting"] = {k: torch.zeros(n, dtype=torch.long if k == "events" else torch.bool, device=device)
                                   for k in ("events", "prev_correct", "ever_correct")}
+    runner = run.runner(progress["forgetting"] if track else None)
     last_save = time.time()
     for epoch in range(progress["epoch"] + 1, epochs + 1):
-        model.train()
-        if stage2:
-            model.backbone.eval()  # frozen features: BN running statistics stay as trained
-        perm = torch.randperm(n, device=device, generator=gen)
-        if n % bs == 1:  # a batch of one breaks BatchNorm in train mode
-            perm = perm[:-1]
-        loss_sum = torch.zeros((), device=device)
-        for i in range(0, len(perm), bs):
-            idx = perm[i : i + bs]
-            x = dd.prepare(dd.x["train"][idx], True, gen)
-            y = dd.y["train"][idx]
-            feats = model.backbone(x)
-            logits = model.classifier(feats)
-            loss = loss_fn(feats, logits, y, model)
-            if track:
-                f, correct = progress["forgetting"], logits.detach().argmax(1) == y
-                f["events"][idx] += (f["prev_correct"][idx] & ~correct).long()
-                f["ever_correct"][idx] |= correct
-                f["prev_correct"][idx] = correct
-            if cfg["fr"] > 0 and not stage2:
-                loss = loss + feature_regularisation(feats, cfg["fr"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if threshold is not None and cfg["maxnorm"] == "iter":
-                apply_maxnorm_(model.classifier.weight.data, threshold)
-            loss_sum += loss.detach() * len(idx)
-        if threshold is not None and cfg["maxnorm"] == "epoch":
-            apply_maxnorm_(model.classifier.weight.data, threshold)
+        loss_sum, seen = runner.epoch()
         lr = sched.get_last_lr()[0]
         sched.step()
-        train_loss = float(loss_sum) / len(perm)  # the one host synchronisation of the epoch
+        val_pred = predict(model, dd, "val", cfg["eval_batch_size"], knobs)
+        train_loss = float(loss_sum) / seen  # the host waits for the device here, once per epoch
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"loss became {train_loss} at epoch {epoch}; lower lr or regularisation.")
-        _, val_logits = features_and_logits(model, dd, "val", cfg["eval_batch_size"])
-        val_acc = balanced_acc(val_logits, dd.y["val"], c)
+        val_acc = balanced_acc(val_pred, dd.y["val"], c)
         progress["history"].append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "lr": lr})
         progress["epoch"] = epoch
         if cfg["select"] == "last" or val_acc > progress["best_acc"]:
@@ -242,7 +608,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         f = progress["forgetting"]
         np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
                             ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
-    metrics = evaluate(model, dd, cfg)
+    metrics = evaluate(model, dd, cfg, knobs)
     metrics.update(
         config_hash=config_hash(cfg), seed=cfg["seed"], epochs=epochs, best_epoch=best_epoch,
         train_seconds=train_seconds, eval_seconds=time.time() - started - train_seconds,
@@ -287,10 +653,17 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
     if state.get("config_hash") != config_hash(cfg):
         return fresh
     model.load_state_dict(state["model"])
+    # How the update is computed (fused or not) is this process's choice, not the checkpoint's.
+    how = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
+    for group, flags in zip(opt.param_groups, how, strict=True):
+        group.update(flags)
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
-    return {k: state[k] for k in (*fresh, "forgetting") if k in state}
+    progress = {k: state[k] for k in (*fresh, "forgetting") if k in state}
+    if "forgetting" in progress:
+        progress["forgetting"] = {k: v.to(gen.device) for k, v in progress["forgetting"].items()}
+    return progress
 
 
 def inject_crash(out: Path, epoch: int) -> None:
@@ -303,15 +676,16 @@ def inject_crash(out: Path, epoch: int) -> None:
         os._exit(17)
 
 
-def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any]) -> dict[str, Any]:
+def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any], knobs: Knobs | None = None) -> dict[str, Any]:
     """FDR of train and test features and Many/Medium/Few/avg test accuracy per LA variant.
 
     LA is post hoc: tau and gamma are chosen on the validation logits of this very model and
     applied to its test logits; nothing is retrained. The logits needed to redo this are kept."""
     data, c, eb = dd.data, dd.data.num_classes, cfg["eval_batch_size"]
-    train_feats, _ = features_and_logits(model, dd, "train", eb, augment=cfg["fdr_train_augment"], seed=1)
-    test_feats, test_logits = features_and_logits(model, dd, "test", eb)
-    _, val_logits = features_and_logits(model, dd, "val", eb)
+    train_feats, _ = features_and_logits(model, dd, "train", eb, augment=cfg["fdr_train_augment"], seed=1,
+                                         knobs=knobs)
+    test_feats, test_logits = features_and_logits(model, dd, "test", eb, knobs=knobs)
+    _, val_logits = features_and_logits(model, dd, "val", eb, knobs=knobs)
     y_train, y_val, y_test = (dd.y[s].cpu().numpy() for s in ("train", "val", "test"))
     weight = model.classifier.weight.detach().float().cpu()
     bias = model.classifier.bias
@@ -347,7 +721,8 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
     presence is what marks the run as finished."""
     arrays = metrics.pop("_arrays")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    torch.save({"model": model.state_dict(), "config": cfg}, out / "model.pt.tmp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the plain layout, whatever trained
+    torch.save({"model": state, "config": cfg}, out / "model.pt.tmp")
     os.replace(out / "model.pt.tmp", out / "model.pt")
     with open(out / "logits.npz.tmp", "wb") as fh:
         np.savez_compressed(fh, **arrays)

@@ -7,6 +7,7 @@ ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parq
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
@@ -36,6 +37,7 @@ class TrialCallback(Callback):
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
         self.run_ids: dict[str, str] = {}
+        self.logged_epochs: dict[str, set[int]] = {}  # trial id -> epochs logged live
 
     def on_trial_start(self, iteration, trials, trial, **info):
         node = self.sweep.graph.node_of(trial.config)
@@ -57,11 +59,28 @@ class TrialCallback(Callback):
         node = self.sweep.graph.node_of(trial.config)
         self.sweep.progress.retrying(trial.trial_id, f"{node.label} seed {trial.config['seed']}")
 
+    EPOCH_KEYS = ("train_loss", "val_acc", "lr")
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id and "epoch" in result:
-            keys = ("train_loss", "val_acc", "lr")
-            self.sweep.tracker.log_metrics(run_id, {k: result[k] for k in keys}, step=int(result["epoch"]))
+            epoch = int(result["epoch"])
+            self.sweep.tracker.log_metrics(run_id, {k: result[k] for k in self.EPOCH_KEYS}, step=epoch)
+            self.logged_epochs.setdefault(trial.trial_id, set()).add(epoch)
+
+    def log_history(self, trial, run_id: str, history: list[dict]) -> None:
+        """The epochs the throttled live reports skipped, once the trial has finished. Only for a
+        model trained in this run (one reused from disk already has its history in MLflow)."""
+        seen = self.logged_epochs.pop(trial.trial_id, None)
+        if not seen:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history if int(h["epoch"]) not in seen
+                 for k in self.EPOCH_KEYS]
+        for i in range(0, len(batch), 900):
+            self.sweep.tracker.client.log_batch(run_id, metrics=batch[i : i + 900])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = (trial.last_result or {}).get("final")
@@ -71,6 +90,7 @@ class TrialCallback(Callback):
             return
         tracker = self.sweep.tracker
         if run_id:
+            self.log_history(trial, run_id, final.get("history", []))
             tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
             folder = run_dir_of(trial.config)
             tracker.log_artifacts(run_id, folder)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from trainables.config import DEFAULTS, LA_KINDS, resolve_config
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, unknown_name
 from trainables.methods import Method, get_method
 from trainables.models import check_model_name
 
@@ -66,11 +66,8 @@ class Experiment:
 def check_dataset_name(name: str) -> None:
     from trainables.data import dataset_names
 
-    names = dataset_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise WbsweepError(f"unknown dataset '{name}'.{hint} Known datasets: {', '.join(names)}.")
+    if name not in dataset_names():
+        raise unknown_name("dataset", name, dataset_names())
 
 
 def spec_dir() -> Path:
@@ -93,10 +90,7 @@ def find_spec(name_or_path: str) -> Path:
     builtin = spec_dir() / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    names = spec_names()
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise WbsweepError(f"unknown spec '{name_or_path}'.{hint} Known specs: {', '.join(names)} (or a .yaml path).")
+    raise unknown_name("spec", name_or_path, spec_names(), " (or a .yaml path)")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -390,3 +390,16 @@ def test_bench_packed_workers_on_cpu(capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0
     out = json.loads(capsys.readouterr().out)["packed_auto"]
     assert out["packed_trials"] == 2 and len(out["per_trial_img_per_s_2"]) == 2 and out["single_img_per_s"] > 0
+
+
+def test_throttled_report_sends_the_first_epoch_then_at_most_one_per_interval(monkeypatch):
+    from trainables import trial
+
+    clock = iter([0.0, 0.3, 0.9, 1.2, 1.25, 2.5])
+    monkeypatch.setattr(trial.time, "monotonic", lambda: next(clock))
+    sent = []
+    report = trial.ThrottledReport(sent.append, interval=1.0)
+    for epoch in range(1, 7):
+        report({"epoch": epoch, "val_acc": 10.0 * epoch, "train_loss": 1.0, "lr": 0.1})
+    assert [m["epoch"] for m in sent] == [1, 4, 6]  # t = 0, 1.2, 2.5
+    assert all(m["objective"] == m["val_acc"] for m in sent)

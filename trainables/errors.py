@@ -5,5 +5,17 @@ what is wrong and what to do about it. Programming errors stay ordinary exceptio
 """
 
 
+import difflib
+from collections.abc import Iterable
+
+
 class WbsweepError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], extra: str = "") -> WbsweepError:
+    """The error for a name that is not in a registry, suggesting the closest known one."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return WbsweepError(f"unknown {kind} '{name}'.{hint} Known {kind}s: {', '.join(known)}{extra}.")

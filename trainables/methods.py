@@ -7,11 +7,10 @@ this method, so a method without weight decay never gets a lambda suggested.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainables.errors import WbsweepError
+from trainables.errors import unknown_name
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,7 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise WbsweepError(f"unknown method '{name}'.{hint} Known methods: {', '.join(METHODS)}.")
+        raise unknown_name("method", name, METHODS)
     return METHODS[name]
 
 

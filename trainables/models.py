@@ -16,7 +16,6 @@ stride-2 max-pool), so that ``resnet34`` and ``resnext50`` serve both datasets.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, unknown_name
 from trainables.heads import ETFClassifier
 
 
@@ -224,9 +223,7 @@ def model_names() -> list[str]:
 
 def check_model_name(name: str) -> None:
     if name not in BACKBONES:
-        close = difflib.get_close_matches(name, BACKBONES, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise WbsweepError(f"unknown model '{name}'.{hint} Known models: {', '.join(model_names())}.")
+        raise unknown_name("model", name, model_names())
 
 
 @dataclass

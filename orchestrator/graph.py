@@ -55,9 +55,13 @@ class Node:
     def parent_run(self) -> str:
         """This stage's MLflow parent run, created (or re-attached) when it first needs it."""
         if self._parent_run is None:
-            tags = {"wbsweep.stage": self.kind, "wbsweep.method": self.method,
-                    "wbsweep.preset": self.sweep.exp.preset}
-            self._parent_run = self.sweep.tracker.run(f"{self.kind}/{self.method}", tags)
+            exp = self.sweep.exp
+            tags = {"wbsweep.stage": self.kind, "wbsweep.method": self.method, "wbsweep.preset": exp.preset}
+            name = f"{self.kind}/{self.method}"
+            if exp.variant is not None:  # one spec over several datasets/models: a parent run each
+                tags["wbsweep.variant"] = str(exp.variant)
+                name = f"{name} [{exp.variant}]"
+            self._parent_run = self.sweep.tracker.run(name, tags)
         return self._parent_run
 
     def fail(self, reason: str) -> None:

@@ -51,7 +51,8 @@ def status_text(out: Path) -> str:
         age = time.time() - st["updated"]
         t = st["trials"]
         left = max(0, t["total"] - t["done"] - t["skipped"] - t["failed"])
-        lines.append(f"{st['spec']} preset {st['preset']}: {state}, updated {age:.0f} s ago on {st['host']}")
+        variant = f" variant {st['variant']}" if st.get("variant") is not None else ""
+        lines.append(f"{st['spec']} preset {st['preset']}{variant}: {state}, updated {age:.0f} s ago on {st['host']}")
         lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {t['running']} running, "
                      f"{t['failed']} failed, {left} left of {t['total']}")
         for label, s in st["stages"].items():

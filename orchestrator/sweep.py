@@ -264,13 +264,15 @@ class Sweep:
         folder.mkdir(parents=True, exist_ok=True)
         p = self.progress
         doc = {
-            "spec": self.exp.name, "preset": self.exp.preset, "state": state, "pid": os.getpid(),
+            "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
+            "pid": os.getpid(),
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
             "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
                        "failed": p.n_failed},
             "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
         }
-        path = folder / f"{self.exp.name}-{self.exp.preset}.json"
+        variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
+        path = folder / f"{self.exp.name}-{self.exp.preset}{variant}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, path)

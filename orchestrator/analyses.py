@@ -20,17 +20,14 @@ checkpoints (a model trained earlier, by another spec, or before the spec asked 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator.results import read_rows
-from trainables.errors import WbsweepError
+from orchestrator.results import read_rows, write_rows
 
 FOLDER = "analyses"
 SCHEMA = pa.schema([
@@ -54,33 +51,14 @@ def rows_for_result(result: dict[str, Any], *, spec: str, preset: str, method: s
 
 
 def write_analysis_rows(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path | None:
-    """Write ``rows`` as ``folder/name.parquet`` atomically (temporary file + rename)."""
-    if not rows:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    final, tmp = folder / f"{name}.parquet", folder / f".{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
-    return final
+    """Write ``rows`` as ``folder/name.parquet`` atomically, like the results (nothing if empty)."""
+    return write_rows(folder, name, rows, SCHEMA) if rows else None
 
 
 def read_analysis_rows(folder: Path) -> pd.DataFrame:
     """Every analysis row under ``folder``; a model analysed for several specs appears once per
     spec (filter on ``spec`` or join on ``config_hash`` and ``seed``)."""
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return SCHEMA.empty_table().to_pandas()
-    tables = []
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
-        if set(COLUMNS) - set(t.column_names):
-            raise WbsweepError(f"{f} is not a wbsweep analyses file; move it out of {folder}.")
-        tables.append(t.select(COLUMNS).cast(SCHEMA))
-    return pa.concat_tables(tables).to_pandas()
+    return read_rows(folder, SCHEMA, "analyses")
 
 
 def file_name(spec: str, method: str, config_hash: str, seed: int) -> str:

@@ -72,10 +72,10 @@ def rows_for_run(
     return rows
 
 
-def write_rows(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path:
+def write_rows(folder: Path, name: str, rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> Path:
     """Write ``rows`` as ``folder/name.parquet`` atomically (temporary file + rename)."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=schema)
     final = folder / f"{name}.parquet"
     tmp = folder / f".{name}.parquet.tmp"
     pq.write_table(table, tmp)
@@ -83,23 +83,23 @@ def write_rows(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path:
     return final
 
 
-def read_rows(folder: Path) -> pd.DataFrame:
+def read_rows(folder: Path, schema: pa.Schema = SCHEMA, kind: str = "results") -> pd.DataFrame:
     """Every row under ``folder`` (empty frame with the schema's columns when there are none).
 
     A file that is not a readable Parquet file of this schema is named in a one-line error rather
     than surfacing as an Arrow traceback."""
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
-        return SCHEMA.empty_table().to_pandas()
+        return schema.empty_table().to_pandas()
     tables = []
     for f in files:
         try:
             t = pq.read_table(f)
         except (pa.ArrowInvalid, OSError) as exc:
             raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
-        missing = set(COLUMNS) - set(t.column_names)
+        missing = set(schema.names) - set(t.column_names)
         if missing:
-            raise WbsweepError(f"{f} is not a wbsweep results file (missing {', '.join(sorted(missing))}); "
+            raise WbsweepError(f"{f} is not a wbsweep {kind} file (missing {', '.join(sorted(missing))}); "
                                f"move it out of {folder}.")
-        tables.append(t.select(COLUMNS).cast(SCHEMA))
+        tables.append(t.select(schema.names).cast(schema))
     return pa.concat_tables(tables).to_pandas()

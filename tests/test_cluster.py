@@ -76,6 +76,9 @@ def two_node_cluster(tmp_path):
             "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
     worker = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}',
               "--disable-usage-stats"]
+    # Token authentication (on by default for local Ray clusters since 2.59) needs a token on disk
+    # before `ray start`; this creates ~/.ray/auth_token only where none exists.
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
     try:
         for cmd in (head, worker):
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

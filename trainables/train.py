@@ -355,12 +355,8 @@ class EpochRunner:
             try:  # the first call compiles (a C++ compiler is needed on a CPU)
                 logits = self._eager_step(x, y, self._compiled)
             except Exception as exc:  # any compilation failure: eager steps, or a clear error
-                self._compiled, self.mode = None, "off"
-                self.opt.zero_grad(set_to_none=True)
-                msg = f"torch.compile of the training step failed ({type(exc).__name__}: {str(exc)[:300]})"
-                if self.knobs.strict:
-                    raise WbsweepError(f"{msg}; use compile=off (or auto).") from exc
-                warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=2)
+                self._compiled = None
+                self._fall_back_to_eager("torch.compile of the training step", exc)
                 return self._eager_step(x, y, self._forward_loss)
             self._compiled_ran = True
             return logits
@@ -400,12 +396,18 @@ class EpochRunner:
         self.graph = graph
 
     def _abandon_graph(self, exc: Exception) -> None:
-        self.graph, self.mode = None, "off"
+        self.graph = None
+        self._fall_back_to_eager("capturing the training step as a CUDA graph", exc)
+
+    def _fall_back_to_eager(self, what: str, exc: Exception) -> None:
+        """After a failed compile or capture: eager steps from now on, with a warning under
+        compile=auto, or a clear error when that mode was asked for by name."""
+        self.mode = "off"
         self.opt.zero_grad(set_to_none=True)
-        msg = f"capturing the training step as a CUDA graph failed ({type(exc).__name__}: {exc})"
+        msg = f"{what} failed ({type(exc).__name__}: {str(exc)[:300]})"
         if self.knobs.strict:
             raise WbsweepError(f"{msg}; use compile=off (or auto).") from exc
-        warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=4)
 
     # --- the epoch ---
 

@@ -103,7 +103,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import report
-    from orchestrator.spec import WbsweepError as _E  # noqa: F401  (same class, keeps import cheap)
     from orchestrator.spec import load_experiments
 
     table, order, title, layout, analyses = None, None, None, "accuracy", None

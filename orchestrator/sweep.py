@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ class SweepOptions:
     max_concurrent: int | None = None
     max_failures: int | None = None  # retries of a crashed trial (from its checkpoint); spec default 2
     quiet: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(exp: Experiment) -> list[Stage]:
@@ -172,7 +171,6 @@ class Sweep:
         cfg["threads"] = max(1, int(self.cpus))
         if self.opts.data_root:
             cfg["data_root"] = str(Path(self.opts.data_root).resolve())
-        cfg.update(self.opts.extra)
         return cfg
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ checkpoints (a model trained earlier, by another spec, or before the spec asked 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import pandas as pd
 import pyarrow as pa
 
 from orchestrator.results import read_rows, write_rows
+from trainables import storage
+from trainables.storage import run_dir, run_location
 
 FOLDER = "analyses"
 SCHEMA = pa.schema([
@@ -50,12 +53,12 @@ def rows_for_result(result: dict[str, Any], *, spec: str, preset: str, method: s
     return [{**base, **r} for r in result_rows(result)]
 
 
-def write_analysis_rows(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path | None:
+def write_analysis_rows(folder: str | Path, name: str, rows: list[dict[str, Any]]) -> Path | None:
     """Write ``rows`` as ``folder/name.parquet`` atomically, like the results (nothing if empty)."""
     return write_rows(folder, name, rows, SCHEMA) if rows else None
 
 
-def read_analysis_rows(folder: Path) -> pd.DataFrame:
+def read_analysis_rows(folder: str | Path) -> pd.DataFrame:
     """Every analysis row under ``folder``; a model analysed for several specs appears once per
     spec (filter on ``spec`` or join on ``config_hash`` and ``seed``)."""
     return read_rows(folder, SCHEMA, "analyses")
@@ -65,34 +68,37 @@ def file_name(spec: str, method: str, config_hash: str, seed: int) -> str:
     return f"{spec}-{method}-{config_hash}-s{seed}"
 
 
-def record_run_analyses(out: Path, run_folder: Path, *, spec: str, preset: str, method: str) -> int:
-    """Rows of the analyses a finished run folder holds (none: nothing written); the count."""
+def record_run_analyses(store: str | Path, run_folder: Path, *, spec: str, preset: str, method: str) -> int:
+    """Rows of the analyses a finished run folder holds, written under the sweep's storage
+    ``store`` (none: nothing written); the count."""
     from trainables.analysis import load_result
 
     result = load_result(run_folder)
     if not result.get("analyses"):
         return 0
     rows = rows_for_result(result, spec=spec, preset=preset, method=method)
-    write_analysis_rows(out / FOLDER, file_name(spec, method, result["config_hash"], int(result["seed"])), rows)
+    name = file_name(spec, method, result["config_hash"], int(result["seed"]))
+    write_analysis_rows(storage.join(store, FOLDER), name, rows)
     return len(rows)
 
 
-def ensure_analyses(out: Path, spec: str, preset: str | None = None, names: Sequence[str] | None = None,
+def ensure_analyses(store: str | Path, spec: str, preset: str | None = None, names: Sequence[str] | None = None,
                     force: bool = False, device: str = "cpu", data_root: str | None = None,
                     tracking_uri: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Make sure every model in ``out/results`` of ``spec`` (and ``preset``) has its analyses,
-    as files in its run folder and as rows in ``out/analyses``: those of its config's
+    """Make sure every model in ``store/results`` of ``spec`` (and ``preset``) has its analyses,
+    as files in its run folder and as rows in ``store/analyses``: those of its config's
     ``analyses`` option, or ``names``. Missing ones are computed from the checkpoint (all of them
     with ``force``); new files are added to the model's MLflow run when ``tracking_uri`` is given.
     Returns counts: models looked at, analysed (computed), rows written, skipped (no checkpoint)."""
     from trainables.analysis import ensure_run_analyses, load_result, run_analyses
 
     log = log or (lambda msg: None)
-    df = read_rows(out / "results")
+    runs = storage.join(store, "runs")
+    df = read_rows(storage.join(store, "results"))
     df = df[df["spec"] == spec]
     if preset is not None:
         df = df[df["preset"] == preset]
-    have = read_analysis_rows(out / FOLDER)
+    have = read_analysis_rows(storage.join(store, FOLDER))
     have = have[have["spec"] == spec]
     have_keys = set(zip(have["config_hash"], have["seed"].astype(int), have["analysis"], strict=True))
     counts = {"models": 0, "analysed": 0, "rows": 0, "skipped": 0}
@@ -105,10 +111,13 @@ def ensure_analyses(out: Path, spec: str, preset: str | None = None, names: Sequ
             continue
         counts["models"] += 1
         seed, hash_ = int(row["seed"]), row["config_hash"]
-        folder = out / "runs" / hash_ / f"seed{seed}"
+        home, folder = run_location(runs, hash_, seed), run_dir(runs, hash_, seed)
+        storage.download(home, folder)  # an object store's run: into a scratch folder, sent back below
         if not (folder / "model.pt").exists():
             counts["skipped"] += 1
-            log(f"analyses: {folder} has no model.pt; skipped")
+            log(f"analyses: {home} has no model.pt; skipped")
+            if storage.is_remote(runs):
+                shutil.rmtree(folder, ignore_errors=True)
             continue
         before = load_result(folder).get("analyses", {})
         if force:
@@ -121,7 +130,8 @@ def ensure_analyses(out: Path, spec: str, preset: str | None = None, names: Sequ
             log(f"analyses: {row['method']} seed {seed} ({hash_}): {', '.join(wanted)}")
         done = set(result.get("analyses", {}))
         if computed or any((hash_, seed, n) not in have_keys for n in done):
-            counts["rows"] += record_run_analyses(out, folder, spec=spec, preset=row["preset"], method=row["method"])
+            storage.upload(folder, home, [p.name for p in folder.glob("analysis*")])
+            counts["rows"] += record_run_analyses(store, folder, spec=spec, preset=row["preset"], method=row["method"])
         if computed and tracking_uri and isinstance(row.get("mlflow_run_id"), str):
             try:
                 if client is None:
@@ -132,4 +142,6 @@ def ensure_analyses(out: Path, spec: str, preset: str | None = None, names: Sequ
                     client.log_artifact(row["mlflow_run_id"], str(path))
             except Exception as exc:  # the numbers are in Parquet either way; say what went wrong
                 log(f"analyses: could not add the files to MLflow run {row['mlflow_run_id']}: {exc}")
+        if storage.is_remote(runs):
+            shutil.rmtree(folder, ignore_errors=True)  # the scratch copy; its analyses were sent back above
     return counts

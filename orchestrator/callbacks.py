@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from trainables.trial import run_dir_of, training_config
+from trainables import storage
+from trainables.config import config_hash
+from trainables.storage import run_location
+from trainables.trial import training_config
 
 if TYPE_CHECKING:
     from orchestrator.sweep import Sweep
@@ -42,16 +45,16 @@ class TrialCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         node = self.sweep.graph.node_of(trial.config)
         cfg = training_config(trial.config)
-        folder = run_dir_of(trial.config)
-        tags = {"wbsweep.config_hash": folder.parent.name, "wbsweep.seed": str(cfg["seed"])}
+        hash_ = config_hash(cfg)
+        tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
         name = f"{node.method} seed{cfg['seed']}" + (f" {trial.trial_id}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
         run_id = tracker.run(name, tags, parent=node.parent_run())
         tracker.client.set_tag(run_id, "wbsweep.method", node.method)
         tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
         tracker.log_params(run_id, flat_params(cfg))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "mlflow_run_id").write_text(run_id)
+        storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
+                            run_id.encode())
         self.run_ids[trial.trial_id] = run_id
         self.sweep.progress.started(trial.trial_id)
 
@@ -89,17 +92,18 @@ class TrialCallback(Callback):
             self.on_trial_error(iteration, trials, trial, reason=(trial.last_result or {}).get("diverged"))
             return
         tracker = self.sweep.tracker
-        if run_id:
-            self.log_history(trial, run_id, final.get("history", []))
-            tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
-            folder = run_dir_of(trial.config)
-            tracker.log_artifacts(run_id, folder)
-            tracker.finish(run_id)
-        self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
         from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
 
-        record_run_analyses(self.sweep.out, run_dir_of(trial.config), spec=self.sweep.exp.name,
-                            preset=self.sweep.exp.preset, method=self.sweep.graph.node_of(trial.config).method)
+        method = self.sweep.graph.node_of(trial.config).method
+        with self.sweep.local_run_folder(trial.config) as folder:
+            if run_id:
+                self.log_history(trial, run_id, final.get("history", []))
+                tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
+                tracker.log_artifacts(run_id, folder)
+                tracker.finish(run_id)
+            self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
+            record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
+                                method=method)
         self.sweep.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):

@@ -1,7 +1,8 @@
 """The ``wbsweep`` command line.
 
-    wbsweep run table4 [--preset P] [--out DIR] [--data-root DIR] [--address ADDR] [--tracking-uri URI]
-    wbsweep report table4 [--out DIR] [--format table|markdown|csv]
+    wbsweep run table4 [--preset P] [--out DIR] [--storage DIR|s3://...] [--data-root DIR] [--address ADDR]
+                       [--tracking-uri URI]
+    wbsweep report table4 [--out DIR] [--storage DIR|s3://...] [--format table|markdown|csv|latex]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
     wbsweep list
     wbsweep bench [--device cpu|cuda] [--model resnet32|mlp3] [--json]
@@ -26,18 +27,39 @@ from trainables.errors import WbsweepError
 DEFAULT_OUT = "wbsweep-out"
 
 
-def _out_dir(path: str, create: bool) -> Path:
+def _out_dir(path: str, create: bool, flag: str = "--out") -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
-        raise WbsweepError(f"--out {out} is a file; give a folder for the results.")
+        raise WbsweepError(f"{flag} {out} is a file; give a folder for the results.")
     if create:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise WbsweepError(f"cannot create --out {out}: {exc.strerror}.") from None
+            raise WbsweepError(f"cannot create {flag} {out}: {exc.strerror}.") from None
         if not os.access(out, os.W_OK):
-            raise WbsweepError(f"--out {out} is not writable; choose another folder.")
+            raise WbsweepError(f"{flag} {out} is not writable; choose another folder.")
     return out
+
+
+def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool = False) -> str:
+    """Where the results live: ``--storage``, else the storage a sweep in ``out`` recorded in its
+    status file (so `report` after `run --storage s3://...` needs no flag), else ``out`` itself."""
+    from trainables import storage
+
+    if arg:
+        if storage.is_remote(arg):
+            return arg
+        return str(_out_dir(arg, create=create, flag="--storage").resolve())
+    recorded = []
+    for f in sorted((out / "status").glob("*.json")) if out.is_dir() else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if spec is None or doc.get("spec") == spec:
+            recorded.append((doc.get("updated", 0), doc.get("storage")))
+    latest = max(recorded, key=lambda t: t[0])[1] if recorded else None
+    return latest or str(out.resolve())
 
 
 def _data_root(path: str | None) -> str | None:
@@ -72,8 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, create=True)
     from orchestrator.tracking import default_tracking_uri
 
+    store = _storage(args.storage, out, create=True) if args.storage else str(out.resolve())
     opts = SweepOptions(
-        out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), data_root=_data_root(args.data_root),
+        out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), storage=store,
+        data_root=_data_root(args.data_root),
         address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
         quiet=args.quiet,
@@ -88,13 +112,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         failures += sweep.progress.failures
     from orchestrator.analyses import ensure_analyses  # models reused from elsewhere get theirs now
 
-    ensure_analyses(out, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
+    ensure_analyses(store, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
                     tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
     minutes = (time.time() - started) / 60
     analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
     print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
-                 exp.title, layout=exp.layout, analyses=analyses))
-    print(f"done in {minutes:.1f} min; results: {out / 'results'} (Parquet), MLflow: {opts.tracking_uri}"
+                 exp.title, layout=exp.layout, analyses=analyses, store=store))
+    from trainables.storage import join
+
+    print(f"done in {minutes:.1f} min; results: {join(store, 'results')} (Parquet), MLflow: {opts.tracking_uri}"
           + (f"; {len(failures)} failure(s):" if failures else ""))
     for failure in failures:
         print(f"  FAILED {failure}")
@@ -118,7 +144,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         spec = args.spec  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
     sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title, layout=layout,
-                            analyses=analyses))
+                            analyses=analyses, store=_storage(args.storage, out, spec)))
     return 0
 
 
@@ -160,20 +186,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from orchestrator.analyses import ensure_analyses
     from orchestrator.results import read_rows
     from orchestrator.tracking import default_tracking_uri
+    from trainables.storage import join
 
     out = _out_dir(args.out, create=False)
-    df = read_rows(out / "results")
+    store = _storage(args.storage, out, args.spec)
+    df = read_rows(join(store, "results"))
     specs = [args.spec] if args.spec else sorted(set(df["spec"]))
     if df.empty or not set(specs) & set(df["spec"]):
-        raise WbsweepError(f"no results{' for spec ' + repr(args.spec) if args.spec else ''} in {out / 'results'}; "
-                           "run the spec first (`wbsweep run SPEC --out DIR`).")
+        raise WbsweepError(f"no results{' for spec ' + repr(args.spec) if args.spec else ''} in "
+                           f"{join(store, 'results')}; run the spec first (`wbsweep run SPEC --out DIR`).")
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
     for spec in specs:
-        counts = ensure_analyses(out, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
+        counts = ensure_analyses(store, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
                                  data_root=_data_root(args.data_root), tracking_uri=uri,
                                  log=lambda m: print(m, file=sys.stderr))
+        skipped = f", {counts['skipped']} without a checkpoint" if counts["skipped"] else ""
         print(f"{spec}: {counts['analysed']} of {counts['models']} model(s) analysed, {counts['rows']} rows written "
-              f"to {out / 'analyses'}" + (f", {counts['skipped']} without a checkpoint" if counts["skipped"] else ""))
+              f"to {join(store, 'analyses')}{skipped}")
     return 0
 
 
@@ -247,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="a spec name (wbsweep list) or a path to a spec .yaml")
     r.add_argument("--preset", help="preset of the spec (default: the spec's default_preset)")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default ./{DEFAULT_OUT})")
+    r.add_argument("--storage", help="where results, model folders and Ray's state go when not in --out: "
+                                     "a folder every node shares, or s3://bucket/prefix")
     r.add_argument("--data-root", help="folder with the datasets (CIFAR pickles, IDX files)")
     r.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: start a local one")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
@@ -262,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild a table (mean ± std) from the Parquet results")
     rep.add_argument("spec")
     rep.add_argument("--out", default=DEFAULT_OUT)
+    rep.add_argument("--storage", help="the run's --storage (default: the one recorded in --out, else --out)")
     rep.add_argument("--preset", help="default: the most recent preset with results")
     rep.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
     rep.set_defaults(func=cmd_report)
@@ -283,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="(re)compute analyses (Table 3, figures) of finished runs from checkpoints")
     an.add_argument("--out", default=DEFAULT_OUT)
+    an.add_argument("--storage", help="the run's --storage (default: the one recorded in --out, else --out)")
     an.add_argument("--spec", help="only this spec's models (default: every spec with results)")
     an.add_argument("--preset", help="only this preset's models")
     an.add_argument("--names", nargs="+", metavar="NAME", help="analyses to compute (default: each run's own)")

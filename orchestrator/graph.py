@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.search import Searcher
 
 from trainables.config import config_hash
-from trainables.train import load_metrics
-from trainables.trial import run_dir, training_config
+from trainables.trial import finished_metrics, training_config
 
 if TYPE_CHECKING:
     from orchestrator.spec import MethodEntry
@@ -269,7 +268,7 @@ class RepeatNode(Node):
         if cfg is None:
             return "pending"
         h = config_hash(training_config(self.sweep.trial_config(cfg, seed)))
-        return "done" if load_metrics(run_dir(self.sweep.runs, h, seed)) is not None else "pending"
+        return "done" if finished_metrics(self.sweep.runs, h, seed) is not None else "pending"
 
 
 class StageGraph(Searcher):

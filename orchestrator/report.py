@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.results import read_rows
+from trainables import storage
 from trainables.errors import WbsweepError
 from trainables.methods import METHODS
 
@@ -235,18 +236,19 @@ def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] 
 # --- Table 3: FDR before/after a random layer ------------------------------------------------------
 
 
-def _analysis_rows(out: Path, rows: pd.DataFrame, spec: str) -> pd.DataFrame:
+def _analysis_rows(store: str, rows: pd.DataFrame, spec: str) -> pd.DataFrame:
     """The analyses rows of the models in ``rows`` (results of one spec and preset), with the
     results' method; a model analysed for several specs counts once."""
     from orchestrator.analyses import FOLDER, read_analysis_rows
 
-    a = read_analysis_rows(out / FOLDER)
+    where = storage.join(store, FOLDER)
+    a = read_analysis_rows(where)
     models = rows[["config_hash", "seed", "method", "dataset", "model"]].drop_duplicates(["config_hash", "seed"])
     a = a.drop(columns=["method", "dataset", "model"]).merge(models, on=["config_hash", "seed"])
     a = a.drop_duplicates(["config_hash", "seed", "analysis", "key", "i", "j"])
     if a.empty:
-        raise WbsweepError(f"no analyses for spec '{spec}' in {out / FOLDER}; compute them from the checkpoints with "
-                           f"`wbsweep analyze --spec {spec} --out {out}`.")
+        raise WbsweepError(f"no analyses for spec '{spec}' in {where}; compute them from the checkpoints with "
+                           f"`wbsweep analyze --spec {spec}`.")
     return a
 
 
@@ -417,14 +419,17 @@ def _pm2(mean: float, std: float) -> str:
 
 def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
            table: int | None = None, method_order: list[str] | None = None, title: str | None = None,
-           layout: str = "accuracy", analyses: list[str] | None = None) -> str:
-    """The text of the report for ``spec`` from ``out/results`` (and ``out/analyses``). ``analyses``
-    limits a figure report to the spec's own analyses (a model reused from another spec may hold more)."""
+           layout: str = "accuracy", analyses: list[str] | None = None, store: str | None = None) -> str:
+    """The text of the report for ``spec`` from ``store/results`` (and ``store/analyses``; the
+    storage defaults to ``out``, where figures are drawn). ``analyses`` limits a figure report to
+    the spec's own analyses (a model reused from another spec may hold more)."""
     if fmt not in FORMATS:
         raise WbsweepError(f"unknown report format '{fmt}': use {', '.join(FORMATS)}.")
-    if not (out / "results").is_dir():
-        raise WbsweepError(f"{out / 'results'} does not exist; run `wbsweep run {spec} --out {out}` first.")
-    rows, preset = select_rows(read_rows(out / "results"), spec, preset)
+    store = store or str(out)
+    results = storage.join(store, "results")
+    if not storage.exists(results):
+        raise WbsweepError(f"{results} does not exist; run `wbsweep run {spec} --out {out}` first.")
+    rows, preset = select_rows(read_rows(results), spec, preset)
     head = title or spec
     datasets = ", ".join(dict.fromkeys(rows["dataset"]))
     models = ", ".join(dict.fromkeys(rows["model"]))
@@ -433,12 +438,12 @@ def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
         text, has_paper = fdr_table(rows, fmt, f"{where}; FDR mean ± std over seeds", method_order)
         return text + (RESNET_NOTE if has_paper and fmt != "csv" else "")
     if layout == "fdr_random_layer":
-        a = _analysis_rows(out, rows, spec)
+        a = _analysis_rows(store, rows, spec)
         text, has_paper = random_layer_table(a, fmt, f"{where}; test FDR before/after, mean ± std over seeds",
                                              method_order)
         return text + (RESNET_NOTE if has_paper and fmt != "csv" else "")
     if layout == "figure":
-        a = _analysis_rows(out, rows, spec)
+        a = _analysis_rows(store, rows, spec)
         if analyses:
             a = a[a["analysis"].isin(analyses)]
         return figure_report(out, a, spec, preset, fmt, where, method_order)

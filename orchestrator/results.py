@@ -10,7 +10,6 @@ seed while every Optuna trial can still be queried.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainables import storage
 from trainables.errors import WbsweepError
 
 SCHEMA = pa.schema(
@@ -72,29 +72,31 @@ def rows_for_run(
     return rows
 
 
-def write_rows(folder: Path, name: str, rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> Path:
-    """Write ``rows`` as ``folder/name.parquet`` atomically (temporary file + rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def write_rows(folder: str | Path, name: str, rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> str:
+    """Write ``rows`` as ``folder/name.parquet`` (a local folder or a storage URI, see
+    :mod:`trainables.storage`) so that no reader sees a partial file; the file's location."""
     table = pa.Table.from_pylist(rows, schema=schema)
-    final = folder / f"{name}.parquet"
-    tmp = folder / f".{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    final = storage.join(folder, f"{name}.parquet")
+    storage.write_bytes(final, buf.getvalue().to_pybytes())
     return final
 
 
-def read_rows(folder: Path, schema: pa.Schema = SCHEMA, kind: str = "results") -> pd.DataFrame:
-    """Every row under ``folder`` (empty frame with the schema's columns when there are none).
+def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "results") -> pd.DataFrame:
+    """Every row under ``folder`` (a local folder or a storage URI); an empty frame with the
+    schema's columns when there are none.
 
     A file that is not a readable Parquet file of this schema is named in a one-line error rather
     than surfacing as an Arrow traceback."""
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
+    names = storage.list_files(folder, ".parquet")
+    if not names:
         return schema.empty_table().to_pandas()
     tables = []
-    for f in files:
+    for name in names:
+        f = storage.join(folder, name)
         try:
-            t = pq.read_table(f)
+            t = pq.read_table(pa.BufferReader(storage.read_bytes(f) or b""))
         except (pa.ArrowInvalid, OSError) as exc:
             raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
         missing = set(schema.names) - set(t.column_names)

@@ -13,7 +13,10 @@ import socket
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from orchestrator.results import read_rows
+from trainables import storage
 from trainables.errors import WbsweepError
 
 
@@ -37,7 +40,7 @@ def status_text(out: Path) -> str:
     if not files:
         raise WbsweepError(f"{out} holds no sweep yet (no {out / 'status'}); "
                            f"start one with `wbsweep run SPEC --out {out}`.")
-    rows = read_rows(out / "results")
+    rows_of: dict[str, pd.DataFrame] = {}  # storage -> its results
     lines = []
     for f in files:
         try:
@@ -55,6 +58,10 @@ def status_text(out: Path) -> str:
         lines.append(f"{st['spec']} preset {st['preset']}{variant}: {state}, updated {age:.0f} s ago on {st['host']}")
         lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {t['running']} running, "
                      f"{t['failed']} failed, {left} left of {t['total']}")
+        store = st.get("storage") or str(out)
+        if store not in rows_of:
+            rows_of[store] = read_rows(storage.join(store, "results"))
+        rows = rows_of[store]
         for label, s in st["stages"].items():
             mine = rows[(rows["spec"] == st["spec"]) & (rows["preset"] == st["preset"])
                         & (rows["method"] == label.split()[-1])]
@@ -63,5 +70,6 @@ def status_text(out: Path) -> str:
             lines.append(f"    {label:<22} {s}{extra}")
         for failure in st["failures"]:
             lines.append(f"  FAILED {failure}")
-    lines.append(f"logs: {out / 'ray'} (per-trial error.txt), MLflow: {out / 'mlflow.db'}")
+    stores = ", ".join(storage.join(s, "ray") for s in rows_of) or str(out / "ray")
+    lines.append(f"logs: {stores} (per-trial error.txt), MLflow: {out / 'mlflow.db'}")
     return "\n".join(lines) + "\n"

@@ -15,11 +15,14 @@ interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,11 +35,12 @@ from orchestrator.progress import Progress
 from orchestrator.results import read_rows, rows_for_run, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Tracker
+from trainables import storage
 from trainables.config import config_hash
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
-from trainables.train import load_metrics
-from trainables.trial import run_dir, training_config, tune_trainable
+from trainables.storage import run_location
+from trainables.trial import finished_metrics, run_dir_of, training_config, tune_trainable
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Stage:
 class SweepOptions:
     out: Path
     tracking_uri: str
+    storage: str | None = None  # results, runs and Ray's state: a shared folder or s3://...; default out
     data_root: str | None = None
     address: str | None = None
     device: str = "auto"
@@ -121,8 +126,9 @@ class Sweep:
 
     def __init__(self, exp: Experiment, opts: SweepOptions):
         self.exp, self.opts = exp, opts
-        self.out = opts.out
-        self.runs = self.out / "runs"
+        self.out = opts.out  # this machine's: status, Optuna's study, a local MLflow store
+        self.store = opts.storage or str(self.out.resolve())  # every node's: see trainables.storage
+        self.runs = storage.join(self.store, "runs")
         self.chosen: dict[str, dict[str, Any]] = {}  # method -> training config (without seed)
         self.versions = versions()
         self._optuna_storage = None
@@ -174,7 +180,7 @@ class Sweep:
         return cfg
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-        return {**cfg, "seed": seed, "_runs": str(self.runs.resolve())}
+        return {**cfg, "seed": seed, "_runs": self.runs}
 
     def parent_model_state(self, entry: MethodEntry, seed: int) -> str:
         """'done' when the method needs no parent model or the parent's model of ``seed`` exists."""
@@ -213,13 +219,13 @@ class Sweep:
         self.progress.begin()
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
-            param_space={"_runs": str(self.runs.resolve())},
+            param_space={"_runs": self.runs},
             tune_config=tune.TuneConfig(
                 metric="objective", mode="max", num_samples=-1, search_alg=self.graph,
                 max_concurrent_trials=self.max_concurrent or self.trials_that_fit(), reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=f"{self.exp.name}-{self.exp.preset}", storage_path=str((self.out / "ray").resolve()),
+                name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
                 callbacks=[TrialCallback(self)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
@@ -250,7 +256,9 @@ class Sweep:
         train = self.exp.train
         load_dataset(train.get("dataset", "digits-lt"), self.opts.data_root, train.get("rho"),
                      val_per_class=train.get("val_per_class", 20))
-        read_rows(self.out / "results")
+        if storage.is_remote(self.store):
+            storage.check_writable(self.store)
+        read_rows(self.location("results"))
         if self.opts.address not in (None, "auto", "local"):
             check_reachable(self.opts.address, "the Ray cluster (--address)")
         if self.opts.tracking_uri.startswith(("http://", "https://")):
@@ -263,7 +271,7 @@ class Sweep:
         p = self.progress
         doc = {
             "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "storage": self.store,
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
             "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
                        "failed": p.n_failed},
@@ -301,7 +309,7 @@ class Sweep:
     def unfinished_seeds(self, node: RepeatNode, cfg: dict[str, Any]) -> list[int]:
         """Seeds of ``node`` still to train. Seeds with rows are skipped; models trained earlier
         (the tune stage's own seed, another spec's identical run) only get their rows written."""
-        df = read_rows(self.out / "results")
+        df = read_rows(self.location("results"))
         df = df[(df["spec"] == self.exp.name) & (df["method"] == node.method)]
         done = set(zip(df["config_hash"], df["seed"].astype(int), strict=True))
         todo = []
@@ -310,20 +318,42 @@ class Sweep:
             if (h, seed) in done:
                 self.progress.skip(1, f"{node.label} seed {seed}: already in results")
                 continue
-            folder = run_dir(self.runs, h, seed)
-            metrics = load_metrics(folder)
+            metrics = finished_metrics(self.runs, h, seed)
             if metrics is not None:
-                node_file = folder / "ray_node_id"
-                metrics["ray_node_id"] = node_file.read_text() if node_file.exists() else None
-                self.record(node, self.trial_config(cfg, seed), metrics, self._run_id_of(h, seed))
+                metrics["ray_node_id"] = self.run_file(h, seed, "ray_node_id")
+                self.record(node, self.trial_config(cfg, seed), metrics, self.run_file(h, seed, "mlflow_run_id"))
                 self.progress.skip(1, f"{node.label} seed {seed}: trained earlier, rows written")
                 continue
             todo.append(seed)
         return todo
 
-    def _run_id_of(self, hash_: str, seed: int) -> str | None:
-        path = run_dir(self.runs, hash_, seed) / "mlflow_run_id"
-        return path.read_text().strip() if path.exists() else None
+    def location(self, *parts: str) -> str:
+        """A location under the sweep's storage (``results``, ``trials``, ``analyses``, ...)."""
+        return storage.join(self.store, *parts)
+
+    def run_file(self, hash_: str, seed: int, name: str) -> str | None:
+        """A small text file of a model's run folder (``mlflow_run_id``, ``ray_node_id``), or None."""
+        data = storage.read_bytes(storage.join(run_location(self.runs, hash_, seed), name))
+        return data.decode().strip() if data is not None else None
+
+    @contextlib.contextmanager
+    def local_run_folder(self, trial_config: dict[str, Any]) -> Iterator[Path]:
+        """A trained model's folder on this machine: the run folder itself when the storage is a
+        folder, a temporary copy downloaded from an object store otherwise."""
+        cfg = training_config(trial_config)
+        if not storage.is_remote(self.runs):
+            yield run_dir_of(trial_config)
+            return
+        with tempfile.TemporaryDirectory(prefix="wbsweep-run-") as tmp:
+            storage.download(run_location(self.runs, config_hash(cfg), cfg["seed"]), Path(tmp))
+            yield Path(tmp)
+
+    def ray_storage(self) -> dict[str, Any]:
+        """Ray Tune's storage arguments: DIR/ray beside the results, on the same filesystem."""
+        if not storage.is_remote(self.store):
+            return {"storage_path": str(Path(self.store) / "ray")}
+        fs, path = storage.filesystem(self.location("ray"))
+        return {"storage_path": path, "storage_filesystem": fs}
 
     def record(self, node: Node, trial_config: dict[str, Any], metrics: dict[str, Any], run_id: str | None) -> None:
         """Write the Parquet rows of one finished model (results for repeat, trials for tune)."""
@@ -335,4 +365,4 @@ class Sweep:
         )
         folder = "results" if node.kind == "repeat" else "trials"
         name = f"{self.exp.name}-{node.method}-{metrics['config_hash']}-s{cfg['seed']}"
-        write_rows(self.out / folder, name, rows)
+        write_rows(self.location(folder), name, rows)

@@ -94,12 +94,14 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
 
 
     address, env = two_node_cluster
-    out = tmp_path / "shared"  # stands in for the shared filesystem both nodes write
+    out = tmp_path / "driver"  # the driver's own files: status, Optuna's study, MLflow's store
+    shared = tmp_path / "shared"  # stands in for the filesystem every node mounts (--storage)
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--address", address, "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
+                           "--address", address, "--out", str(out), "--storage", str(shared)], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = pd.read_parquet(out / "results")
+    assert not (out / "results").exists() and len(list((shared / "runs").glob("*/seed*/model.pt"))) >= 16
+    df = pd.read_parquet(shared / "results")
     assert len(df) == 24 and not df.duplicated(["method", "la", "seed"]).any()
     assert df["ray_node_id"].nunique() == 2, "every trial ran on one node"
 

@@ -544,12 +544,13 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
 
 
 def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None = None,
-          data: LTDataset | None = None) -> dict[str, Any]:
+          data: LTDataset | None = None, on_checkpoint: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train one model as ``cfg_in`` says, write its artifacts to ``out_dir`` and return its metrics.
 
     ``report`` is called once per epoch with ``epoch``, ``train_loss``, ``val_acc`` and ``lr``
     (Ray Tune's reporter when run as a trial). Raises :class:`TrainingDiverged` on a NaN loss.
     ``data`` replaces the configured dataset (the benchmark trains on synthetic data this way).
+    ``on_checkpoint`` is called after each checkpoint is written (a trial copies it to the storage).
     """
     cfg = resolve_config(cfg_in)
     out = Path(out_dir)
@@ -598,6 +599,8 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
             progress["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if epoch < epochs and time.time() - last_save >= cfg["checkpoint_seconds"]:
             save_checkpoint(out, cfg, model, opt, sched, gen, progress, time.time() - started)
+            if on_checkpoint is not None:
+                on_checkpoint()
             last_save = time.time()
         inject_crash(out, epoch)
         if report is not None:

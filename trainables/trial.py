@@ -1,9 +1,10 @@
 """The Ray Tune trainable: one trial = one call of :func:`trainables.train.train`.
 
-Trial configs carry the training config plus bookkeeping keys that start with "_": ``_runs`` (the
-folder where every trained model lives, at ``_runs/<config_hash>/seed<seed>/``) and ``_stage`` (the
-sweep stage that asked for the trial). A model already finished there is not trained again: its
-metrics are re-reported, so a repeated or resumed sweep costs nothing for work that is done.
+Trial configs carry the training config plus bookkeeping keys that start with "_": ``_runs`` (where
+every trained model lives, at ``_runs/<config_hash>/seed<seed>/``: a folder or an object-store URI,
+see :mod:`trainables.storage`) and ``_stage`` (the sweep stage that asked for the trial). A model
+already finished there is not trained again: its metrics are re-reported, so a repeated or resumed
+sweep costs nothing for work that is done.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainables import storage
 from trainables.config import config_hash, resolve_config
-from trainables.train import TrainingDiverged, load_metrics, train
+from trainables.storage import run_dir, run_location
+from trainables.train import CHECKPOINT, TrainingDiverged, load_metrics, train
 
 
 def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
@@ -26,13 +29,19 @@ def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
     return resolve_config(cfg)
 
 
-def run_dir(runs: str | Path, hash_: str, seed: int) -> Path:
-    return Path(runs) / hash_ / f"seed{seed}"
-
-
 def run_dir_of(trial_config: dict[str, Any]) -> Path:
+    """The local folder a trial's model is trained in (see :func:`trainables.storage.run_dir`)."""
     cfg = training_config(trial_config)
     return run_dir(trial_config["_runs"], config_hash(cfg), cfg["seed"])
+
+
+def finished_metrics(runs: str | Path, hash_: str, seed: int) -> dict[str, Any] | None:
+    """The metrics of a finished model (read from the storage), or None when it is not finished."""
+    return storage.read_json(storage.join(run_location(runs, hash_, seed), "metrics.json"))
+
+
+# Files a trainer copies to an object store while it trains, so that a retry elsewhere resumes.
+PROGRESS_FILES = [CHECKPOINT, "attempts.log", "ray_node_id"]
 
 
 class ThrottledReport:
@@ -59,16 +68,23 @@ def tune_trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     cfg = training_config(config)
-    out = run_dir(config["_runs"], config_hash(cfg), cfg["seed"])
+    runs, hash_, seed = config["_runs"], config_hash(cfg), cfg["seed"]
+    out, home = run_dir(runs, hash_, seed), run_location(runs, hash_, seed)
+    storage.download(home, out)  # object store: a retry (on any node) resumes from its checkpoint
     metrics = load_metrics(out)
     if metrics is None:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.get("stage2"):  # object store: the first stage's model, where init_from points
+            storage.download(run_location(runs, cfg["parent_hash"], seed), Path(cfg["init_from"]).parent,
+                             ["model.pt"])
         with open(out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
             fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
         # Which Ray node trained it (hostnames can repeat: several nodes per machine, containers).
         (out / "ray_node_id").write_text(ray.get_runtime_context().get_node_id())
+        storage.upload(out, home, ["attempts.log", "ray_node_id"])
         try:
-            metrics = train(cfg, out, report=ThrottledReport(tune.report))
+            metrics = train(cfg, out, report=ThrottledReport(tune.report),
+                            on_checkpoint=lambda: storage.upload(out, home, PROGRESS_FILES))
         except TrainingDiverged as exc:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             tune.report({"objective": float("nan"), "diverged": str(exc)})
@@ -80,4 +96,5 @@ def tune_trainable(config: dict[str, Any]) -> None:
     final = dict(metrics)  # with the per-epoch history, which the driver logs to MLflow
     node_file = out / "ray_node_id"
     final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
+    storage.finish_upload(out, home)  # object store: the finished folder (metrics.json last), scratch removed
     tune.report({"objective": metrics["objective"], "final": final})

@@ -1,0 +1,229 @@
+"""Storage: a local (shared) folder or an object store, through the same functions.
+
+The object store is a real S3 server on loopback (moto's), reached with the AWS variables a user
+sets (``AWS_ENDPOINT_URL`` points at it), so pyarrow's own S3 client is what is tested. The same
+checks run against both backends where they apply.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.results import read_rows, rows_for_run, write_rows
+from trainables import storage
+from trainables.config import resolve_config
+from trainables.errors import WbsweepError
+
+BUCKET = "wbsweep-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server with one bucket; the environment that points clients at it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e .[test])")
+    import boto3
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._filesystem.cache_clear()
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._filesystem.cache_clear()
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> str:
+    """A fresh storage location on each backend."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_env")
+    return f"s3://{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+def test_join_keeps_a_uris_options_and_joins_local_paths(tmp_path):
+    uri = "s3://b/p?endpoint_override=h:9000&scheme=http"
+    assert storage.join(uri, "runs", "x") == "s3://b/p/runs/x?endpoint_override=h:9000&scheme=http"
+    assert storage.join("s3://b/p/", "runs") == "s3://b/p/runs"
+    assert storage.join(str(tmp_path), "runs", "a") == str(tmp_path / "runs" / "a")
+    assert storage.is_remote("s3://b") and storage.is_remote("gs://b/x")
+    assert not storage.is_remote(str(tmp_path)) and not storage.is_remote("file:///tmp/x")
+
+
+def test_run_dir_is_the_run_folder_locally_and_a_scratch_folder_for_an_object_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("WBSWEEP_SCRATCH", str(tmp_path / "scratch"))
+    assert storage.run_dir(str(tmp_path / "runs"), "abc", 3) == tmp_path / "runs" / "abc" / "seed3"
+    remote = storage.run_dir("s3://b/p/runs", "abc", 3)
+    assert remote.is_relative_to(tmp_path / "scratch") and remote.parts[-2:] == ("abc", "seed3")
+    # two sweeps' storages never share a scratch folder
+    assert storage.run_dir("s3://b/q/runs", "abc", 3) != remote
+
+
+def test_files_round_trip(location):
+    target = storage.join(location, "a", "x.json")
+    assert storage.read_bytes(target) is None and storage.read_json(target) is None
+    assert not storage.exists(storage.join(location, "a"))
+    storage.write_bytes(target, b'{"k": 1}')
+    storage.write_bytes(storage.join(location, "a", "y.bin"), b"\x00\x01")
+    assert storage.read_json(target) == {"k": 1}
+    assert storage.list_files(storage.join(location, "a")) == ["x.json", "y.bin"]
+    assert storage.list_files(storage.join(location, "a"), ".json") == ["x.json"]
+    assert storage.list_files(storage.join(location, "nothing")) == []
+    storage.delete(target)
+    storage.delete(target)  # deleting what is gone is not an error
+    assert storage.list_files(storage.join(location, "a")) == ["y.bin"]
+
+
+def test_run_folder_upload_and_download(location, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in {"model.pt": b"m" * 1000, "metrics.json": b"{}", ".model.pt.tmp": b"partial"}.items():
+        (src / name).write_bytes(data)
+    home = storage.join(location, "runs", "h", "seed0")
+    sent = storage.upload(src, home)
+    if not storage.is_remote(location):
+        assert sent == []  # a local run folder is trained in place: nothing to copy
+        return
+    assert sent == ["model.pt", "metrics.json"]  # metrics.json (the 'finished' mark) last; no temporary file
+    dst = tmp_path / "dst"
+    assert sorted(storage.download(home, dst)) == ["metrics.json", "model.pt"]
+    assert (dst / "model.pt").read_bytes() == b"m" * 1000
+    assert storage.download(home, tmp_path / "one", ["model.pt", "absent"]) == ["model.pt"]
+    storage.write_bytes(storage.join(home, "checkpoint.pt"), b"c")
+    storage.finish_upload(src, home)
+    assert "checkpoint.pt" not in storage.list_files(home) and not src.exists()
+
+
+def _rows(seed: int) -> list[dict]:
+    metrics = {"config_hash": "abc", "fdr_train": 1.0, "fdr_test": 2.0, "objective": 50.0, "epochs": 1,
+               "best_epoch": 1, "train_seconds": 1.0, "node": "n", "device": "cpu",
+               "la": {"none": {"param": None, "val_acc": 50.0, "many": 1.0, "medium": 2.0, "few": 3.0, "avg": 2.0,
+                               "acc_per_class": [2.0] * 10}}}
+    return rows_for_run(metrics, {**resolve_config({}), "seed": seed}, spec="table4", preset="smoke", method="wd",
+                        stage="repeat", mlflow_run_id=None, versions={"wbsweep": "x", "torch": "x", "ray": "x"},
+                        created_at=pd.Timestamp("2026-01-01", tz="UTC"))
+
+
+def test_parquet_rows_on_each_backend(location):
+    results = storage.join(location, "results")
+    assert read_rows(results).empty
+    write_rows(results, "a", _rows(0))
+    write_rows(results, "b", _rows(1))
+    df = read_rows(results)
+    assert sorted(df["seed"]) == [0, 1] and set(df["fdr_test"]) == {2.0}
+    # what users do: pandas over pyarrow's filesystem
+    fs, path = storage.filesystem(results)
+    assert len(pd.read_parquet(path, filesystem=fs)) == 2
+    storage.write_bytes(storage.join(results, "torn.parquet"), b"PAR1 not really")
+    with pytest.raises(WbsweepError, match="torn.parquet"):
+        read_rows(results)
+
+
+def test_a_missing_bucket_is_one_line_before_anything_runs(s3_env, tmp_path):
+    with pytest.raises(WbsweepError, match="no-such-bucket"):
+        storage.check_writable("s3://no-such-bucket/x")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
+                           "--out", str(out), "--storage", "s3://no-such-bucket/sweep"],
+                          env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "no-such-bucket" in lines[0], proc.stderr[-2000:]
+    assert not (out / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smoke_sweep):
+    """The whole smoke sweep with its results, model folders and Ray's state on S3, every trial's
+    process killed once after its first epoch: the retries resume from the checkpoints in the
+    bucket and the rows equal the uninterrupted local sweep's."""
+    ref_out, _ = smoke_sweep
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    store = f"s3://{BUCKET}/sweep"
+    env = {**os.environ, **s3_env, "WBSWEEP_INJECT_CRASH": "1", "WBSWEEP_SCRATCH": str(scratch)}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke", "--out", str(out),
+           "--storage", store]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    key = ["method", "la", "seed"]
+    df = read_rows(storage.join(store, "results")).sort_values(key).reset_index(drop=True)
+    ref = pd.read_parquet(ref_out / "results").sort_values(key).reset_index(drop=True)
+    assert len(df) == 24 and df[key].equals(ref[key])
+    compared = ["acc_avg", "acc_few", "fdr_train", "fdr_test", "tau", "gamma", "config_hash"]
+    pd.testing.assert_frame_equal(df[compared], ref[compared], check_exact=False, rtol=1e-9)
+    assert not read_rows(storage.join(store, "trials")).empty
+
+    # the bucket holds every model folder, finished (no checkpoint left) and trained twice (crash + retry)
+    runs = storage.join(store, "runs")
+    fs, runs_path = storage.filesystem(runs)
+    from pyarrow.fs import FileSelector
+
+    files = [i.path for i in fs.get_file_info(FileSelector(runs_path, recursive=True))]
+    finished = [p.rsplit("/", 1)[0] for p in files if p.endswith("/metrics.json")]
+    assert len(finished) >= 16
+    assert not [p for p in files if p.endswith("/checkpoint.pt")]
+    attempts = [len(storage.read_bytes(f"s3://{p}/attempts.log").splitlines()) for p in finished]
+    assert attempts.count(2) >= 10, attempts  # the crash happened and the retry resumed
+    assert any(p.startswith(f"{BUCKET}/sweep/ray/") for p in
+               (i.path for i in fs.get_file_info(FileSelector(f"{BUCKET}/sweep", recursive=True))))
+    # nothing of it on the driver's disk but its own files, no model folder left in the scratch
+    assert not (out / "results").exists() and not (out / "runs").exists()
+    assert not list(scratch.glob("*/*/seed*/metrics.json"))
+
+    # MLflow (driver-local here) got every model's files, downloaded from the bucket
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("table4")
+    children = [r for r in client.search_runs([exp.experiment_id], max_results=500)
+                if "mlflow.parentRunId" in r.data.tags]
+    assert children and all(r.info.status == "FINISHED" for r in children)
+    assert len(list((out / "mlartifacts").rglob("model.pt"))) == len(children)
+
+    # report and status find the storage the run recorded; a rerun trains nothing
+    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
+                          "--format", "csv"], env=env, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [len(storage.read_bytes(f"s3://{p}/attempts.log").splitlines()) for p in finished] == attempts
+    assert len(read_rows(storage.join(store, "results"))) == 24
+
+
+def test_a_local_storage_folder_apart_from_out(tmp_path):
+    """`report --storage DIR` reads the results there, not in --out (tests/test_cluster.py runs a
+    whole two-node sweep with a shared --storage folder)."""
+    out, shared = tmp_path / "out", tmp_path / "shared"
+    out.mkdir()
+    write_rows(storage.join(str(shared), "results"), "x", _rows(0))
+    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
+                          "--storage", str(shared), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and "digits-lt,mlp3,wd,none" in rep.stdout, rep.stderr[-2000:]
+    missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
+                              "--format", "csv"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

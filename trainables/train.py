@@ -174,6 +174,23 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+@functools.lru_cache(maxsize=1)
+def retain_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse instead of returning each to the
+    kernel (its default for blocks over 128 kB-32 MB, depending on history): a CPU training step frees
+    and allocates the same few-MB gradients and activations every step, and memory handed back is
+    page-faulted in again (hundreds of faults per step for an MLP of width 1024). Process-wide, so in
+    ``wbsweep bench`` the naive trainer gets it too. False where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 @functools.lru_cache(maxsize=8)
 def fused_sgd_available(device: torch.device) -> bool:
     """Whether this torch has a fused SGD kernel for ``device`` (CUDA since 2.2 or so, CPU since 2.4)."""
@@ -303,6 +320,18 @@ class EpochRunner:
         elif self.mode == "cudagraph":  # without a device learning rate a graph would keep the first epoch's
             self._abandon_graph(RuntimeError("this torch has no fused SGD for the device"))
         self._align_optimizer_state()
+        # On a CPU each parameter's SGD update runs inside the backward pass, as soon as its gradient
+        # is complete (see :meth:`_sgd_hook`); on a GPU the step stays one fused call (and graphable).
+        self._sgd_in_backward = self.device.type == "cpu" and fused and not self._lr
+        self._stepping = False
+        self._group_index: dict[torch.Tensor, int] = {}
+        if self._sgd_in_backward:
+            retain_freed_memory()
+            for i, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    if p.requires_grad and p not in self._group_index:
+                        self._group_index[p] = i
+                        p.register_post_accumulate_grad_hook(self._sgd_hook)
 
     def _align_optimizer_state(self) -> None:
         """Momentum buffers with their parameter's memory layout (a checkpoint written with another
@@ -325,11 +354,47 @@ class EpochRunner:
             loss = loss + feature_regularisation(feats, self.fr)
         return loss, logits
 
+    def _sgd_hook(self, p: torch.Tensor) -> None:
+        """SGD update of ``p`` the moment autograd has accumulated its gradient (a post-accumulate-grad
+        hook, active only inside :meth:`_eager_step`): PyTorch's fused SGD kernel on this one tensor
+        with its group's hyperparameters and momentum buffer, the very update ``opt.step()`` makes
+        (bit-identical, tested), and the gradient is dropped at once. Autograd has already used ``p``
+        for every gradient it needs (the node that saved ``p`` computed its gradients before this
+        hook), so later layers' gradients are those of the weights before the step. Why: the
+        gradient is updated from while it is still in the cache, and its memory is reused by the
+        next layer's gradient, instead of one pass over every parameter, gradient and buffer after
+        the backward pass (an MLP of width 1024 has 35 MB of them)."""
+        if not self._stepping or p.grad is None:
+            return
+        group = self.opt.param_groups[self._group_index[p]]
+        momentum = group["momentum"]
+        bufs: list[torch.Tensor] = []
+        first = False
+        if momentum != 0:
+            state = self.opt.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:  # the first step: the buffer becomes the (decayed) gradient
+                buf = state["momentum_buffer"] = torch.empty_like(p)
+                first = True
+            bufs = [buf]
+        torch._fused_sgd_([p], [p.grad], bufs, weight_decay=group["weight_decay"], momentum=momentum,
+                          lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                          maximize=group["maximize"], is_first_step=first)
+        p.grad = None
+
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
         loss, logits = forward(x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self._lr:
+        if self._sgd_in_backward and not self._lr:  # each hook drops its gradient: nothing to zero
+            self._stepping = True
+            try:
+                loss.backward()  # the SGD step too: each parameter as its gradient is complete (_sgd_hook)
+            finally:
+                self._stepping = False
+            # what opt.step() would have recorded: the schedule then knows the optimizer stepped
+            self.opt._opt_called = True  # type: ignore[attr-defined]
+        elif self._lr:
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
             saved = [g["lr"] for g in self.opt.param_groups]
             for g, t in zip(self.opt.param_groups, self._lr, strict=True):
                 g["lr"] = t
@@ -339,6 +404,8 @@ class EpochRunner:
                 for g, lr in zip(self.opt.param_groups, saved, strict=True):
                     g["lr"] = lr
         else:
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
             self.opt.step()
         if self.maxnorm == "iter" and self.threshold is not None:
             apply_maxnorm_(self.model.classifier.weight.data, self.threshold)
@@ -432,6 +499,7 @@ class EpochRunner:
             if len(order) % self.bs == 1:  # a batch of one breaks BatchNorm in train mode
                 order = order[:-1]
         self.loss_sum.zero_()
+        self.opt.zero_grad(set_to_none=True)  # with the SGD in the backward pass, gradients only live inside it
         if self._lr:  # this epoch's learning rate
             for t, g in zip(self._lr, self.opt.param_groups, strict=True):
                 t.fill_(float(g["lr"]))

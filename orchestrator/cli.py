@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json-out", help="also write the JSON to this file")
     b.add_argument("--skip-compare", action="store_true", help="skip naive vs wbsweep (run only the other sections)")
     b.add_argument("--check-knobs", action="store_true", help="do channels_last/bf16/CUDA graph keep the numbers?")
-    b.add_argument("--with-torch-compile", action="store_true", help="include compile=torch in --check-knobs")
+    b.add_argument("--with-torch-compile", action="store_true",
+                   help="include compile=torch in --check-knobs, cudagraph+torch in --knob-timing")
     b.add_argument("--knob-timing", action="store_true", help="images/s for each knob combination")
     b.add_argument("--full-run", type=int, metavar="EPOCHS", help="train() for EPOCHS epochs, extrapolate to 320")
     b.add_argument("--full-run-models", help="comma-separated models for --full-run (default --model)")

@@ -245,6 +245,22 @@ def real_fashion_mnist_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _node_caches_in_a_temp_folder(tmp_path_factory):
+    """The per-node dataset cache and scratch folders of this test session (and of the sweeps it
+    starts, which inherit the environment) live in its temporary folder, not in /tmp for good."""
+    base = tmp_path_factory.mktemp("node")
+    saved = {k: os.environ.get(k) for k in ("WBSWEEP_DATA_CACHE", "WBSWEEP_SCRATCH")}
+    os.environ["WBSWEEP_DATA_CACHE"] = str(base / "data-cache")
+    os.environ["WBSWEEP_SCRATCH"] = str(base / "scratch")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted `wbsweep run table4 --preset smoke` through a real local Ray cluster,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +258,10 @@ def test_eval_batch_size_does_not_change_results(tmp_path: Path) -> None:
     assert a["fdr_test"] == pytest.approx(b["fdr_test"], rel=1e-4)
 
 
-def test_cudagraph_on_a_cpu_says_it_needs_cuda(tmp_path: Path) -> None:
-    with pytest.raises(WbsweepError, match="CUDA"):
-        train({"epochs": 1, "width": 16, "device": "cpu", "compile": "cudagraph", "la": ["none"]}, tmp_path)
+@pytest.mark.parametrize("mode", ["cudagraph", "cudagraph+torch"])
+def test_cudagraph_on_a_cpu_says_it_needs_cuda(tmp_path: Path, mode: str) -> None:
+    with pytest.raises(WbsweepError, match=re.escape(f"compile={mode} ") + ".*CUDA"):
+        train({"epochs": 1, "width": 16, "device": "cpu", "compile": mode, "la": ["none"]}, tmp_path)
 
 
 @pytest.mark.slow
@@ -403,3 +405,11 @@ def test_throttled_report_sends_the_first_epoch_then_at_most_one_per_interval(mo
         report({"epoch": epoch, "val_acc": 10.0 * epoch, "train_loss": 1.0, "lr": 0.1})
     assert [m["epoch"] for m in sent] == [1, 4, 6]  # t = 0, 1.2, 2.5
     assert all(m["objective"] == m["val_acc"] for m in sent)
+
+
+def test_only_synchronising_calls_count_as_host_syncs() -> None:
+    from orchestrator.bench import is_sync_warning
+
+    assert is_sync_warning("called a synchronizing CUDA operation")
+    assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "
+                               "synchronizing operations (Triggered internally at Module.cpp:1003.)")

@@ -252,7 +252,7 @@ class _Context:
 
     def __init__(self, run_dir: Path, device: str, data_root: str | None):
         from trainables.config import DEFAULTS
-        from trainables.data import load_dataset
+        from trainables.datacache import cached_dataset
         from trainables.models import ModelSpec, build_model
         from trainables.train import DeviceData, pick_device
 
@@ -266,7 +266,7 @@ class _Context:
         root = data_root if data_root is not None else cfg.get("data_root")
         if root is not None and not Path(root).is_dir():
             root = None  # trained elsewhere: fall back to the default data root
-        self.data = load_dataset(cfg["dataset"], root, cfg["rho"], val_per_class=cfg["val_per_class"])
+        self.data = cached_dataset(cfg["dataset"], root, cfg["rho"], val_per_class=cfg["val_per_class"])
         self.device = pick_device(device)
         self.dd = DeviceData(self.data, self.device)
         self.spec = ModelSpec(cfg["model"], self.data.num_classes, self.data.x_train.shape[1],

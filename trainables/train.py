@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.config import config_hash, resolve_config
-from trainables.data import LTDataset, load_dataset
+from trainables.data import LTDataset
+from trainables.datacache import cached_dataset
 from trainables.errors import WbsweepError
 from trainables.heads import apply_maxnorm_, maxnorm_threshold
 from trainables.losses import cb_weights, class_balanced_loss, dot_regression_loss, feature_regularisation
@@ -147,8 +148,8 @@ class Knobs:
                 mode = "cudagraph"
             else:
                 mode = "torch" if conv and steps >= AUTO_COMPILE_MIN_STEPS else "off"
-        elif mode == "cudagraph" and device.type != "cuda":
-            raise WbsweepError(f"compile=cudagraph captures the training step as a CUDA graph and needs a CUDA "
+        elif mode in GRAPH_MODES and device.type != "cuda":
+            raise WbsweepError(f"compile={mode} captures the training step as a CUDA graph and needs a CUDA "
                                f"device, but this run is on {device.type}; use compile=auto or off.")
         if cfg["precision"] == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise WbsweepError("precision=bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp32.")
@@ -163,6 +164,10 @@ class Knobs:
             return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
+
+#: compile modes that capture the step as a CUDA graph: of the eager step, or of the torch.compile'd one
+#: (inductor's fused kernels replayed from the graph, no Python per step).
+GRAPH_MODES = ("cudagraph", "cudagraph+torch")
 
 #: Steps from which compile "auto" compiles a convolutional model on a CPU (a 320-epoch CIFAR100-LT
 #: run has 52,000; the tests' and the cpu preset's runs have far fewer).
@@ -299,7 +304,7 @@ class EpochRunner:
         self.chunk = max(1, budget // (image_bytes * self.bs)) * self.bs
         self._compiled: Callable | None = None
         self._compiled_ran = False
-        if self.mode == "torch":
+        if self.mode in ("torch", "cudagraph+torch"):
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
@@ -317,7 +322,7 @@ class EpochRunner:
         if self.device.type == "cuda" and fused:
             self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
                         for g in opt.param_groups]
-        elif self.mode == "cudagraph":  # without a device learning rate a graph would keep the first epoch's
+        elif self.mode in GRAPH_MODES:  # without a device learning rate a graph would keep the first epoch's
             self._abandon_graph(RuntimeError("this torch has no fused SGD for the device"))
         self._align_optimizer_state()
         # On a CPU each parameter's SGD update runs inside the backward pass, as soon as its gradient
@@ -414,9 +419,9 @@ class EpochRunner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step on the batch (x, y); returns its logits (from before the update)."""
-        if y.shape[0] == self.bs and self.mode == "cudagraph":
+        if y.shape[0] == self.bs and self.mode in GRAPH_MODES:
             return self._graph_step(x, y)
-        if y.shape[0] == self.bs and self._compiled is not None:
+        if y.shape[0] == self.bs and self._compiled is not None and self.mode == "torch":
             if self._compiled_ran:
                 return self._eager_step(x, y, self._compiled)
             try:  # the first call compiles (a C++ compiler is needed on a CPU)
@@ -435,30 +440,39 @@ class EpochRunner:
         sx, sy = self._static["x"], self._static["y"]
         sx.copy_(x)
         sy.copy_(y)
+        forward = self._compiled if self.mode == "cudagraph+torch" and self._compiled else self._forward_loss
         if self.graph is None:
             if self._warm < GRAPH_WARMUP_STEPS:
                 self._warm += 1
                 side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
                 side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    logits = self._eager_step(sx, sy, self._forward_loss)
+                try:
+                    with torch.cuda.stream(side):  # the first warm-up step compiles (compile=cudagraph+torch)
+                        logits = self._eager_step(sx, sy, forward)
+                except Exception as exc:
+                    if forward is self._forward_loss:
+                        raise
+                    main.wait_stream(side)
+                    self._compiled = None
+                    self._fall_back_to_eager("torch.compile of the training step", exc)
+                    return self._eager_step(sx, sy, self._forward_loss)
                 main.wait_stream(side)
                 return logits
             try:
-                self._capture()
+                self._capture(forward)
             except Exception as exc:  # any capture failure: eager steps, or a clear error
                 self._abandon_graph(exc)
                 return self._eager_step(sx, sy, self._forward_loss)
         self.graph.replay()
         return self._static["logits"]
 
-    def _capture(self) -> None:
+    def _capture(self, forward: Callable) -> None:
         """Record one whole step. Nothing runs while recording: the replay that follows performs the
         step. The learning rate is read from device tensors (refilled every epoch), never baked in."""
         self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._eager_step(self._static["x"], self._static["y"], self._forward_loss)
+            logits = self._eager_step(self._static["x"], self._static["y"], forward)
         self._static["logits"] = logits
         self.graph = graph
 
@@ -634,7 +648,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
 
     if data is None:
-        data = load_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"])
+        data = cached_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"])
     dd = DeviceData(data, device)
     c = data.num_classes
     run = build_training(cfg, dd)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainables import storage
+from trainables.config import objective
 from trainables.errors import WbsweepError
 
 SCHEMA = pa.schema(
@@ -46,16 +47,18 @@ def rows_for_run(
     metrics: dict[str, Any], cfg: dict[str, Any], *, spec: str, preset: str, method: str,
     stage: str, mlflow_run_id: str | None, versions: dict[str, str], created_at: pd.Timestamp,
 ) -> list[dict[str, Any]]:
-    """One row per LA variant of one trained model. FDR is a property of the features, so it is
-    the same on every LA row of a model."""
+    """One row per LA variant the config reports (``cfg["la"]``; the model's metrics hold them all).
+    FDR is a property of the features, so it is the same on every LA row of a model."""
     rows = []
-    for la, r in metrics["la"].items():
+    best = objective(metrics, cfg["la"])
+    for la in cfg["la"]:
+        r = metrics["la"][la]
         rows.append({
             "spec": spec, "preset": preset, "dataset": cfg["dataset"], "model": cfg["model"],
             "method": method, "la": la, "seed": int(cfg["seed"]), "stage": stage,
             "config_hash": metrics["config_hash"], "parent_hash": cfg.get("parent_hash"),
             "acc_many": r["many"], "acc_medium": r["medium"], "acc_few": r["few"], "acc_avg": r["avg"],
-            "val_acc": r["val_acc"], "objective": metrics["objective"], "acc_per_class": r["acc_per_class"],
+            "val_acc": r["val_acc"], "objective": best, "acc_per_class": r["acc_per_class"],
             "fdr_train": metrics["fdr_train"], "fdr_test": metrics["fdr_test"],
             "tau": r["param"] if la == "add" else None, "gamma": r["param"] if la == "mult" else None,
             "wd": cfg["wd"], "fr": cfg["fr"], "stage2_wd": cfg["stage2_wd"] if cfg["stage2"] else None,

@@ -94,7 +94,7 @@ def digest(folder: Path) -> dict[str, str]:
 def out_with_results(tmp_path) -> Path:
     """An --out that already holds a results file of an earlier sweep."""
     out = tmp_path / "out"
-    cfg = resolve_config({})
+    cfg = resolve_config({"la": ["none"]})
     metrics = {"config_hash": "abc", "fdr_train": 1.0, "fdr_test": 1.0, "objective": 50.0, "epochs": 1,
                "best_epoch": 1, "train_seconds": 1.0, "node": "n", "device": "cpu",
                "la": {"none": {"param": None, "val_acc": 50.0, "many": 1.0, "medium": 2.0, "few": 3.0, "avg": 2.0,

@@ -82,7 +82,8 @@ def test_config_hash_ignores_where_and_how() -> None:
     base = config_hash(resolve_config({}))
     assert len(base) == 16 and int(base, 16) >= 0
     for over in ({"seed": 3}, {"data_root": "/somewhere/else"}, {"device": "cpu"}, {"threads": 4},
-                 {"seed": 7, "device": "cuda", "threads": 1, "data_root": "/x"}):
+                 {"seed": 7, "device": "cuda", "threads": 1, "data_root": "/x"},
+                 {"la": ["none"]}, {"la": ["mult", "add"]}):  # post-hoc: every run evaluates all LA kinds
         assert config_hash(resolve_config(over)) == base, over
 
 
@@ -91,8 +92,7 @@ def test_config_hash_changes_with_the_science() -> None:
     changed = [
         {"wd": 0.005},
         {"wd": 0.0051},
-        {"la": ["none"]},
-        {"la": ["none", "add"]},
+        {"tau_grid": [1.0, 2.0]},
         {"dataset": "cifar10-lt"},
         {"model": "mlp4"},
     ]

@@ -19,7 +19,7 @@ VERSIONS = {"wbsweep": "0.1.0", "torch": "2.x", "ray": "2.x"}
 
 
 def add_model(out, spec, method, dataset, model, seed, fdr_train, fdr_test, hash_, analyses=None):
-    cfg = resolve_config({"dataset": dataset, "model": model})
+    cfg = resolve_config({"dataset": dataset, "model": model, "la": ["none"]})
     metrics = {"config_hash": hash_, "fdr_train": fdr_train, "fdr_test": fdr_test, "objective": 50.0, "epochs": 2,
                "best_epoch": 2, "train_seconds": 1.0, "node": "n", "device": "cpu",
                "la": {"none": {"param": None, "val_acc": 50.0, "many": 60.0, "medium": 50.0, "few": 40.0,

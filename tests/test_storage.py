@@ -123,8 +123,9 @@ def _rows(seed: int) -> list[dict]:
                "best_epoch": 1, "train_seconds": 1.0, "node": "n", "device": "cpu",
                "la": {"none": {"param": None, "val_acc": 50.0, "many": 1.0, "medium": 2.0, "few": 3.0, "avg": 2.0,
                                "acc_per_class": [2.0] * 10}}}
-    return rows_for_run(metrics, {**resolve_config({}), "seed": seed}, spec="table4", preset="smoke", method="wd",
-                        stage="repeat", mlflow_run_id=None, versions={"wbsweep": "x", "torch": "x", "ray": "x"},
+    cfg = {**resolve_config({"la": ["none"]}), "seed": seed}
+    return rows_for_run(metrics, cfg, spec="table4", preset="smoke", method="wd", stage="repeat", mlflow_run_id=None,
+                        versions={"wbsweep": "x", "torch": "x", "ray": "x"},
                         created_at=pd.Timestamp("2026-01-01", tz="UTC"))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from trainables.config import resolve_config
+from trainables.config import config_hash, resolve_config
 from trainables.data import load_dataset
 from trainables.models import ModelSpec, build_model
 from trainables.train import TrainingDiverged, crop_flip, load_metrics, train
@@ -208,3 +208,25 @@ def test_diverging_run_raises(tmp_path: Path, threads_kept: None) -> None:
         train({**TINY, "width": 16, "lr": 1.0e6, "la": ["none"]}, tmp_path)
     assert load_metrics(tmp_path) is None
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_every_la_kind_is_evaluated_and_a_spec_reports_its_own(stage1: dict[str, Any]) -> None:
+    """`la` is not hashed: one model serves a spec reporting only "none" (Table 2) and one reporting
+    all three (Table 4); each gets its own rows and its own objective."""
+    import pandas as pd
+
+    from orchestrator.results import rows_for_run
+    from trainables.config import objective
+
+    metrics = stage1["metrics"]
+    assert set(metrics["la"]) == {"none", "add", "mult"}
+    kw = dict(spec="s", preset="p", method="wd", stage="repeat", mlflow_run_id=None,
+              versions={"wbsweep": "x", "torch": "x", "ray": "x"}, created_at=pd.Timestamp("2026-01-01", tz="UTC"))
+    only_none = rows_for_run(metrics, resolve_config({**TINY, "la": ["none"]}), **kw)
+    assert [r["la"] for r in only_none] == ["none"]
+    assert only_none[0]["objective"] == metrics["la"]["none"]["val_acc"]
+    both = rows_for_run(metrics, resolve_config({**TINY, "la": ["mult", "add"]}), **kw)
+    assert [r["la"] for r in both] == ["mult", "add"]
+    best = max(metrics["la"]["mult"]["val_acc"], metrics["la"]["add"]["val_acc"])
+    assert {r["objective"] for r in both} == {best} == {objective(metrics, ["add", "mult"])}
+    assert config_hash(resolve_config({**TINY, "la": ["none"]})) == config_hash(resolve_config(TINY))

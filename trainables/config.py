@@ -95,9 +95,12 @@ ANALYSES = ("fdr_random_layer", "class_cosine", "relu_fdr", "feature_norms", "fo
 # size in eval mode): results agree to float32 rounding, like two runs of cuDNN's nondeterministic
 # kernels (tests/test_speed.py, bench/gpu_check.sh). precision changes the arithmetic (bf16 rounds
 # every product to 8 bits of mantissa), so it is hashed.
+# ``la`` (which post-hoc logit adjustments a spec reports) does not change the model: every run
+# evaluates all of LA_KINDS, and a spec's rows and objective use its own list, so Table 2's "wd"
+# (no LA) and Table 4's "wd" (three LA variants) share one trained model.
 NOT_HASHED = frozenset(
     {"seed", "data_root", "device", "threads", "eval_batch_size", "init_from", "checkpoint_seconds", "analyses",
-     "channels_last", "compile"}
+     "channels_last", "compile", "la"}
 )
 # Keys added after results existed are hashed only when set away from their default, so every run
 # finished before they existed (all fp32) keeps its hash and is not trained again.
@@ -153,6 +156,12 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(cfg["channels_last"], bool):
         raise WbsweepError(f"option channels_last must be true or false, got {cfg['channels_last']!r}.")
     return cfg
+
+
+def objective(metrics: dict[str, Any], la: list[str]) -> float:
+    """The tune stages' objective for a method reporting the LA variants ``la``: the best validation
+    balanced accuracy among them (each with its tau/gamma chosen on validation)."""
+    return max(metrics["la"][k]["val_acc"] for k in la)
 
 
 def config_hash(cfg: dict[str, Any]) -> str:

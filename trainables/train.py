@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import config_hash, resolve_config
+from trainables.config import LA_KINDS, config_hash, objective, resolve_config
 from trainables.data import LTDataset
 from trainables.datacache import cached_dataset
 from trainables.errors import WbsweepError
@@ -785,7 +785,7 @@ def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any], knobs: Knobs |
         "class_counts": np.asarray(data.class_counts),
     }
     la_results: dict[str, dict[str, Any]] = {}
-    for la in cfg["la"]:
+    for la in LA_KINDS:  # all of them, whatever cfg["la"] reports: the model folder serves every spec
         grid = cfg["tau_grid"] if la == "add" else cfg["gamma_grid"] if la == "mult" else None
         grid = grid or default_grid(la)
         kw = dict(bias=bias_np, weight_norms=norms, mult_form=cfg["la_mult_form"])
@@ -798,7 +798,7 @@ def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any], knobs: Knobs |
         "fdr_train": fdr(train_feats.numpy().astype(np.float64), y_train, c),
         "fdr_test": fdr(test_feats.numpy().astype(np.float64), y_test, c),
         "la": la_results,
-        "objective": max(r["val_acc"] for r in la_results.values()),
+        "objective": objective({"la": la_results}, cfg["la"]),
         "_arrays": arrays,
     }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables import storage
-from trainables.config import config_hash, resolve_config
+from trainables.config import config_hash, objective, resolve_config
 from trainables.storage import run_dir, run_location
 from trainables.train import CHECKPOINT, TrainingDiverged, load_metrics, train
 
@@ -93,8 +93,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
         from trainables.analysis import ensure_run_analyses
 
         ensure_run_analyses(out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])
-    final = dict(metrics)  # with the per-epoch history, which the driver logs to MLflow
+    # A model trained for another spec holds every LA variant; this trial's objective is its own list's.
+    final = {**metrics, "objective": objective(metrics, cfg["la"])}  # with the per-epoch history, for MLflow
     node_file = out / "ray_node_id"
     final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
     storage.finish_upload(out, home)  # object store: the finished folder (metrics.json last), scratch removed
-    tune.report({"objective": metrics["objective"], "final": final})
+    tune.report({"objective": final["objective"], "final": final})

@@ -65,6 +65,9 @@ def status_text(out: Path) -> str:
         for label, s in st["stages"].items():
             mine = rows[(rows["spec"] == st["spec"]) & (rows["preset"] == st["preset"])
                         & (rows["method"] == label.split()[-1])]
+            for key in ("dataset", "model"):  # one variant of a spec over several datasets/models
+                if st.get(key):
+                    mine = mine[mine[key] == st[key]]
             seeds = sorted(set(mine["seed"].astype(int))) if label.startswith("repeat") else []
             extra = f"  seeds in results: {seeds}" if label.startswith("repeat") else ""
             lines.append(f"    {label:<22} {s}{extra}")

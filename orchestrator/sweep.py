@@ -36,7 +36,7 @@ from orchestrator.results import read_rows, rows_for_run, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Tracker
 from trainables import storage
-from trainables.config import config_hash
+from trainables.config import DEFAULTS, config_hash
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
 from trainables.storage import run_location
@@ -251,10 +251,10 @@ class Sweep:
         """Check what would otherwise fail later (inside every trial, or after hours), before any
         cluster time is spent and before anything is written: the dataset loads (files present and
         readable), the results already there are readable, the cluster and tracking server answer."""
-        from trainables.data import load_dataset
+        from trainables.data import check_dataset
 
         train = self.exp.train
-        load_dataset(train.get("dataset", "digits-lt"), self.opts.data_root, train.get("rho"),
+        check_dataset(train.get("dataset", "digits-lt"), self.opts.data_root, train.get("rho"),
                      val_per_class=train.get("val_per_class", 20))
         if storage.is_remote(self.store):
             storage.check_writable(self.store)
@@ -271,6 +271,8 @@ class Sweep:
         p = self.progress
         doc = {
             "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
+            "dataset": self.exp.train.get("dataset", DEFAULTS["dataset"]),
+            "model": self.exp.train.get("model", DEFAULTS["model"]),
             "pid": os.getpid(), "storage": self.store,
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
             "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from trainables import mini_imagenet
-from trainables.data import dataset_info, load_dataset
+from trainables.data import check_dataset, dataset_info, load_dataset
 from trainables.errors import WbsweepError
 
 PER_SYNSET = 5
@@ -108,14 +108,23 @@ def test_load_mini_imagenet_lt_and_balanced(prepared: Path) -> None:
     assert dataset_info("mini-imagenet-lt")["default_rho"] == 100
 
 
-def test_rho_too_large_for_the_prepared_counts(prepared: Path) -> None:
+@pytest.mark.parametrize("load", [load_dataset, check_dataset], ids=["load", "check"])
+def test_rho_too_large_for_the_prepared_counts(prepared: Path, load) -> None:
     with pytest.raises(WbsweepError, match="no training images"):
-        load_dataset("mini-imagenet-lt", prepared / "data", rho=100.0)  # int(3 * 0.01) = 0
+        load("mini-imagenet-lt", prepared / "data", rho=100.0)  # int(3 * 0.01) = 0
 
 
-def test_missing_dataset_says_which_files_where_and_how(tmp_path: Path) -> None:
+def test_the_drivers_check_passes_without_loading_the_images(prepared: Path, monkeypatch) -> None:
+    import trainables.data as data
+
+    monkeypatch.setattr(data, "_tensor", lambda a: pytest.fail("the check materialised the images"))
+    check_dataset("mini-imagenet-lt", prepared / "data", rho=3.0)
+
+
+@pytest.mark.parametrize("load", [load_dataset, check_dataset], ids=["load", "check"])
+def test_missing_dataset_says_which_files_where_and_how(tmp_path: Path, load) -> None:
     with pytest.raises(WbsweepError) as err:
-        load_dataset("mini-imagenet-lt", tmp_path)
+        load("mini-imagenet-lt", tmp_path)
     msg = str(err.value)
     assert "\n" not in msg
     assert str(tmp_path / "mini-imagenet") in msg and "images-train.npy" in msg and "train.txt" in msg

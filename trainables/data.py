@@ -53,6 +53,7 @@ __all__ = [
     "dataset_names",
     "default_data_root",
     "load_dataset",
+    "check_dataset",
     "lt_counts",
     "read_idx",
 ]
@@ -870,6 +871,32 @@ def load_dataset(
     )
 
 
+def _lists_counts(key: str, y_train: np.ndarray, num_classes: int, rho: float) -> list[int]:
+    """n_k of a prepared-lists dataset, or a one-line error when a class would get none."""
+    n_max = int(np.bincount(y_train, minlength=num_classes).min())
+    counts = _mini.lt_counts_int(n_max, num_classes, rho)
+    if min(counts) < 1:
+        raise WbsweepError(f"{key}: rho={rho:g} with {n_max} train images per class leaves class "
+                           f"{counts.index(min(counts))} no training images; use a smaller rho")
+    return counts
+
+
+def check_dataset(name: str, data_root: str | Path | None = None, rho: float | None = None,
+                  val_per_class: int = 20) -> None:
+    """Fail as :func:`load_dataset` would (unknown name, missing or corrupt files, impossible
+    split), without holding the images where that is costly: the driver checks this before a
+    sweep starts, and mini-ImageNet-LT's images (gigabytes) are only looked at through memory maps."""
+    spec = _spec(name)
+    if spec.source.split_rule != "lists":
+        load_dataset(name, data_root, rho, val_per_class=val_per_class)
+        return
+    rho = spec.default_rho if rho is None else rho
+    _check_rho(rho)
+    key = _canonical(name)
+    splits = _mini.read_prepared(_resolve_root(data_root) / _mini.FOLDER, key)
+    _lists_counts(key, splits["train"][1], spec.source.num_classes, rho)
+
+
 def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDataset:
     """mini-ImageNet(-LT) from a prepared folder (trainables/mini_imagenet.py): the first
     n_k = int(500 * (1/rho) ** (k / 99)) train images of class k in list order, the prepared
@@ -878,12 +905,7 @@ def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDa
     splits = _mini.read_prepared(root / _mini.FOLDER, key)
     x_tr, y_tr = splits["train"]
     C = src.num_classes
-    available = np.bincount(y_tr, minlength=C)
-    n_max = int(available.min())
-    counts = _mini.lt_counts_int(n_max, C, rho)
-    if min(counts) < 1:
-        raise WbsweepError(f"{key}: rho={rho:g} with {n_max} train images per class leaves class "
-                           f"{counts.index(min(counts))} no training images; use a smaller rho")
+    counts = _lists_counts(key, y_tr, C, rho)
     keep = np.concatenate([np.flatnonzero(y_tr == k)[:n] for k, n in enumerate(counts)])
     keep.sort()
     x_val, y_val = splits["val"]

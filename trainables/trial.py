@@ -89,7 +89,10 @@ def tune_trainable(config: dict[str, Any]) -> None:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             tune.report({"objective": float("nan"), "diverged": str(exc)})
             return
-    if cfg["analyses"]:  # before the final report, so the driver logs their files with the run's artifacts
+    # Analyses before the final report, so the driver logs their files with the run's artifacts; not
+    # for tune-stage trials: only the chosen config's models are analysed (`wbsweep run` fills in
+    # the chosen trial's own model at the end, from its checkpoint).
+    if cfg["analyses"] and not str(config.get("_stage", "")).startswith("tune"):
         from trainables.analysis import ensure_run_analyses
 
         ensure_run_analyses(out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])

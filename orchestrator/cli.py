@@ -49,6 +49,7 @@ def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool =
     if arg:
         if storage.is_remote(arg):
             return arg
+        arg = arg.removeprefix("file://")
         return str(_out_dir(arg, create=create, flag="--storage").resolve())
     recorded = []
     for f in sorted((out / "status").glob("*.json")) if out.is_dir() else []:

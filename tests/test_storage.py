@@ -70,6 +70,7 @@ def test_join_keeps_a_uris_options_and_joins_local_paths(tmp_path):
     assert storage.join(uri, "runs", "x") == "s3://b/p/runs/x?endpoint_override=h:9000&scheme=http"
     assert storage.join("s3://b/p/", "runs") == "s3://b/p/runs"
     assert storage.join(str(tmp_path), "runs", "a") == str(tmp_path / "runs" / "a")
+    assert storage.join(f"file://{tmp_path}", "runs") == str(tmp_path / "runs")
     assert storage.is_remote("s3://b") and storage.is_remote("gs://b/x")
     assert not storage.is_remote(str(tmp_path)) and not storage.is_remote("file:///tmp/x")
 

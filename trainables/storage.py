@@ -39,9 +39,10 @@ def is_remote(location: str | Path) -> bool:
 def join(location: str | Path, *parts: str) -> str:
     """``location/part/...``, keeping a URI's query string (its options) at the end."""
     s = str(location)
-    base, sep, query = s.partition("?") if is_remote(s) else (s, "", "")
-    joined = "/".join([base.rstrip("/"), *parts]) if is_remote(s) else str(Path(base, *parts))
-    return f"{joined}{sep}{query}"
+    if not is_remote(s):
+        return str(Path(s.removeprefix("file://"), *parts))
+    base, sep, query = s.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
 @functools.lru_cache(maxsize=32)

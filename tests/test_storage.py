@@ -32,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server with one bucket; the environment that points clients at it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install -e .[test]")
+    moto_server = pytest.importorskip("moto.server", reason="moto is a test dependency: pip install -e .[test]")
     import boto3
 
     port = _free_port()

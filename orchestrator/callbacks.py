@@ -15,10 +15,11 @@ from ray.tune import Callback
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
-from trainables.trial import training_config
+from trainables.trial import finished_metrics, training_config
 
 if TYPE_CHECKING:
     from orchestrator.sweep import Sweep
+    from orchestrator.tracking import Tracker
 
 
 def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -34,6 +35,23 @@ def final_metrics(final: dict[str, Any]) -> dict[str, float]:
         if r["param"] is not None:
             out[f"{la}.{'tau' if la == 'add' else 'gamma'}"] = r["param"]
     return out
+
+
+def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
+    """End the model runs a dead driver (kill -9, a lost head node) left RUNNING: FINISHED with
+    their metrics and files when the model did finish (its trial ended after the driver died), else
+    KILLED with the reason (a tune trial in flight that the resumed study may never propose again).
+    A model trained later re-attaches to its run, which then ends FINISHED."""
+    for run_id, hash_, seed in tracker.running_model_runs():
+        metrics = finished_metrics(runs, hash_, seed)
+        if metrics is None:
+            tracker.client.set_tag(run_id, "wbsweep.error", "interrupted: the driver stopped first")
+            tracker.finish(run_id, "KILLED")
+            continue
+        tracker.log_metrics(run_id, final_metrics(metrics), step=int(metrics["epochs"]))
+        with storage.local_copy(runs, hash_, seed) as folder:
+            tracker.log_artifacts(run_id, folder)
+        tracker.finish(run_id)
 
 
 class TrialCallback(Callback):
@@ -95,7 +113,8 @@ class TrialCallback(Callback):
         from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
 
         method = self.sweep.graph.node_of(trial.config).method
-        with self.sweep.local_run_folder(trial.config) as folder:
+        cfg = training_config(trial.config)
+        with storage.local_copy(self.sweep.runs, config_hash(cfg), cfg["seed"]) as folder:
             if run_id:
                 self.log_history(trial, run_id, final.get("history", []))
                 tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))

@@ -15,14 +15,11 @@ interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +37,7 @@ from trainables.config import DEFAULTS, config_hash
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
 from trainables.storage import run_location
-from trainables.trial import finished_metrics, run_dir_of, training_config, tune_trainable
+from trainables.trial import finished_metrics, training_config, tune_trainable
 
 
 @dataclass
@@ -196,7 +193,7 @@ class Sweep:
         import ray
         from ray import tune
 
-        from orchestrator.callbacks import TrialCallback
+        from orchestrator.callbacks import TrialCallback, close_interrupted_runs
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
@@ -216,6 +213,7 @@ class Sweep:
         # (its --artifacts-destination), so that every node can upload them over HTTP.
         local = not self.opts.tracking_uri.startswith(("http://", "https://"))
         self.tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts" if local else None)
+        close_interrupted_runs(self.tracker, self.runs)
         self.progress.begin()
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
@@ -337,18 +335,6 @@ class Sweep:
         """A small text file of a model's run folder (``mlflow_run_id``, ``ray_node_id``), or None."""
         data = storage.read_bytes(storage.join(run_location(self.runs, hash_, seed), name))
         return data.decode().strip() if data is not None else None
-
-    @contextlib.contextmanager
-    def local_run_folder(self, trial_config: dict[str, Any]) -> Iterator[Path]:
-        """A trained model's folder on this machine: the run folder itself when the storage is a
-        folder, a temporary copy downloaded from an object store otherwise."""
-        cfg = training_config(trial_config)
-        if not storage.is_remote(self.runs):
-            yield run_dir_of(trial_config)
-            return
-        with tempfile.TemporaryDirectory(prefix="wbsweep-run-") as tmp:
-            storage.download(run_location(self.runs, config_hash(cfg), cfg["seed"]), Path(tmp))
-            yield Path(tmp)
 
     def ray_storage(self) -> dict[str, Any]:
         """Ray Tune's storage arguments: DIR/ray beside the results, on the same filesystem."""

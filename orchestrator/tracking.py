@@ -48,13 +48,21 @@ class Tracker:
         """The run with these identifying ``tags``, created if it does not exist yet."""
         found = self._find(tags)
         if found:
-            if parent is None:  # a parent run of a resumed stage is running again
-                self.client.update_run(found, status="RUNNING")
+            # a resumed stage, or a model whose training was interrupted, is running again
+            self.client.update_run(found, status="RUNNING")
             return found
         all_tags = dict(tags)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def running_model_runs(self) -> list[tuple[str, str, int]]:
+        """(run id, config hash, seed) of the model runs still marked RUNNING: at the start of a
+        sweep, those a driver that died (kill -9, a lost head node) left behind."""
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                       max_results=5000)
+        return [(r.info.run_id, r.data.tags["wbsweep.config_hash"], int(r.data.tags["wbsweep.seed"]))
+                for r in runs if "mlflow.parentRunId" in r.data.tags and "wbsweep.config_hash" in r.data.tags]
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,18 @@ def upload(local: Path, location: str | Path, names: list[str] | None = None) ->
     for name in files:
         write_bytes(join(location, name), (local / name).read_bytes())
     return files
+
+
+@contextlib.contextmanager
+def local_copy(runs: str | Path, hash_: str, seed: int) -> Iterator[Path]:
+    """A finished model's folder on this machine: the run folder itself for a local ``runs``, a
+    temporary copy downloaded from the object store otherwise (gone after the ``with``)."""
+    if not is_remote(runs):
+        yield run_dir(runs, hash_, seed)
+        return
+    with tempfile.TemporaryDirectory(prefix="wbsweep-run-") as tmp:
+        download(run_location(runs, hash_, seed), Path(tmp))
+        yield Path(tmp)
 
 
 def finish_upload(local: Path, location: str | Path) -> None:

@@ -245,6 +245,17 @@ def real_fashion_mnist_root() -> Path:
     return root
 
 
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test (timing-free comparisons of trainers), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _node_caches_in_a_temp_folder(tmp_path_factory):
     """The per-node dataset cache and scratch folders of this test session (and of the sweeps it

@@ -14,12 +14,7 @@ from trainables.train import DeviceData, build_training
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(model: str, width: int, extra: dict, in_backward: bool, epochs: int = 2) -> tuple[dict, dict, list]:

@@ -128,8 +128,8 @@ class DeviceData:
 @dataclass(frozen=True)
 class Knobs:
     """The speed knobs of a run, resolved for its device (config keys ``channels_last``,
-    ``precision``, ``compile``). ``compile`` is one of off | torch | cudagraph here; "auto" is
-    resolved by :meth:`resolve`. ``strict`` says it was asked for by name, so a failed CUDA-graph
+    ``precision``, ``compile``). ``compile`` is one of off | torch | cudagraph | cudagraph+torch
+    here; "auto" is resolved by :meth:`resolve`. ``strict`` says it was asked for by name, so a failed CUDA-graph
     capture or compilation is an error rather than a warning and a fall-back to eager steps."""
 
     channels_last: bool = False
@@ -282,8 +282,8 @@ class EpochRunner:
     "cudagraph" captures a full batch's whole step (forward, backward, SGD with the learning rate
     read from a device tensor, MaxNorm, loss sum) as one CUDA graph after a few eager warm-up
     steps and replays it, the data preparation staying outside the graph (it fills the graph's
-    static input). The last, smaller batch of an epoch always runs eagerly, so every mode trains
-    on exactly the same batches.
+    static input); "cudagraph+torch" captures the torch.compile'd step the same way. The last,
+    smaller batch of an epoch always runs eagerly, so every mode trains on exactly the same batches.
     """
 
     def __init__(self, model: Network, dd: DeviceData, opt: torch.optim.Optimizer, loss_fn: Callable, *,

@@ -215,6 +215,18 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     assert [len(storage.read_bytes(f"s3://{p}/attempts.log").splitlines()) for p in finished] == attempts
     assert len(read_rows(storage.join(store, "results"))) == 24
 
+    # analyses from the checkpoints in the bucket, their numbers and files written back there
+    an = subprocess.run([sys.executable, "-m", "orchestrator.cli", "analyze", "--out", str(out), "--spec", "table4",
+                         "--names", "weight_norms"], env=env, capture_output=True, text=True, timeout=600)
+    assert an.returncode == 0 and "12 of 12 model(s) analysed" in an.stdout, an.stdout + an.stderr[-2000:]
+    from orchestrator.analyses import read_analysis_rows
+
+    rows = read_analysis_rows(storage.join(store, "analyses"))
+    assert rows.groupby(["config_hash", "seed"]).ngroups == 12 and set(rows["analysis"]) == {"weight_norms"}
+    assert all(storage.exists(storage.join(runs, h, f"seed{s}", "analysis.json"))
+               for h, s in rows[["config_hash", "seed"]].drop_duplicates().itertuples(index=False))
+    assert not list(scratch.glob("*/*/seed*"))  # the scratch copies are gone
+
 
 def test_a_local_storage_folder_apart_from_out(tmp_path):
     """`report --storage DIR` reads the results there, not in --out (tests/test_cluster.py runs a

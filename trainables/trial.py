@@ -42,6 +42,8 @@ def finished_metrics(runs: str | Path, hash_: str, seed: int) -> dict[str, Any] 
 
 # Files a trainer copies to an object store while it trains, so that a retry elsewhere resumes.
 PROGRESS_FILES = [CHECKPOINT, "attempts.log", "ray_node_id"]
+# A second stage's copy of its parent's model.pt in its scratch folder (object stores only).
+PARENT_MODEL = ".parent-model.pt"
 
 
 class ThrottledReport:
@@ -74,9 +76,12 @@ def tune_trainable(config: dict[str, Any]) -> None:
     metrics = load_metrics(out)
     if metrics is None:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.get("stage2"):  # object store: the first stage's model, where init_from points
-            storage.download(run_location(runs, cfg["parent_hash"], seed), Path(cfg["init_from"]).parent,
-                             ["model.pt"])
+        if cfg.get("stage2") and storage.is_remote(runs):  # the first stage's model, from the object store
+            parent = storage.read_bytes(storage.join(run_location(runs, cfg["parent_hash"], seed), "model.pt"))
+            if parent is None:
+                raise FileNotFoundError(f"the first stage's model of seed {seed} is not in {runs}")
+            (out / PARENT_MODEL).write_bytes(parent)  # init_from is not hashed: where it lies is ours to say
+            cfg["init_from"] = str(out / PARENT_MODEL)
         with open(out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
             fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
         # Which Ray node trained it (hostnames can repeat: several nodes per machine, containers).
@@ -89,6 +94,8 @@ def tune_trainable(config: dict[str, Any]) -> None:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             tune.report({"objective": float("nan"), "diverged": str(exc)})
             return
+        finally:
+            (out / PARENT_MODEL).unlink(missing_ok=True)  # a copy: the parent's folder has the original
     # Analyses before the final report, so the driver logs their files with the run's artifacts; not
     # for tune-stage trials: only the chosen config's models are analysed (`wbsweep run` fills in
     # the chosen trial's own model at the end, from its checkpoint).

@@ -157,6 +157,21 @@ def test_a_missing_bucket_is_one_line_before_anything_runs(s3_env, tmp_path):
     assert not (out / "results").exists()
 
 
+def test_an_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
+    """No S3 endpoint answers: `status` and `report` say so in one line (exit 2), no traceback."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}.items():
+        monkeypatch.setenv(k, v)
+    storage._filesystem.cache_clear()
+    with pytest.raises(WbsweepError, match="s3://nowhere/x/results.*credentials"):
+        storage.list_files("s3://nowhere/x/results")
+    storage._filesystem.cache_clear()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(tmp_path),
+                           "--storage", "s3://nowhere/x"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "s3://nowhere/x" in lines[0], proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smoke_sweep):
     """The whole smoke sweep with its results, model folders and Ray's state on S3, every trial's

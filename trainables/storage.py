@@ -68,15 +68,32 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return fs, "/".join(p for p in (root.rstrip("/"), key.strip("/")) if p)
 
 
+@contextlib.contextmanager
+def _one_line(location: str | Path) -> Iterator[None]:
+    """An object store that cannot be reached (endpoint, credentials, permissions) fails with one
+    line naming the location instead of pyarrow's traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not is_remote(location):
+            raise
+        raise WbsweepError(f"storage {location}: {str(exc).splitlines()[0]}; check the bucket, its credentials "
+                           "(AWS_* variables or the instance profile) and AWS_ENDPOINT_URL.") from None
+
+
 def exists(location: str | Path) -> bool:
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _one_line(location):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(location: str | Path, suffix: str = "") -> list[str]:
     """Names (not paths) of the files directly under ``location`` ending in ``suffix``, sorted."""
     fs, path = filesystem(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    with _one_line(location):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
@@ -84,7 +101,7 @@ def read_bytes(location: str | Path) -> bytes | None:
     """The file's content, or None when it does not exist."""
     fs, path = filesystem(location)
     try:
-        with fs.open_input_stream(path) as fh:
+        with _one_line(location), fs.open_input_stream(path) as fh:
             return fh.read()
     except FileNotFoundError:
         return None
@@ -106,15 +123,16 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as fh:
-        fh.write(data)
+    with _one_line(location):
+        fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
 
 
 def delete(location: str | Path) -> None:
     """Delete one file if it exists."""
     fs, path = filesystem(location)
-    with contextlib.suppress(FileNotFoundError):
+    with _one_line(location), contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
 
 

@@ -20,7 +20,6 @@ checkpoints (a model trained earlier, by another spec, or before the spec asked 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pyarrow as pa
 
 from orchestrator.results import read_rows, write_rows
 from trainables import storage
-from trainables.storage import run_dir, run_location
+from trainables.storage import run_location
 
 FOLDER = "analyses"
 SCHEMA = pa.schema([
@@ -111,37 +110,35 @@ def ensure_analyses(store: str | Path, spec: str, preset: str | None = None, nam
             continue
         counts["models"] += 1
         seed, hash_ = int(row["seed"]), row["config_hash"]
-        home, folder = run_location(runs, hash_, seed), run_dir(runs, hash_, seed)
-        storage.download(home, folder)  # an object store's run: into a scratch folder, sent back below
-        if not (folder / "model.pt").exists():
-            counts["skipped"] += 1
-            log(f"analyses: {home} has no model.pt; skipped")
-            if storage.is_remote(runs):
-                shutil.rmtree(folder, ignore_errors=True)
-            continue
-        before = load_result(folder).get("analyses", {})
-        if force:
-            result = run_analyses(folder, wanted, device=device, data_root=data_root)
-        else:
-            result = ensure_run_analyses(folder, wanted, device=device, data_root=data_root)
-        computed = force or any(n not in before for n in wanted)
-        if computed:
-            counts["analysed"] += 1
-            log(f"analyses: {row['method']} seed {seed} ({hash_}): {', '.join(wanted)}")
-        done = set(result.get("analyses", {}))
-        if computed or any((hash_, seed, n) not in have_keys for n in done):
-            storage.upload(folder, home, [p.name for p in folder.glob("analysis*")])
-            counts["rows"] += record_run_analyses(store, folder, spec=spec, preset=row["preset"], method=row["method"])
-        if computed and tracking_uri and isinstance(row.get("mlflow_run_id"), str):
-            try:
-                if client is None:
-                    from mlflow import MlflowClient
+        home = run_location(runs, hash_, seed)
+        # the run folder itself, or a temporary copy of an object store's (new analyses sent back below)
+        with storage.local_copy(runs, hash_, seed) as folder:
+            if not (folder / "model.pt").exists():
+                counts["skipped"] += 1
+                log(f"analyses: {home} has no model.pt; skipped")
+                continue
+            before = load_result(folder).get("analyses", {})
+            if force:
+                result = run_analyses(folder, wanted, device=device, data_root=data_root)
+            else:
+                result = ensure_run_analyses(folder, wanted, device=device, data_root=data_root)
+            computed = force or any(n not in before for n in wanted)
+            if computed:
+                counts["analysed"] += 1
+                log(f"analyses: {row['method']} seed {seed} ({hash_}): {', '.join(wanted)}")
+            done = set(result.get("analyses", {}))
+            if computed or any((hash_, seed, n) not in have_keys for n in done):
+                storage.upload(folder, home, [p.name for p in folder.glob("analysis*")])
+                counts["rows"] += record_run_analyses(store, folder, spec=spec, preset=row["preset"],
+                                                      method=row["method"])
+            if computed and tracking_uri and isinstance(row.get("mlflow_run_id"), str):
+                try:
+                    if client is None:
+                        from mlflow import MlflowClient
 
-                    client = MlflowClient(tracking_uri)
-                for path in sorted(folder.glob("analysis*")):
-                    client.log_artifact(row["mlflow_run_id"], str(path))
-            except Exception as exc:  # the numbers are in Parquet either way; say what went wrong
-                log(f"analyses: could not add the files to MLflow run {row['mlflow_run_id']}: {exc}")
-        if storage.is_remote(runs):
-            shutil.rmtree(folder, ignore_errors=True)  # the scratch copy; its analyses were sent back above
+                        client = MlflowClient(tracking_uri)
+                    for path in sorted(folder.glob("analysis*")):
+                        client.log_artifact(row["mlflow_run_id"], str(path))
+                except Exception as exc:  # the numbers are in Parquet either way; say what went wrong
+                    log(f"analyses: could not add the files to MLflow run {row['mlflow_run_id']}: {exc}")
     return counts

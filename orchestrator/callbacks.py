@@ -112,7 +112,7 @@ class TrialCallback(Callback):
         tracker = self.sweep.tracker
         from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
 
-        method = self.sweep.graph.node_of(trial.config).method
+        node = self.sweep.graph.node_of(trial.config)
         cfg = training_config(trial.config)
         with storage.local_copy(self.sweep.runs, config_hash(cfg), cfg["seed"]) as folder:
             if run_id:
@@ -120,9 +120,9 @@ class TrialCallback(Callback):
                 tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
                 tracker.log_artifacts(run_id, folder)
                 tracker.finish(run_id)
-            self.sweep.record(self.sweep.graph.node_of(trial.config), trial.config, final, run_id)
+            self.sweep.record(node, trial.config, final, run_id)
             record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
-                                method=method)
+                                method=node.method)
         self.sweep.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):

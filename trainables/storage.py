@@ -176,7 +176,6 @@ def download(location: str | Path, local: Path, names: list[str] | None = None) 
     the names copied. Nothing to do for a local location."""
     if not is_remote(location):
         return []
-    fs, path = filesystem(location)
     local.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in names if names is not None else list_files(location):

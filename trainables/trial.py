@@ -29,12 +29,6 @@ def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
     return resolve_config(cfg)
 
 
-def run_dir_of(trial_config: dict[str, Any]) -> Path:
-    """The local folder a trial's model is trained in (see :func:`trainables.storage.run_dir`)."""
-    cfg = training_config(trial_config)
-    return run_dir(trial_config["_runs"], config_hash(cfg), cfg["seed"])
-
-
 def finished_metrics(runs: str | Path, hash_: str, seed: int) -> dict[str, Any] | None:
     """The metrics of a finished model (read from the storage), or None when it is not finished."""
     return storage.read_json(storage.join(run_location(runs, hash_, seed), "metrics.json"))

@@ -119,6 +119,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's or ``taskset``'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages: other work on the cores moves CPU figures."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -166,6 +182,7 @@ def compare(device: str = "cpu", model: str = "resnet32", batch_size: int = 64, 
     fast_epochs = fast_epochs or (5 if dev.type == "cuda" else 1)
     log(f"bench {model} (batch {batch_size}) on {device_name(dev)}: {len(data.y_train)} synthetic "
         f"{SHAPES[data_kind(model)]['title']} images per epoch, 1 warm-up + {rounds} timed rounds")
+    load_before = load_average()
     naive_rates, fast_rates = [], []
     naive_t = fast_t = 0.0
     naive_n = fast_n = 0
@@ -199,10 +216,14 @@ def compare(device: str = "cpu", model: str = "resnet32", batch_size: int = 64, 
         "precision": knobs.precision, "channels_last": knobs.channels_last, "compile": knobs.compile,
         "equal_precision": knobs.precision == "fp32", "naive_round_img_per_s": [round(v, 1) for v in naive_rates],
         "wbsweep_round_img_per_s": [round(v, 1) for v in fast_rates], "torch": torch.__version__,
+        "load_average_before": load_before, "load_average_after": load_average(),
     }
     log(f"  naive trainer   (DataLoader, per-sample transforms, fp32, .item() per step): {naive_ips:10.1f} img/s")
     log(f"  wbsweep trainer ({_knob_label(knobs)}): {fast_ips:10.1f} img/s")
     log(f"  speedup: {fast_ips / naive_ips:.2f}x" + ("" if knobs.precision == "fp32" else " (NOT at equal precision)"))
+    if result["load_average_before"] is not None:
+        log(f"  load average (1/5/15 min) before {result['load_average_before']}, after {result['load_average_after']}"
+            f" on {available_cores()} cores: other work on the cores slows both trainers, unequally")
     return result
 
 
@@ -582,7 +603,7 @@ def packed(device: str = "cuda", model: str = "resnet32", trials: int = 4, secon
     epoch loop with validation, like a trial) against one process alone. CPU threads per process:
     the cores divided among the trials (as cpus_per_trial does under Ray)."""
     dev = pick_device(device)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     n = images if images is not None else default_images(dev, model)
     base = {"device": device, "model": model, "batch_size": batch_size, "width": width, "images": n,
             "overrides": overrides or {}, "seconds": seconds}
@@ -695,15 +716,22 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise WbsweepError(f"unknown model {args.model!r}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise WbsweepError("--device cuda: torch sees no GPU here; use --device cpu.")
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-    # One thread per trainer on a CPU by default: how the cpu preset runs its trials (cpus_per_trial 1),
-    # and steady where other work shares the cores (OpenMP threads that wait for a busy core spin).
-    threads = args.threads or (1 if args.device == "cpu" else None)
+    # On a CPU both trainers get every core this process may use (the targets are for the whole
+    # machine; a naive trainer is no faster with DataLoader workers on 2 cores, measured). --threads 1
+    # gives the per-core figure, how the cpu preset runs its trials (cpus_per_trial 1).
+    threads = args.threads or (available_cores() if args.device == "cpu" else None)
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run_sections(args, overrides, threads)
+    finally:  # the caller's setting (the CLI exits; a test or notebook goes on)
+        torch.set_num_threads(threads_before)
+
+
+def _run_sections(args: argparse.Namespace, overrides: dict[str, Any], threads: int | None) -> int:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     result: dict[str, Any] = {}
     failures: list[str] = []

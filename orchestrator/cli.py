@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, help="training images per epoch (default: all on cuda, a subset on cpu)")
     b.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up round")
     b.add_argument("--fast-epochs", type=int, help="wbsweep epochs per round (default 1 on cpu, 5 on cuda)")
-    b.add_argument("--threads", type=int, help="torch threads for both trainers (default: 1 on cpu, torch's on cuda)")
+    b.add_argument("--threads", type=int, help="torch threads for both trainers (default: every core this "
+                   "process may use on cpu, torch's on cuda; 1 gives the per-core figure)")
     b.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers of the naive trainer")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="a knob of the wbsweep trainer: precision=bf16")
     b.add_argument("--json", action="store_true", help="print one JSON object (text goes to stderr)")

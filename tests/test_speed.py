@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,7 @@ def test_stage2_maxnorm_per_epoch(tmp_path: Path) -> None:
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    threads_before = torch.get_num_threads()
     code = main(["bench", "--device", "cpu", "--model", "mlp3", "--width", "16", "--images", "256", "--rounds", "1",
                  "--json"])
     assert code == 0
@@ -370,6 +372,10 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["device"] == "cpu" and out["model"] == "mlp3" and out["equal_precision"] is True
     assert out["naive_img_per_s"] > 0 and out["wbsweep_img_per_s"] > 0
     assert out["speedup"] == pytest.approx(out["wbsweep_img_per_s"] / out["naive_img_per_s"], rel=0.02)
+    # both trainers get every core the process may use; the caller's thread setting comes back
+    assert out["threads"] == len(os.sched_getaffinity(0))
+    assert torch.get_num_threads() == threads_before
+    assert len(out["load_average_before"]) == 3 and len(out["load_average_after"]) == 3
 
 
 def test_bench_cuda_without_a_gpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

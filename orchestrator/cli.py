@@ -161,6 +161,7 @@ def _parse_set(items: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.spec import load_experiment
+    from trainables.config import config_hash, resolve_config
     from trainables.methods import get_method, method_config
     from trainables.train import train
 
@@ -170,7 +171,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_root:
         cfg["data_root"] = _data_root(args.data_root)
     cfg.update(_parse_set(args.set or []))
-    out = _out_dir(args.out, create=True)
+    # one folder per config and seed, as a sweep's runs/<hash>/seed<k>: another method or seed never
+    # overwrites (or resumes) this one's files, and the same command again continues a cut-short run
+    out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model folder: {out}", file=sys.stderr)
 
     def show(m: dict) -> None:
         print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)

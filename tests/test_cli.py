@@ -3,8 +3,11 @@ nothing written where nothing should be."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,5 +81,8 @@ def test_train_one_model_without_ray(tmp_path):
     proc = wbsweep("train", "--method", "wd_etf", "--preset", "smoke", "--set", "epochs=1", "--set", "width=32",
                    "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "metrics.json").exists() and '"fdr_test"' in proc.stdout
+    # one folder per config and seed (as a sweep's runs/<hash>/seed<k>), named on stderr
+    folder = Path(re.search(r"model folder: (\S+)", proc.stderr).group(1))
+    summary = json.loads(proc.stdout)
+    assert folder == tmp_path / summary["config_hash"] / "seed0" and (folder / "metrics.json").exists()
     assert_user_error(wbsweep("train", "--method", "wd", "--set", "epoch=3", "--out", str(tmp_path)), "epoch")

@@ -344,6 +344,26 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_checkpoint_of_another_seed_is_not_resumed(tmp_path: Path) -> None:
+    """The seed is not in the config hash: a folder holding seed 3's checkpoint must train seed 4
+    from scratch, not continue seed 3's run."""
+    data = synthetic_dataset("mnist", 200, seed=6, test_images=50)
+    cfg = {"model": "mlp3", "width": 32, "epochs": 3, "device": "cpu", "la": ["none"], "lr": 0.05,
+           "checkpoint_seconds": 0}
+
+    def stop_after_two(m: dict[str, Any]) -> None:
+        if m["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train({**cfg, "seed": 3}, tmp_path / "shared", report=stop_after_two, data=data)
+    assert torch.load(tmp_path / "shared" / "checkpoint.pt", weights_only=True)["seed"] == 3
+    reused = train({**cfg, "seed": 4}, tmp_path / "shared", data=data)
+    fresh = train({**cfg, "seed": 4}, tmp_path / "fresh", data=data)
+    seed3 = train({**cfg, "seed": 3}, tmp_path / "seed3", data=data)
+    assert reused["history"] == fresh["history"] != seed3["history"]
+
+
 def test_stage2_maxnorm_per_epoch(tmp_path: Path) -> None:
     data = synthetic_dataset("mnist", 200, seed=6, test_images=50)
     base = {"model": "mlp3", "width": 32, "epochs": 2, "device": "cpu", "la": ["none"], "lr": 0.05}

@@ -717,8 +717,8 @@ def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, 
     the best epoch so far. Written to a temporary name and renamed, so a crash mid-write leaves the
     previous checkpoint intact."""
     state = {
-        "config_hash": config_hash(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "generator": gen.get_state(),
+        "config_hash": config_hash(cfg), "seed": cfg["seed"], "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
         **{k: v for k, v in progress.items() if k != "seconds"}, "seconds": progress["seconds"] + seconds,
     }
     torch.save(state, out / f"{CHECKPOINT}.tmp")
@@ -727,7 +727,8 @@ def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, 
 
 def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator) -> dict[str, Any]:
     """The training progress to continue from: this run's checkpoint if it has one (of the same
-    config), else a fresh start."""
+    config and seed: the seed is not in the config hash, and a folder reused for another seed
+    must not continue that seed's training), else a fresh start."""
     fresh: dict[str, Any] = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": [],
                              "seconds": 0.0}
     path = out / CHECKPOINT
@@ -737,7 +738,7 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
         state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves to device
     except Exception:  # a torn or foreign file: start over rather than fail the trial
         return fresh
-    if state.get("config_hash") != config_hash(cfg):
+    if state.get("config_hash") != config_hash(cfg) or state.get("seed", cfg["seed"]) != cfg["seed"]:
         return fresh
     model.load_state_dict(state["model"])
     # How the update is computed (fused or not) is this process's choice, not the checkpoint's.

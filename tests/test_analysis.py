@@ -190,6 +190,26 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_random_layer_train_fdr_sees_the_images_the_trainers_train_fdr_saw(tmp_path: Path, make_cifar) -> None:
+    """With augmentation (CIFAR), Table 3's "before" train FDR is the run's fdr_train: augmented
+    train images by default (the authors' code), un-augmented with fdr_train_augment=false."""
+    make_cifar(tmp_path / "data", 10, 60, 10)
+    base = {"dataset": "cifar10-lt", "data_root": str(tmp_path / "data"), "rho": 10, "model": "resnet32",
+            "width": 4, "epochs": 1, "threads": 1, "device": "cpu", "la": ["none"], "compile": "off"}
+    n = torch.get_num_threads()
+    got = {}
+    for augment in (True, False):
+        out = tmp_path / f"augment-{augment}"
+        train({**base, "fdr_train_augment": augment}, out)
+        fdr_train = json.loads((out / "metrics.json").read_text())["fdr_train"]
+        got[augment] = (run_analyses(out, ["fdr_random_layer"], plots=False)["analyses"]["fdr_random_layer"],
+                        fdr_train)
+    torch.set_num_threads(n)
+    for a, fdr_train in got.values():
+        assert a["before_train"] == pytest.approx(fdr_train, rel=1e-6)
+    assert got[True][1] != pytest.approx(got[False][1], rel=1e-3)  # the switch does change what is measured
+
+
 def test_run_analyses_writes_numbers_and_plots(finished_run: Path) -> None:
     assert missing_analyses(finished_run, ANALYSES) == list(ANALYSES)
     result = run_analyses(finished_run)  # the config's own list: all of them

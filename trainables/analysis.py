@@ -276,16 +276,18 @@ class _Context:
         self.model.load_state_dict(state["model"])
         self.model.eval()
         self.batch = int(cfg.get("eval_batch_size") or 1024)
-        self._feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._feats: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
 
-    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Classifier-input features (un-augmented, eval mode) and labels of a split."""
+    def features(self, split: str, augment: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Classifier-input features (eval mode) and labels of a split; ``augment`` draws the
+        crops and flips as the trainer's train FDR does (same seed), so both see the same images."""
         from trainables.train import features_and_logits
 
-        if split not in self._feats:
-            f, _ = features_and_logits(self.model, self.dd, split, self.batch)
-            self._feats[split] = (f.numpy().astype(np.float64), self.dd.y[split].cpu().numpy())
-        return self._feats[split]
+        key = (split, augment)
+        if key not in self._feats:
+            f, _ = features_and_logits(self.model, self.dd, split, self.batch, augment=augment, seed=1)
+            self._feats[key] = (f.numpy().astype(np.float64), self.dd.y[split].cpu().numpy())
+        return self._feats[key]
 
     def batches(self, split: str) -> list[torch.Tensor]:
         x = self.dd.x[split]
@@ -308,8 +310,8 @@ def _compute(name: str, ctx: _Context, run_dir: Path) -> dict[str, Any] | str:
     c = ctx.data.num_classes
     if name == "fdr_random_layer":
         out = {}
-        for split in ("test", "train"):
-            f, y = ctx.features(split)
+        for split in ("test", "train"):  # train as the run's fdr_train: augmented or not (fdr_train_augment)
+            f, y = ctx.features(split, augment=split == "train" and bool(ctx.cfg["fdr_train_augment"]))
             r = fdr_random_layer(f, y, c, seed=ctx.cfg["seed"])
             out[f"before_{split}"], out[f"after_{split}"] = r["before"], r["after"]
         return out

@@ -146,3 +146,10 @@ def test_method_config_follows_hyper() -> None:
 def test_get_method_suggests() -> None:
     with pytest.raises(WbsweepError, match="Did you mean 'wd_etf'"):
         get_method("wd_eft")
+
+
+@pytest.mark.parametrize("key", ["fdr_train_augment", "conv_only_linear", "etf_bias", "channels_last"])
+def test_a_switch_must_be_true_or_false(key: str) -> None:
+    with pytest.raises(WbsweepError, match=key):
+        resolve_config({key: "yes"})
+    assert resolve_config({key: False})[key] is False

@@ -259,6 +259,22 @@ def test_weight_decay_scope_conv_only(
         assert not (decay | no_decay) & bn_names  # frozen parameters are in no group
 
 
+@pytest.mark.parametrize(("name", "cin", "size", "width", "head"), MODEL_CASES)
+def test_weight_decay_conv_only_with_linear_layers_is_everything_but_bn(
+    name: str, cin: int, size: int, width: int | None, head: str
+) -> None:
+    """The authors' code without BN decay: convolutions and every nn.Linear (weight and bias,
+    the classifier's too), nothing of BN."""
+    model = build_model(ModelSpec(name, 10, cin, size, classifier=head, width=width))
+    decay, no_decay = decayed_names(model, weight_decay_groups(model, 0.003, "conv_only", conv_only_linear=True), 0.003)
+    bn = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+          for k in ("weight", "bias")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert no_decay == trainable & bn and decay == trainable - bn
+    classifier = {n for n in trainable if n.startswith("classifier.")}
+    assert classifier and classifier <= decay  # the linear head's weight and bias, or the ETF head's bias
+
+
 def test_weight_decay_unknown_scope() -> None:
     model = build_model(ModelSpec("mlp3", 10, 1, 8, width=8))
     with pytest.raises(WbsweepError, match="bn_only"):

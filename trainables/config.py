@@ -30,7 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "cb_beta": 0.9999,
     "cb_form": "softmax",  # softmax (seed code, paper eq. 8) | bce (WB's code)
     "wd": 0.0,  # lambda, coupled L2 (SGD weight_decay)
-    "wd_scope": "all",  # all | conv_only ("WD w/o BN")
+    "wd_scope": "all",  # all | conv_only ("WD w/o BN") | no_bn_shift ("WD w/o shift")
+    "conv_only_linear": False,  # conv_only also decays linear layers' weights and biases, classifier included (code)
     "bn": "trainable",  # trainable | fixed
     "bn_scale": 0.1,  # the common BN scale when bn == fixed
     "fr": 0.0,  # zeta of feature regularisation
@@ -104,7 +105,7 @@ NOT_HASHED = frozenset(
 )
 # Keys added after results existed are hashed only when set away from their default, so every run
 # finished before they existed (all fp32) keeps its hash and is not trained again.
-HASHED_WHEN_CHANGED = frozenset({"precision", "stage2_init_norm"})
+HASHED_WHEN_CHANGED = frozenset({"precision", "stage2_init_norm", "conv_only_linear"})
 
 _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
     "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
@@ -153,8 +154,9 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         raise WbsweepError("analysis 'forgetting' needs the per-epoch predictions: set track_forgetting: true.")
     if cfg["stage2"] and not cfg["init_from"]:
         raise WbsweepError("a second-stage (WB) run needs init_from: the stage-1 model.pt to start from.")
-    if not isinstance(cfg["channels_last"], bool):
-        raise WbsweepError(f"option channels_last must be true or false, got {cfg['channels_last']!r}.")
+    for key, default in DEFAULTS.items():  # a switch given as "yes" or 1 would silently read as on
+        if isinstance(default, bool) and not isinstance(cfg[key], bool):
+            raise WbsweepError(f"option {key} must be true or false, got {cfg[key]!r}.")
     return cfg
 
 

@@ -272,14 +272,17 @@ def fix_batchnorm_(model: nn.Module, scale: float) -> None:
             m.bias.requires_grad_(False)
 
 
-def weight_decay_groups(model: Network, wd: float, scope: str) -> list[dict]:
+def weight_decay_groups(model: Network, wd: float, scope: str, conv_only_linear: bool = False) -> list[dict]:
     """SGD parameter groups for coupled L2 weight decay (the paper's eq. 4).
 
     scope "all": every trainable parameter decays (the paper's WD, BN scales and shifts and biases
-    included). scope "conv_only" ("WD w/o BN"): only the weights of the backbone's convolutions and
-    linear layers decay; BN parameters, biases and the classifier do not. scope "no_bn_shift"
-    ("WD w/o shift", figure 2): everything decays except the BN shifts (biases of BN modules).
-    Parameters are selected by module type, never by name.
+    included). scope "conv_only" ("WD w/o BN", "WD fixed BN"): only the weights of the backbone's
+    convolutions and linear layers decay; BN parameters, biases and the classifier do not (the
+    paper's "applied only to convolution layers"). With ``conv_only_linear`` every linear layer's
+    weight and bias decays as well, the classifier's included, i.e. everything but BN: what the
+    authors' code does when BN is left out. scope "no_bn_shift" ("WD w/o shift", figure 2):
+    everything decays except the BN shifts (biases of BN modules). Parameters are selected by
+    module type, never by name.
     """
     if scope not in WD_SCOPES:
         raise WbsweepError(f"unknown wd_scope '{scope}': use one of {', '.join(WD_SCOPES)}.")
@@ -291,6 +294,8 @@ def weight_decay_groups(model: Network, wd: float, scope: str) -> list[dict]:
     for m in model.modules():
         if isinstance(m, BN_TYPES) and m.bias is not None:
             bn_shifts.add(id(m.bias))
+        if conv_only_linear and (isinstance(m, nn.Linear) or m is model.classifier):  # the ETF head is a linear too
+            conv_weights.update(id(p) for p in m.parameters(recurse=False))
     for p in model.parameters():
         if not p.requires_grad:
             continue

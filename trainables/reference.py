@@ -73,7 +73,7 @@ class ReferenceTrainer:
         self.num_workers = num_workers
         if cfg["bn"] == "fixed":
             fix_batchnorm_(model, cfg["bn_scale"])
-        groups = weight_decay_groups(model, cfg["wd"], cfg["wd_scope"])
+        groups = weight_decay_groups(model, cfg["wd"], cfg["wd_scope"], cfg["conv_only_linear"])
         self.optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg["epochs"], eta_min=0.0)
         self.criterion = make_loss(cfg, cfg["loss"], data.class_counts, self.device)

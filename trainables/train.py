@@ -607,7 +607,7 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
         if cfg["bn"] == "fixed":
             fix_batchnorm_(model, cfg["bn_scale"])
         epochs, wd, loss_kind = cfg["epochs"], cfg["wd"], cfg["loss"]
-        groups = weight_decay_groups(model, wd, cfg["wd_scope"])
+        groups = weight_decay_groups(model, wd, cfg["wd_scope"], cfg["conv_only_linear"])
         threshold = None
     if loss_kind == "dr" and cfg["classifier"] != "etf":
         raise WbsweepError("the DR loss needs the fixed ETF classifier (classifier: etf).")

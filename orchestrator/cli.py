@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.yaml_loader import load as load_yaml
 from trainables.errors import WbsweepError
 
 DEFAULT_OUT = "wbsweep-out"
@@ -155,7 +156,11 @@ def _parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise WbsweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=5.")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise WbsweepError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                               "quote strings, write lists as [a, b].") from exc
     return out
 
 

@@ -86,3 +86,14 @@ def test_train_one_model_without_ray(tmp_path):
     summary = json.loads(proc.stdout)
     assert folder == tmp_path / summary["config_hash"] / "seed0" and (folder / "metrics.json").exists()
     assert_user_error(wbsweep("train", "--method", "wd", "--set", "epoch=3", "--out", str(tmp_path)), "epoch")
+
+
+def test_set_values_read_exponents_as_numbers_and_bad_yaml_is_one_line():
+    from orchestrator.cli import _parse_set
+    from trainables.errors import WbsweepError
+
+    # PyYAML alone reads 1e-3 as the string "1e-3" (YAML 1.1): the README's own example failed
+    assert _parse_set(["wd=1e-3", "gamma_grid=[0, 5E-1]", "epochs=5", "la=none"]) == {
+        "wd": 0.001, "gamma_grid": [0, 0.5], "epochs": 5, "la": "none"}
+    with pytest.raises(WbsweepError, match="not valid YAML"):
+        _parse_set(["epochs=[1"])

@@ -153,3 +153,17 @@ def test_a_switch_must_be_true_or_false(key: str) -> None:
     with pytest.raises(WbsweepError, match=key):
         resolve_config({key: "yes"})
     assert resolve_config({key: False})[key] is False
+
+
+@pytest.mark.parametrize(("key", "value"), [("width", "abc"), ("width", 0), ("width", 2.5), ("threads", "abc"),
+                                            ("seed", "abc"), ("seed", -1), ("tau_grid", "abc"), ("tau_grid", []),
+                                            ("gamma_grid", [0.1, "x"]), ("init_from", 3)])
+def test_options_of_the_wrong_type_are_named(key: str, value: Any) -> None:
+    """Each of these used to pass and crash the trial later (TypeError/ValueError in the trainer)."""
+    with pytest.raises(WbsweepError, match=key):
+        resolve_config({key: value})
+
+
+def test_optional_numbers_may_stay_unset() -> None:
+    cfg = resolve_config({"width": None, "threads": None, "tau_grid": [1, 1.5], "seed": 3.0})
+    assert cfg["width"] is None and cfg["threads"] is None and cfg["seed"] == 3 and isinstance(cfg["seed"], int)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from typing import Any
 
 from trainables.errors import WbsweepError
@@ -111,10 +112,13 @@ _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
     "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
     "momentum": 0.0, "cb_beta": 0.0, "epochs": 1, "batch_size": 2, "stage2_epochs": 1,
     "val_per_class": 1, "eval_batch_size": 1, "rho": 1.0, "checkpoint_seconds": 0.0,
+    "width": 1, "threads": 1, "seed": 0,
 }
 
 
-_COUNTS = frozenset({"epochs", "batch_size", "stage2_epochs", "val_per_class", "eval_batch_size"})
+_COUNTS = frozenset({"epochs", "batch_size", "stage2_epochs", "val_per_class", "eval_batch_size", "width", "threads",
+                     "seed"})
+_PATHS = ("data_root", "init_from", "parent_hash")  # None or a string
 
 
 def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -133,12 +137,14 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         value = cfg[key]
         if value is None and DEFAULTS[key] is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise WbsweepError(f"option {key} must be a finite number, got {value!r}.")
         if key in _COUNTS:
             if value != int(value):
                 raise WbsweepError(f"option {key} must be a whole number, got {value!r}.")
             cfg[key] = int(value)
+        elif not isinstance(value, (int, float)):  # a numpy scalar: a plain float, so it hashes as a number
+            cfg[key] = float(value)
         if value < low:
             raise WbsweepError(f"option {key}={value} is below its minimum {low}.")
     if isinstance(cfg["la"], str):
@@ -154,6 +160,14 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         raise WbsweepError("analysis 'forgetting' needs the per-epoch predictions: set track_forgetting: true.")
     if cfg["stage2"] and not cfg["init_from"]:
         raise WbsweepError("a second-stage (WB) run needs init_from: the stage-1 model.pt to start from.")
+    for key in ("tau_grid", "gamma_grid"):
+        grid = cfg[key]
+        if grid is not None and (not isinstance(grid, (list, tuple)) or not grid or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in grid)):
+            raise WbsweepError(f"option {key} must be a list of numbers, e.g. [1.0, 1.5, 2.0], got {grid!r}.")
+    for key in _PATHS:
+        if cfg[key] is not None and not isinstance(cfg[key], str):
+            raise WbsweepError(f"option {key} must be a path or name (a string), got {cfg[key]!r}.")
     for key, default in DEFAULTS.items():  # a switch given as "yes" or 1 would silently read as on
         if isinstance(default, bool) and not isinstance(cfg[key], bool):
             raise WbsweepError(f"option {key} must be true or false, got {cfg[key]!r}.")

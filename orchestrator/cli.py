@@ -58,8 +58,12 @@ def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool =
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not isinstance(doc, dict):  # not a status file of ours: `wbsweep status` names it
+            continue
         if spec is None or doc.get("spec") == spec:
-            recorded.append((doc.get("updated", 0), doc.get("storage")))
+            updated = doc.get("updated")
+            recorded.append((updated if isinstance(updated, (int, float)) else 0,
+                             storage.recorded_storage(doc, f, out)))
     latest = max(recorded, key=lambda t: t[0])[1] if recorded else None
     return latest or str(out.resolve())
 
@@ -106,10 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     started = time.time()
     failures = []
-    for exp in exps:
+    sweeps = [Sweep(e, opts) for e in exps]  # every variant's preflight (data, resources) before any runs
+    for exp, sweep in zip(exps, sweeps, strict=True):
         if len(exps) > 1 and not args.quiet:
             print(f"[variant {exp.variant}]", file=sys.stderr)
-        sweep = Sweep(exp, opts)
         sweep.run()
         failures += sweep.progress.failures
     from orchestrator.analyses import ensure_analyses  # models reused from elsewhere get theirs now
@@ -118,8 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                     tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
     minutes = (time.time() - started) / 60
     analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
-    print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
-                 exp.title, layout=exp.layout, analyses=analyses, store=store))
+    try:
+        print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
+                     exp.title, layout=exp.layout, analyses=analyses, store=store))
+    except WbsweepError as exc:
+        if not failures:
+            raise
+        print(f"no table: {exc}")  # every trial failed: the reasons follow
     from trainables.storage import join
 
     print(f"done in {minutes:.1f} min; results: {join(store, 'results')} (Parquet), MLflow: {opts.tracking_uri}"

@@ -49,6 +49,13 @@ def paper_reference(name: str = "paper_accuracy_tables.csv") -> pd.DataFrame:
     return pd.read_csv(io.StringIO(path.read_text()))
 
 
+def paper_tables() -> dict[str, list[int]]:
+    """Per layout, the paper's tables whose numbers the report prints beside ours: a spec's
+    ``paper_table`` must be one of its layout's (any other shows no paper rows)."""
+    accuracy = sorted({int(t) for t in paper_reference()["table"]})
+    return {"accuracy": accuracy, "fdr": [2], "fdr_random_layer": [3], "figure": []}
+
+
 def select_rows(df: pd.DataFrame, spec: str, preset: str | None) -> tuple[pd.DataFrame, str]:
     """Rows of one spec and preset; of several configs of one method, the most recent one."""
     df = df[df["spec"] == spec]
@@ -56,10 +63,12 @@ def select_rows(df: pd.DataFrame, spec: str, preset: str | None) -> tuple[pd.Dat
         raise WbsweepError(f"no results for spec '{spec}' yet; run `wbsweep run {spec}` first (or check --out).")
     if preset is None:
         preset = df.sort_values("created_at")["preset"].iloc[-1]
+    presets = sorted(set(df["preset"]))  # of the spec's rows, before keeping one preset's
     df = df[df["preset"] == preset]
     if df.empty:
         raise WbsweepError(f"no results for spec '{spec}' preset '{preset}'; presets with results: "
-                           f"{', '.join(sorted(set(df['preset'])))}.")
+                           f"{', '.join(presets)} (report one with --preset, or run `wbsweep run {spec} "
+                           f"--preset {preset}`).")
     # per method (and dataset and model: a spec with variants has one config of a method per variant)
     keys = ["dataset", "model", "method"]
     latest = df.sort_values("created_at").groupby(keys)["config_hash"].last().rename("_latest")

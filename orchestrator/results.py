@@ -106,5 +106,19 @@ def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "resul
         if missing:
             raise WbsweepError(f"{f} is not a wbsweep {kind} file (missing {', '.join(sorted(missing))}); "
                                f"move it out of {folder}.")
-        tables.append(t.select(schema.names).cast(schema))
+        tables.append(_cast(t, schema, f, folder, kind))
     return pa.concat_tables(tables).to_pandas()
+
+
+def _cast(t: pa.Table, schema: pa.Schema, f: str, folder: str | Path, kind: str) -> pa.Table:
+    """``t``'s columns of ``schema`` as its types; a column that does not convert (``seed`` holding
+    text, ``acc_per_class`` a number instead of a list) names the file and the column."""
+    columns = []
+    for field in schema:
+        col = t.column(field.name)
+        try:
+            columns.append(col.cast(field.type))
+        except (pa.ArrowException, TypeError, ValueError):
+            raise WbsweepError(f"{f} is not a wbsweep {kind} file (column {field.name} holds {col.type}, "
+                               f"not {field.type}); move it out of {folder}.") from None
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.yaml_loader import load as load_yaml
 from trainables.config import DEFAULTS, LA_KINDS, resolve_config
 from trainables.errors import WbsweepError, unknown_name
 from trainables.methods import Method, get_method
@@ -30,6 +31,9 @@ VARIANT_KEYS = {"name", "train", "hyper", "search", "trials", "seeds"}
 #: Table 3's FDR before/after a random layer, or the figures of the analyses (trainables/analysis.py).
 LAYOUTS = ("accuracy", "fdr", "fdr_random_layer", "figure")
 RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
+SPEC_KEYS = ("name", "title", "layout", "paper_table", "paper_figure", "default_preset", "methods", "presets")
+#: Spec, preset and variant names become parts of file names (status files, figures).
+TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 @dataclass
@@ -95,7 +99,7 @@ def find_spec(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -124,16 +128,26 @@ def _resolve_preset(presets: dict[str, Any], name: str, where: str, chain: tuple
     p = presets[name]
     if not isinstance(p, dict):
         raise WbsweepError(f"{where}: preset '{name}' must be a mapping.")
+    _check_token("preset", str(name), where)
     unknown = set(p) - PRESET_KEYS
     if unknown:
         raise WbsweepError(f"{where}: preset '{name}' has unknown key(s) {', '.join(sorted(unknown))}; "
                            f"allowed: {', '.join(sorted(PRESET_KEYS))}.")
     if "extends" in p:
+        if not isinstance(p["extends"], str):
+            raise WbsweepError(f"{where}: preset '{name}': extends takes one preset name, got {p['extends']!r}; "
+                               "to build on several, let each extend the next.")
         return _merge(_resolve_preset(presets, p["extends"], where, (*chain, name)), p)
     return copy.deepcopy(p)
 
 
-def _check_distribution(knob: str, dist: Any, where: str) -> None:
+def _check_token(kind: str, value: Any, where: str) -> None:
+    if not isinstance(value, str) or not TOKEN.fullmatch(value):
+        raise WbsweepError(f"{where}: {kind} name {value!r} must be one word of letters, digits and _ . + - "
+                           "(it becomes part of file names), e.g. 'my_table4'.")
+
+
+def _check_distribution(knob: str, dist: Any, where: str, train: dict[str, Any]) -> None:
     if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SEARCH_KINDS:
         raise WbsweepError(f"{where}: search.{knob} must be one of {{loguniform: [low, high]}}, "
                            "{uniform: [low, high]}, {grid: [low, high, step]}, {choice: [a, b, ...]}.")
@@ -146,6 +160,11 @@ def _check_distribution(knob: str, dist: Any, where: str) -> None:
             raise WbsweepError(f"{where}: search.{knob}.{kind} needs {n} numbers, got {args!r}.")
         if args[0] >= args[1] or (kind == "loguniform" and args[0] <= 0):
             raise WbsweepError(f"{where}: search.{knob}.{kind} needs 0 < low < high (low > 0 for log), got {args!r}.")
+    for value in args if kind == "choice" else args[:2]:  # each value must be one the option takes
+        try:
+            resolve_config({**train, knob: value})
+        except WbsweepError as exc:
+            raise WbsweepError(f"{where}: search.{knob}.{kind} value {value!r} does not fit: {exc}") from None
 
 
 def load_experiment(name_or_path: str, preset: str | None = None, variant: str | None = None) -> Experiment:
@@ -173,6 +192,13 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
     for key in ("name", "methods", "presets"):
         if key not in doc:
             raise WbsweepError(f"spec {where} lacks the required key '{key}'.")
+    for key in doc:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise WbsweepError(f"{where}: unknown key '{key}'.{hint} Spec keys: {', '.join(SPEC_KEYS)} "
+                               "(training options go in a preset's 'train').")
+    _check_token("spec", str(doc["name"]), where)
     presets = doc["presets"]
     if not isinstance(presets, dict) or not presets:
         raise WbsweepError(f"{where}: 'presets' must map preset names to settings.")
@@ -181,6 +207,17 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
     layout = doc.get("layout", "accuracy")
     if layout not in LAYOUTS:
         raise WbsweepError(f"{where}: layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
+    paper_table = doc.get("paper_table")
+    if paper_table is not None:
+        from orchestrator.report import paper_tables
+
+        known = paper_tables()[layout]
+        if not known:
+            raise WbsweepError(f"{where}: paper_table {paper_table!r}: the '{layout}' layout shows no paper table; "
+                               "leave paper_table out (paper_figure names the paper's figure).")
+        if isinstance(paper_table, bool) or paper_table not in known:
+            raise WbsweepError(f"{where}: paper_table {paper_table!r} is not a paper table the '{layout}' layout "
+                               f"shows; use one of {', '.join(map(str, known))}, or leave paper_table out.")
     variants = p.pop("variants", None)
     if variants is not None:
         if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
@@ -192,6 +229,8 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
                                    f"{', '.join(sorted(set(v) - VARIANT_KEYS))}; allowed: "
                                    f"{', '.join(sorted(VARIANT_KEYS))}.")
         labels = [str(v.get("name", i + 1)) for i, v in enumerate(variants)]
+        for label in labels:
+            _check_token(f"preset '{preset}': variant", label, where)
         if len(set(labels)) != len(labels):
             raise WbsweepError(f"{where}: preset '{preset}': variant names must differ, got {labels}.")
 
@@ -212,7 +251,7 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
         if m.method.parent and m.method.parent not in names:
             raise WbsweepError(f"{where}: method {m.method.name} needs its first stage "
                                f"'{m.method.parent}' in the same spec.")
-    common = dict(name=str(doc["name"]), title=str(doc.get("title", doc["name"])), paper_table=doc.get("paper_table"),
+    common = dict(name=str(doc["name"]), title=str(doc.get("title", doc["name"])), paper_table=paper_table,
                   paper_figure=doc.get("paper_figure"), layout=layout, methods=methods)
     if variants is None:
         return [_experiment(p, preset, where, common, None)]
@@ -248,7 +287,7 @@ def _experiment(p: dict[str, Any], preset: str, where: str, common: dict[str, An
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise WbsweepError(f"{where}: preset '{preset}': hyper.{knob} must be a number >= 0, got {value!r}.")
     for knob, dist in search.items():
-        _check_distribution(knob, dist, f"{where}: preset '{preset}'")
+        _check_distribution(knob, dist, f"{where}: preset '{preset}'", train)
     trials = p.get("trials", 0)
     seeds = p.get("seeds", [0])
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:

@@ -33,6 +33,37 @@ def _alive(pid: int, host: str) -> bool | None:
     return True
 
 
+_NUMBER = (int, float)
+#: What `wbsweep status` reads from a status file (orchestrator/sweep.py ``Sweep.status`` writes it).
+_FIELDS = {"spec": str, "preset": str, "state": str, "host": str, "pid": int, "updated": _NUMBER,
+           "trials": dict, "stages": dict, "failures": list}
+_COUNTS = ("total", "done", "skipped", "running", "failed")
+
+
+def malformed_status(st: object) -> str | None:
+    """What is wrong with a parsed status file, or None when `status_text` can show it."""
+    if not isinstance(st, dict):
+        what = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(st), "a number")
+        return f"it holds {what}, not an object"
+    missing = [k for k in _FIELDS if k not in st]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, kind in _FIELDS.items():
+        if isinstance(st[key], bool) or not isinstance(st[key], kind):
+            return f"{key} is {json.dumps(st[key])[:40]}"
+    if not 0 < st["pid"] < 2**31:  # os.kill(0 or -1, 0) would test other processes than the driver
+        return f"pid is {st['pid']}"
+    t = st["trials"]
+    bad = [k for k in _COUNTS if isinstance(t.get(k), bool) or not isinstance(t.get(k), int)]
+    if bad:
+        return f"trials lacks the counts {', '.join(bad)}"
+    if not all(isinstance(label, str) and label.strip() for label in st["stages"]):
+        return "a stage without a name"
+    if not isinstance(st.get("storage") or "", str):
+        return "storage is not a path"
+    return None
+
+
 def status_text(out: Path) -> str:
     if not out.is_dir():
         raise WbsweepError(f"{out} is not a results folder; give the --out of a `wbsweep run`.")
@@ -48,6 +79,10 @@ def status_text(out: Path) -> str:
         except (OSError, json.JSONDecodeError):
             lines.append(f"{f.name}: unreadable status file (the driver may be writing it; try again)")
             continue
+        problem = malformed_status(st)
+        if problem:  # the driver writes whole files (os.replace), so this one is foreign or damaged
+            lines.append(f"{f.name}: not a wbsweep status file ({problem}); skipped, move it out of {f.parent}")
+            continue
         state = st["state"]
         if state == "running" and _alive(st["pid"], st["host"]) is False:
             state = "interrupted (driver gone; run the same command again to resume)"
@@ -58,7 +93,7 @@ def status_text(out: Path) -> str:
         lines.append(f"{st['spec']} preset {st['preset']}{variant}: {state}, updated {age:.0f} s ago on {st['host']}")
         lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {t['running']} running, "
                      f"{t['failed']} failed, {left} left of {t['total']}")
-        store = st.get("storage") or str(out)
+        store = storage.recorded_storage(st, f, out) or str(out)
         if store not in rows_of:
             rows_of[store] = read_rows(storage.join(store, "results"))
         rows = rows_of[store]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -130,10 +131,11 @@ class Sweep:
         self.versions = versions()
         self._optuna_storage = None
         res = exp.resources
-        self.cpus = opts.cpus_per_trial or res.get("cpus_per_trial", 1)
+        self.cpus = opts.cpus_per_trial if opts.cpus_per_trial is not None else res.get("cpus_per_trial", 1)
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
-        self.max_concurrent = opts.max_concurrent or res.get("max_concurrent")
+        self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
+        self.check_resources()
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
         self.preflight()
@@ -209,6 +211,10 @@ class Sweep:
         if self.gpus and not ray.cluster_resources().get("GPU"):
             raise WbsweepError(f"{self.gpus} GPU(s) per trial asked for, but the Ray cluster has no GPU; "
                                "use --gpus-per-trial 0 or join a cluster with GPUs (--address).")
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if self.opts.address in (None, "local") and self.cpus > cpus:  # a local cluster never grows: it would wait
+            raise WbsweepError(f"{self.cpus:g} CPUs per trial asked for, but this machine's Ray cluster has "
+                               f"{cpus:g}; use --cpus-per-trial {max(1, int(cpus))} or less.")
         # A local store keeps artifacts beside the results; a tracking server decides where they go
         # (its --artifacts-destination), so that every node can upload them over HTTP.
         local = not self.opts.tracking_uri.startswith(("http://", "https://"))
@@ -245,6 +251,22 @@ class Sweep:
             raise KeyboardInterrupt
         self.status("failed" if self.progress.failures else "finished")
 
+    def check_resources(self) -> None:
+        """The per-trial resources (flags or the spec's ``resources``) are numbers Ray accepts."""
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(self.cpus) or self.cpus <= 0:
+            raise WbsweepError(f"cpus_per_trial must be a number above 0, got {self.cpus!r}.")
+        if not number(self.gpus) or self.gpus < 0:
+            raise WbsweepError(f"gpus_per_trial must be a number from 0 (e.g. 1 or 0.25), got {self.gpus!r}.")
+        if self.max_concurrent is not None and (not number(self.max_concurrent) or self.max_concurrent < 1
+                                                or self.max_concurrent != int(self.max_concurrent)):
+            raise WbsweepError(f"max_concurrent must be a whole number from 1, got {self.max_concurrent!r}.")
+        if not number(self.max_failures) or self.max_failures < -1 or self.max_failures != int(self.max_failures):
+            raise WbsweepError(f"max_failures must be a whole number from 0 (-1: retry for ever), "
+                               f"got {self.max_failures!r}.")
+
     def preflight(self) -> None:
         """Check what would otherwise fail later (inside every trial, or after hours), before any
         cluster time is spent and before anything is written: the dataset loads (files present and
@@ -271,7 +293,9 @@ class Sweep:
             "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
             "dataset": self.exp.train.get("dataset", DEFAULTS["dataset"]),
             "model": self.exp.train.get("model", DEFAULTS["model"]),
-            "pid": os.getpid(), "storage": self.store,
+            "pid": os.getpid(), "out": str(self.out.resolve()),
+            # none when the results are in --out, so a folder moved or copied later reads its own
+            "storage": None if self.store == str(self.out.resolve()) else self.store,
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
             "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
                        "failed": p.n_failed},

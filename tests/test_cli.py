@@ -97,3 +97,52 @@ def test_set_values_read_exponents_as_numbers_and_bad_yaml_is_one_line():
         "wd": 0.001, "gamma_grid": [0, 0.5], "epochs": 5, "la": "none"}
     with pytest.raises(WbsweepError, match="not valid YAML"):
         _parse_set(["epochs=[1"])
+
+
+TWO_VARIANTS = """\
+name: twovar
+methods:
+  - {method: wd, la: [none]}
+presets:
+  cpu:
+    train: {model: mlp3, width: 8, epochs: 1}
+    hyper: {wd: 5.0e-3}
+    seeds: [0]
+    variants:
+      - {name: digits, train: {dataset: digits-lt}}
+      - {name: cifar, train: {dataset: cifar10-lt, data_root: NOWHERE}}
+"""
+
+
+def test_every_variants_data_is_checked_before_any_variant_trains(tmp_path):
+    """The second variant's missing CIFAR files used to surface after the first variant had trained."""
+    spec = tmp_path / "twovar.yaml"
+    spec.write_text(TWO_VARIANTS.replace("NOWHERE", str(tmp_path / "no-cifar-here")))
+    out = tmp_path / "o"
+    assert_user_error(wbsweep("run", str(spec), "--out", str(out)), "cifar")
+    assert not (out / "results").exists() and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize(("flags", "word"), [
+    (["--cpus-per-trial", "-1"], "cpus_per_trial"),
+    (["--max-concurrent", "0"], "max_concurrent"),
+    (["--gpus-per-trial", "-0.5"], "gpus_per_trial"),
+    (["--max-failures", "-3"], "max_failures"),
+])
+def test_bad_resources_are_one_line_before_anything_is_written(tmp_path, flags, word):
+    out = tmp_path / "o"
+    assert_user_error(wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), *flags), word)
+    assert not (out / "status").exists() and not (out / "results").exists()
+
+
+def test_spec_resources_of_the_wrong_type_are_one_line(tmp_path):
+    spec = tmp_path / "res.yaml"
+    spec.write_text(TWO_VARIANTS.replace("    variants:", "    resources: {cpus_per_trial: abc}\n    variants:")
+                    .replace("NOWHERE", str(tmp_path)))
+    assert_user_error(wbsweep("run", str(spec), "--out", str(tmp_path / "o")), "cpus_per_trial", "abc")
+
+
+@pytest.mark.slow
+def test_more_cpus_per_trial_than_the_local_cluster_has_is_an_error_not_a_hang(tmp_path):
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(tmp_path / "o"), "--cpus-per-trial", "100000")
+    assert_user_error(proc, "100000 CPUs per trial", "--cpus-per-trial")

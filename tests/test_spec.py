@@ -183,3 +183,13 @@ def test_nonexistent_yaml_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "spec.yaml"
     msg = error_of(str(missing))
     assert str(missing) in msg and "does not exist" in msg
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a spec means the number."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: exp\nmethods:\n  - {method: wd}\npresets:\n  cpu:\n"
+                    "    train: {lr: 5e-2}\n    hyper: {wd: 1e-3}\n    search: {wd: {loguniform: [1e-4, 1E-2]}}\n")
+    exp = load_experiment(str(spec), "cpu")
+    assert exp.train["lr"] == 0.05 and exp.hyper["wd"] == 0.001
+    assert exp.search["wd"] == {"loguniform": [0.0001, 0.01]}

@@ -255,3 +255,45 @@ def test_a_local_storage_folder_apart_from_out(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
                               "--format", "csv"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_recorded_storage_is_the_folder_itself_after_a_move_or_copy(tmp_path):
+    """A status file's storage, seen from the --out folder it is in now."""
+    out, shared = tmp_path / "out", tmp_path / "shared"
+    (out / "status").mkdir(parents=True)
+    (out / "results").mkdir()
+    shared.mkdir()
+    status = out / "status" / "table4-cpu.json"
+    rec = storage.recorded_storage
+    assert rec({"storage": None}, status, out) is None  # results in --out (what a sweep records now)
+    assert rec({"storage": "s3://b/p"}, status, out) == "s3://b/p"
+    assert rec({"storage": str(shared)}, status, out) == str(shared)  # a separate --storage folder
+    assert rec({"storage": "/x/old", "out": "/x/old"}, status, out) is None
+    # earlier versions recorded --out's own absolute path: a copy (the old folder still there, with
+    # this status file) and a move (the old folder gone) both mean this folder's own results
+    copied_from = tmp_path / "old"
+    (copied_from / "status").mkdir(parents=True)
+    (copied_from / "status" / status.name).write_text("{}")
+    assert rec({"storage": str(copied_from)}, status, out) is None
+    assert rec({"storage": str(tmp_path / "moved-away")}, status, out) is None
+
+
+@pytest.mark.slow
+def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
+    """`mv OUT NEW; wbsweep report --out NEW` reads NEW, also where the status files were written
+    by an earlier version (storage = the old folder's absolute path), and `status` finds the seeds."""
+    import json
+    import shutil
+
+    ref_out, _ = smoke_sweep
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(ref_out, old, ignore=shutil.ignore_patterns("ray"))
+    for f in (old / "status").glob("*.json"):
+        doc = json.loads(f.read_text())
+        doc.pop("out", None)
+        doc["storage"] = str(old.resolve())  # as earlier versions wrote it
+        f.write_text(json.dumps(doc))
+    old.rename(new)
+    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--preset", "smoke",
+                          "--out", str(new), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]

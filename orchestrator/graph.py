@@ -121,11 +121,15 @@ class TuneNode(Node):
         if parent_state == "pending":
             return
         self.base = base
-        key = config_hash({"base": training_config(self.sweep.trial_config(base, self.seed)),
-                           "search": self.search, "trials": self.planned, "seed": self.seed})
+        # What the search is about: the base config's science (its config hash: not the device, threads,
+        # paths or options added later at their defaults), the objective's LA variants, the space, the
+        # budget. A rerun on another machine, or by a newer version, finds the stage's choice again.
+        key = config_hash({"base": config_hash(training_config(self.sweep.trial_config(base, self.seed))),
+                           "la": list(base["la"]), "search": self.search, "trials": self.planned, "seed": self.seed})
         self.record = self.sweep.out / "stages" / f"tune-{self.method}-{key}.json"
-        if self.record.exists():
-            self.sweep.chosen[self.method] = json.loads(self.record.read_text())["config"]
+        searched = self.recorded_choice()
+        if searched is not None:
+            self.sweep.chosen[self.method] = {**base, **searched}  # this run's device, threads, paths
             self.sweep.progress.skip(self.planned, f"{self.label}: choice already recorded")
             self.finish()
             return
@@ -134,6 +138,24 @@ class TuneNode(Node):
             self.choose()
         else:
             self.start()
+
+    def recorded_choice(self) -> dict[str, Any] | None:
+        """The searched values this stage chose in an earlier run, or None. A torn or foreign record
+        is set aside (renamed ``.bad``): the study in optuna.db has the trials, the choice is made again."""
+        if not self.record.exists():
+            return None
+        try:
+            rec = json.loads(self.record.read_text())
+            searched = rec.get("searched") or {k: rec["config"][k] for k in self.search}
+            if not isinstance(searched, dict) or set(searched) != set(self.search):
+                raise ValueError("not this stage's knobs")
+            return searched
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            bad = self.record.with_suffix(".bad")
+            os.replace(self.record, bad)
+            self.sweep.progress.note(f"{self.label}: unreadable record {self.record.name} ({exc}); moved to "
+                                     f"{bad.name}, the choice is made again from the study")
+            return None
 
     def open_study(self, name: str) -> None:
         """The Optuna study of this stage, persisted in DIR/optuna.db so that a resumed sweep

@@ -76,6 +76,10 @@ class Progress:
     def retrying(self, trial_id: str, what: str) -> None:
         self._print(f"RETRY {what}: the trial crashed; it resumes from its last checkpoint")
 
+    def note(self, msg: str) -> None:
+        """Something the user should know that is not a trial's progress (a file set aside, ...)."""
+        self._print(msg)
+
     def skip(self, n: int, why: str) -> None:
         self.skipped += n
         self._print(f"skipped {n} trial(s): {why}")

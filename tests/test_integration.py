@@ -6,6 +6,7 @@ One sweep is shared by the tests of this module (it takes a couple of minutes on
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,17 @@ def test_rerun_trains_nothing_and_duplicates_nothing(sweep):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("table4").experiment_id
     before_runs = len(client.search_runs([exp_id], max_results=1000))
-    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    # a torn stage record is set aside and its choice made again from the study in optuna.db; the
+    # others are found again although the device flag differs (the stage key is the config's science)
+    records = sorted((out / "stages").glob("tune-*.json"))
+    assert len(records) >= 2
+    chosen = records[0].read_text()
+    records[0].write_text("")
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("choice already recorded") == len(records) - 1, proc.stderr[-4000:]
+    assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
+    assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
     assert trained_models(out) == before_models
     after_rows = pd.read_parquet(out / "results")
     assert len(after_rows) == len(before_rows)

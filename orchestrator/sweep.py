@@ -334,7 +334,8 @@ class Sweep:
         """Seeds of ``node`` still to train. Seeds with rows are skipped; models trained earlier
         (the tune stage's own seed, another spec's identical run) only get their rows written."""
         df = read_rows(self.location("results"))
-        df = df[(df["spec"] == self.exp.name) & (df["method"] == node.method)]
+        # this preset's rows only: another preset of the same config gets its own rows (report reads one preset)
+        df = df[(df["spec"] == self.exp.name) & (df["preset"] == self.exp.preset) & (df["method"] == node.method)]
         done = set(zip(df["config_hash"], df["seed"].astype(int), strict=True))
         todo = []
         for seed in self.exp.seeds:
@@ -376,5 +377,6 @@ class Sweep:
             created_at=pd.Timestamp.now(tz="UTC").floor("s"),
         )
         folder = "results" if node.kind == "repeat" else "trials"
-        name = f"{self.exp.name}-{node.method}-{metrics['config_hash']}-s{cfg['seed']}"
+        # one file per spec, preset, method, model: another preset reusing the model writes its own file
+        name = f"{self.exp.name}-{self.exp.preset}-{node.method}-{metrics['config_hash']}-s{cfg['seed']}"
         write_rows(self.location(folder), name, rows)

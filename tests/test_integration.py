@@ -142,3 +142,34 @@ def test_rerun_trains_nothing_and_duplicates_nothing(sweep):
     assert len(after_rows) == len(before_rows)
     assert len(client.search_runs([exp_id], max_results=1000)) == before_runs
     assert "skipped" in proc.stderr
+
+
+TWO_PRESETS = """\
+name: tiny
+methods:
+  - {method: wd, la: [none]}
+presets:
+  a:
+    train: {dataset: digits-lt, model: mlp3, width: 8, epochs: 1, checkpoint_seconds: 0}
+    hyper: {wd: 5.0e-3}
+    seeds: [0]
+  b:
+    extends: a
+    seeds: [0, 1]
+"""
+
+
+def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path):
+    """Preset b trains the same config as preset a: its seed 0 is a's model (not trained again), and
+    b's report shows both seeds (the skip used to look at a's rows and leave b without seed 0)."""
+    spec, out = tmp_path / "tiny.yaml", tmp_path / "out"
+    spec.write_text(TWO_PRESETS)
+    for preset in ("a", "b"):
+        proc = wbsweep("run", str(spec), "--preset", preset, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_parquet(out / "results")
+    assert sorted(df[df["preset"] == "b"]["seed"]) == [0, 1] and sorted(df[df["preset"] == "a"]["seed"]) == [0]
+    attempts = [len(p.read_text().splitlines()) for p in (out / "runs").glob("*/seed*/attempts.log")]
+    assert sorted(attempts) == [1, 1]  # two models, each trained once
+    rep = wbsweep("report", str(spec), "--preset", "b", "--out", str(out), "--format", "csv")
+    assert rep.returncode == 0 and ",2," in rep.stdout.splitlines()[1], rep.stdout

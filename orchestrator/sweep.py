@@ -279,6 +279,8 @@ class Sweep:
         if storage.is_remote(self.store):
             storage.check_writable(self.store)
         read_rows(self.location("results"))
+        if (self.out / "optuna.db").exists():
+            self.optuna_storage()
         if self.opts.address not in (None, "auto", "local"):
             check_reachable(self.opts.address, "the Ray cluster (--address)")
         if self.opts.tracking_uri.startswith(("http://", "https://")):
@@ -312,7 +314,12 @@ class Sweep:
         if self._optuna_storage is None:
             import optuna
 
-            self._optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'optuna.db').resolve()}")
+            path = (self.out / "optuna.db").resolve()
+            try:
+                self._optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+            except Exception as exc:  # a torn or foreign file: sqlalchemy's error, many lines
+                raise WbsweepError(f"{path} is not a readable Optuna database ({type(exc).__name__}); move it "
+                                   "away: the tune stages then search again, reusing every model trained.") from None
         return self._optuna_storage
 
     def trials_that_fit(self) -> int:

@@ -27,8 +27,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
         try:
+            self.client = MlflowClient(tracking_uri)  # opens (and migrates) a SQLite store: a torn one fails here
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = artifact_root.resolve().as_uri() if artifact_root is not None else None

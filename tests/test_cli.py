@@ -146,3 +146,13 @@ def test_spec_resources_of_the_wrong_type_are_one_line(tmp_path):
 def test_more_cpus_per_trial_than_the_local_cluster_has_is_an_error_not_a_hang(tmp_path):
     proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(tmp_path / "o"), "--cpus-per-trial", "100000")
     assert_user_error(proc, "100000 CPUs per trial", "--cpus-per-trial")
+
+
+@pytest.mark.parametrize("name", ["optuna.db", "mlflow.db"])
+def test_a_torn_database_in_out_is_one_line(tmp_path, name):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / name).write_bytes(b"SQLite format 3\x00" + b"\x01" * 200)  # a cut file
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    assert_user_error(proc, name)
+    assert not (out / "results").exists()

@@ -297,3 +297,17 @@ def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
     rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--preset", "smoke",
                           "--out", str(new), "--format", "csv"], capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]
+
+
+def test_a_torn_metrics_file_means_not_finished(tmp_path):
+    """A zero-length or cut metrics.json (power loss) must not fail the sweep: the model is trained again."""
+    from trainables.train import load_metrics
+    from trainables.trial import finished_metrics
+
+    folder = storage.run_dir(str(tmp_path), "abc", 0)
+    folder.mkdir(parents=True)
+    for torn in ("", '{"config_hash": "abc", "la"', "[]"):
+        (folder / "metrics.json").write_text(torn)
+        assert load_metrics(folder) is None and finished_metrics(str(tmp_path), "abc", 0) is None
+    (folder / "metrics.json").write_text('{"config_hash": "abc"}')
+    assert load_metrics(folder) == finished_metrics(str(tmp_path), "abc", 0) == {"config_hash": "abc"}

@@ -821,8 +821,13 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
 
 
 def load_metrics(out_dir: str | Path) -> dict[str, Any] | None:
-    """The metrics of a finished run in ``out_dir``, or None if it has not finished."""
+    """The metrics of a finished run in ``out_dir``, or None if it has not finished. A torn file (a
+    power cut between write and rename can leave it empty) counts as not finished: trained again."""
     path = Path(out_dir) / "metrics.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return metrics if isinstance(metrics, dict) else None

@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -208,6 +210,10 @@ class Sweep:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise WbsweepError(f"cannot start or join the Ray cluster at {self.opts.address or 'local'}: "
                                    f"{str(exc).splitlines()[0]}") from None
+        # SIGTERM (kill, a scheduler's stop) as Ctrl-C: Ray Tune stops its trials gracefully and the
+        # status says interrupted. Set after ray.init, whose libraries install an aborting handler.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         if self.gpus and not ray.cluster_resources().get("GPU"):
             raise WbsweepError(f"{self.gpus} GPU(s) per trial asked for, but the Ray cluster has no GPU; "
                                "use --gpus-per-trial 0 or join a cluster with GPUs (--address).")

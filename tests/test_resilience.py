@@ -120,3 +120,20 @@ def test_driver_killed_mid_sweep_then_rerun(tmp_path, reference):
                                                r.data.tags.get("wbsweep.error", "")), r.info
     assert "finished" in subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out",
                                          str(tmp_path)], capture_output=True, text=True).stdout
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
+    """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
+    status 'interrupted', no abort dump from the libraries' own signal handlers."""
+    proc = run_cmd(tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "trials").glob("*.parquet")):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=120)
+    assert code == 130 and "interrupted; run the same command again to resume" in err, err[-3000:]
+    assert "SIGTERM received" not in err
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert "interrupted" in status.stdout, status.stdout

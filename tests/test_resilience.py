@@ -73,14 +73,15 @@ def assert_same_rows(out: Path, reference: pd.DataFrame, same_search: bool = Tru
 
 
 def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference):
-    # every run's process dies (os._exit) at the end of its first epoch, once; Ray retries it and
-    # the trainer resumes from the checkpoint it wrote at that epoch
-    code, err = finish(run_cmd(tmp_path, {"WBSWEEP_INJECT_CRASH": "1"}))
+    # every seed-1 run's process dies (os._exit) at the end of its first epoch, once; Ray retries it
+    # and the trainer resumes from the checkpoint it wrote at that epoch (seed 0: the tune stages'
+    # trials, not crashed, to keep the test short)
+    code, err = finish(run_cmd(tmp_path, {"WBSWEEP_INJECT_CRASH": "1", "WBSWEEP_INJECT_CRASH_SEEDS": "1"}))
     assert code == 0, err[-3000:]
     markers = list((tmp_path / "runs").glob("*/seed*/.crash-injected"))
-    assert len(markers) >= 10  # the crash really happened in (almost) every stage-1 run
+    assert len(markers) >= 5 and all(m.parent.name == "seed1" for m in markers)  # every seed-1 model crashed
     attempts = trained(tmp_path)
-    assert all(n == 2 for (h, s), n in attempts.items() if (tmp_path / "runs" / h / s / ".crash-injected").exists())
+    assert all(n == (2 if s == "seed1" else 1) for (h, s), n in attempts.items()), attempts
     assert_same_rows(tmp_path, reference)
     assert all(r.info.status == "FINISHED" for r in mlflow_children(tmp_path))
 

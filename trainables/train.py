@@ -756,8 +756,12 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
 
 def inject_crash(out: Path, epoch: int) -> None:
     """Fault injection for tests: with WBSWEEP_INJECT_CRASH=N the process dies at the end of epoch
-    N, once per run (a marker file stops the retried trial from dying again)."""
+    N, once per run (a marker file stops the retried trial from dying again); with
+    WBSWEEP_INJECT_CRASH_SEEDS=1,2 only the runs of those seeds (fewer restarts, a shorter test)."""
     at = os.environ.get("WBSWEEP_INJECT_CRASH")
+    seeds = os.environ.get("WBSWEEP_INJECT_CRASH_SEEDS")
+    if seeds and out.name not in {f"seed{s.strip()}" for s in seeds.split(",")}:
+        return
     marker = out / ".crash-injected"
     if at and int(at) == epoch and not marker.exists():
         marker.write_text(str(epoch))

@@ -45,6 +45,7 @@ def _out_dir(path: str, create: bool, flag: str = "--out") -> Path:
 def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool = False) -> str:
     """Where the results live: ``--storage``, else the storage a sweep in ``out`` recorded in its
     status file (so `report` after `run --storage s3://...` needs no flag), else ``out`` itself."""
+    from orchestrator.status import malformed_status
     from trainables import storage
 
     if arg:
@@ -58,12 +59,10 @@ def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool =
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(doc, dict):  # not a status file of ours: `wbsweep status` names it
+        if malformed_status(doc):  # not a status file of ours: `wbsweep status` names it
             continue
-        if spec is None or doc.get("spec") == spec:
-            updated = doc.get("updated")
-            recorded.append((updated if isinstance(updated, (int, float)) else 0,
-                             storage.recorded_storage(doc, f, out)))
+        if spec is None or doc["spec"] == spec:
+            recorded.append((doc["updated"], storage.recorded_storage(doc, f, out)))
     latest = max(recorded, key=lambda t: t[0])[1] if recorded else None
     return latest or str(out.resolve())
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -36,7 +35,7 @@ from orchestrator.results import read_rows, rows_for_run, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Tracker
 from trainables import storage
-from trainables.config import DEFAULTS, config_hash
+from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
 from trainables.storage import run_location
@@ -259,17 +258,14 @@ class Sweep:
 
     def check_resources(self) -> None:
         """The per-trial resources (flags or the spec's ``resources``) are numbers Ray accepts."""
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not number(self.cpus) or self.cpus <= 0:
+        if not is_number(self.cpus) or self.cpus <= 0:
             raise WbsweepError(f"cpus_per_trial must be a number above 0, got {self.cpus!r}.")
-        if not number(self.gpus) or self.gpus < 0:
+        if not is_number(self.gpus) or self.gpus < 0:
             raise WbsweepError(f"gpus_per_trial must be a number from 0 (e.g. 1 or 0.25), got {self.gpus!r}.")
-        if self.max_concurrent is not None and (not number(self.max_concurrent) or self.max_concurrent < 1
+        if self.max_concurrent is not None and (not is_number(self.max_concurrent) or self.max_concurrent < 1
                                                 or self.max_concurrent != int(self.max_concurrent)):
             raise WbsweepError(f"max_concurrent must be a whole number from 1, got {self.max_concurrent!r}.")
-        if not number(self.max_failures) or self.max_failures < -1 or self.max_failures != int(self.max_failures):
+        if not is_number(self.max_failures) or self.max_failures < -1 or self.max_failures != int(self.max_failures):
             raise WbsweepError(f"max_failures must be a whole number from 0 (-1: retry for ever), "
                                f"got {self.max_failures!r}.")
 

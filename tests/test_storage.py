@@ -86,11 +86,11 @@ def test_run_dir_is_the_run_folder_locally_and_a_scratch_folder_for_an_object_st
 
 def test_files_round_trip(location):
     target = storage.join(location, "a", "x.json")
-    assert storage.read_bytes(target) is None and storage.read_json(target) is None
+    assert storage.read_bytes(target) is None and storage.read_json_object(target) is None
     assert not storage.exists(storage.join(location, "a"))
     storage.write_bytes(target, b'{"k": 1}')
     storage.write_bytes(storage.join(location, "a", "y.bin"), b"\x00\x01")
-    assert storage.read_json(target) == {"k": 1}
+    assert storage.read_json_object(target) == {"k": 1}
     assert storage.list_files(storage.join(location, "a")) == ["x.json", "y.bin"]
     assert storage.list_files(storage.join(location, "a"), ".json") == ["x.json"]
     assert storage.list_files(storage.join(location, "nothing")) == []

@@ -121,6 +121,11 @@ _COUNTS = frozenset({"epochs", "batch_size", "stage2_epochs", "val_per_class", "
 _PATHS = ("data_root", "init_from", "parent_hash")  # None or a string
 
 
+def is_number(value: Any) -> bool:
+    """A finite real number; true/false are not (YAML's ``yes`` must not pass for 1)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
     """DEFAULTS updated with ``overrides``, checked: unknown keys, bad choices and out-of-range
     numbers raise :class:`WbsweepError` naming the key (a typo must not silently do nothing)."""
@@ -137,7 +142,7 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         value = cfg[key]
         if value is None and DEFAULTS[key] is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if not is_number(value):
             raise WbsweepError(f"option {key} must be a finite number, got {value!r}.")
         if key in _COUNTS:
             if value != int(value):
@@ -162,8 +167,7 @@ def resolve_config(overrides: dict[str, Any]) -> dict[str, Any]:
         raise WbsweepError("a second-stage (WB) run needs init_from: the stage-1 model.pt to start from.")
     for key in ("tau_grid", "gamma_grid"):
         grid = cfg[key]
-        if grid is not None and (not isinstance(grid, (list, tuple)) or not grid or any(
-                isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in grid)):
+        if grid is not None and (not isinstance(grid, (list, tuple)) or not grid or not all(map(is_number, grid))):
             raise WbsweepError(f"option {key} must be a list of numbers, e.g. [1.0, 1.5, 2.0], got {grid!r}.")
     for key in _PATHS:
         if cfg[key] is not None and not isinstance(cfg[key], str):

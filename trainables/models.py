@@ -287,19 +287,19 @@ def weight_decay_groups(model: Network, wd: float, scope: str, conv_only_linear:
     if scope not in WD_SCOPES:
         raise WbsweepError(f"unknown wd_scope '{scope}': use one of {', '.join(WD_SCOPES)}.")
     decay, no_decay = [], []
-    conv_weights, bn_shifts = set(), set()
+    conv_only_params, bn_shifts = set(), set()
     for m in model.backbone.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            conv_weights.add(id(m.weight))
+            conv_only_params.add(id(m.weight))
     for m in model.modules():
         if isinstance(m, BN_TYPES) and m.bias is not None:
             bn_shifts.add(id(m.bias))
         if conv_only_linear and (isinstance(m, nn.Linear) or m is model.classifier):  # the ETF head is a linear too
-            conv_weights.update(id(p) for p in m.parameters(recurse=False))
+            conv_only_params.update(id(p) for p in m.parameters(recurse=False))
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if scope == "all" or (scope == "conv_only" and id(p) in conv_weights) or \
+        if scope == "all" or (scope == "conv_only" and id(p) in conv_only_params) or \
                 (scope == "no_bn_shift" and id(p) not in bn_shifts):
             decay.append(p)
         else:

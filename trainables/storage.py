@@ -107,9 +107,15 @@ def read_bytes(location: str | Path) -> bytes | None:
         return None
 
 
-def read_json(location: str | Path) -> Any | None:
+def read_json_object(location: str | Path) -> dict[str, Any] | None:
+    """The JSON object in a file, or None when there is none: the file is missing, or torn (a power
+    cut between write and rename can leave it empty) or not an object, which callers treat alike."""
     data = read_bytes(location)
-    return None if data is None else json.loads(data)
+    try:
+        doc = None if data is None else json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables import storage
 from trainables.config import LA_KINDS, config_hash, objective, resolve_config
 from trainables.data import LTDataset
 from trainables.datacache import cached_dataset
@@ -824,14 +825,7 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
     (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt now holds the result
 
 
-def load_metrics(out_dir: str | Path) -> dict[str, Any] | None:
-    """The metrics of a finished run in ``out_dir``, or None if it has not finished. A torn file (a
-    power cut between write and rename can leave it empty) counts as not finished: trained again."""
-    path = Path(out_dir) / "metrics.json"
-    if not path.exists():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return metrics if isinstance(metrics, dict) else None
+def load_metrics(run: str | Path) -> dict[str, Any] | None:
+    """The metrics of a finished run (a local folder or a storage location), or None if it has not
+    finished. A torn metrics.json counts as not finished: the model is trained again."""
+    return storage.read_json_object(storage.join(run, "metrics.json"))

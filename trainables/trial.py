@@ -31,11 +31,7 @@ def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:
 
 def finished_metrics(runs: str | Path, hash_: str, seed: int) -> dict[str, Any] | None:
     """The metrics of a finished model (read from the storage), or None when it is not finished."""
-    try:  # a torn file (see trainables.train.load_metrics) counts as not finished: trained again
-        metrics = storage.read_json(storage.join(run_location(runs, hash_, seed), "metrics.json"))
-    except ValueError:
-        return None
-    return metrics if isinstance(metrics, dict) else None
+    return load_metrics(run_location(runs, hash_, seed))
 
 
 # Files a trainer copies to an object store while it trains, so that a retry elsewhere resumes.

@@ -175,6 +175,7 @@ def _parse_set(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.spec import load_experiment
     from trainables.config import config_hash, resolve_config
+    from trainables.datacache import dataset_fingerprint
     from trainables.methods import get_method, method_config
     from trainables.train import train
 
@@ -184,6 +185,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_root:
         cfg["data_root"] = _data_root(args.data_root)
     cfg.update(_parse_set(args.set or []))
+    full = resolve_config(cfg)
+    cfg["data_fingerprint"] = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"],
+                                                  full["val_per_class"], full["split"])
     # one folder per config and seed, as a sweep's runs/<hash>/seed<k>: another method or seed never
     # overwrites (or resumes) this one's files, and the same command again continues a cut-short run
     out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"

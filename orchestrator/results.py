@@ -38,9 +38,12 @@ SCHEMA = pa.schema(
         ("node", pa.string()), ("ray_node_id", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
         ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
+        ("data_fingerprint", pa.string()),
     ]
 )
 COLUMNS = SCHEMA.names
+#: Columns added after results files existed: a file without them is read with nulls there.
+ADDED_LATER = frozenset({"data_fingerprint"})
 
 
 def rows_for_run(
@@ -71,6 +74,7 @@ def rows_for_run(
             "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
             "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,
             "config": json.dumps(cfg, sort_keys=True, default=str),
+            "data_fingerprint": metrics.get("data_fingerprint"),
         })
     return rows
 
@@ -102,7 +106,7 @@ def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "resul
             t = pq.read_table(pa.BufferReader(storage.read_bytes(f) or b""))
         except (pa.ArrowInvalid, OSError) as exc:
             raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
-        missing = set(schema.names) - set(t.column_names)
+        missing = set(schema.names) - set(t.column_names) - ADDED_LATER
         if missing:
             raise WbsweepError(f"{f} is not a wbsweep {kind} file (missing {', '.join(sorted(missing))}); "
                                f"move it out of {folder}.")
@@ -115,6 +119,9 @@ def _cast(t: pa.Table, schema: pa.Schema, f: str, folder: str | Path, kind: str)
     text, ``acc_per_class`` a number instead of a list) names the file and the column."""
     columns = []
     for field in schema:
+        if field.name not in t.column_names:  # a column added later (ADDED_LATER): nulls
+            columns.append(pa.nulls(len(t), field.type))
+            continue
         col = t.column(field.name)
         try:
             columns.append(col.cast(field.type))

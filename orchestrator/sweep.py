@@ -140,6 +140,7 @@ class Sweep:
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
         self.preflight()
+        self.note_stale_results()
         self.tracker: Tracker  # opened in run(), once the cluster is known to fit the trials
         self.nodes: list[Node] = []
         self.repeat_nodes: dict[str, RepeatNode] = {}
@@ -173,6 +174,7 @@ class Sweep:
             cfg["parent_hash"] = config_hash(training_config(self.trial_config(cfg, 0)))
         cfg.update(method_config(method, self.exp.hyper))
         cfg["la"] = list(entry.la)
+        cfg["data_fingerprint"] = self.data_fingerprint
         cfg["device"] = self.opts.device
         cfg["threads"] = max(1, int(self.cpus))
         if self.opts.data_root:
@@ -273,11 +275,13 @@ class Sweep:
         """Check what would otherwise fail later (inside every trial, or after hours), before any
         cluster time is spent and before anything is written: the dataset loads (files present and
         readable), the results already there are readable, the cluster and tracking server answer."""
-        from trainables.data import check_dataset
+        from trainables.datacache import dataset_fingerprint
 
-        train = self.exp.train
-        check_dataset(train.get("dataset", "digits-lt"), self.opts.data_root, train.get("rho"),
-                     val_per_class=train.get("val_per_class", 20))
+        train = {**DEFAULTS, **self.exp.train}
+        # What the models are tied to: trained on other data (another --data-root, the real files
+        # after a fake set), a model has another config hash and is never reused.
+        self.data_fingerprint = dataset_fingerprint(train["dataset"], self.opts.data_root, train["rho"],
+                                                    train["val_per_class"], train["split"])
         if storage.is_remote(self.store):
             storage.check_writable(self.store)
         read_rows(self.location("results"))
@@ -287,6 +291,28 @@ class Sweep:
             check_reachable(self.opts.address, "the Ray cluster (--address)")
         if self.opts.tracking_uri.startswith(("http://", "https://")):
             check_reachable(self.opts.tracking_uri, "the MLflow tracking server (--tracking-uri)")
+
+    def note_stale_results(self) -> None:
+        """One line when this spec and preset have rows of models that will not be reused: trained on
+        other data (another data fingerprint, or none: an earlier version) or under an earlier
+        protocol (their config hashes differently today, e.g. a model's initialisation changed).
+        Their rows stay in results/; the models are trained again the current way."""
+        df = read_rows(self.location("results"))
+        df = df[(df["spec"] == self.exp.name) & (df["preset"] == self.exp.preset)]
+        if self.exp.variant is not None:
+            df = df[(df["dataset"] == self.exp.train.get("dataset")) & (df["model"] == self.exp.train.get("model"))]
+        other_data, old_protocol = set(), set()
+        for row in df.drop_duplicates(["config_hash", "seed"]).itertuples():
+            model = (row.config_hash, row.seed)
+            if row.data_fingerprint != self.data_fingerprint:
+                other_data.add(model)
+            elif config_hash(json.loads(row.config)) != row.config_hash:
+                old_protocol.add(model)
+        if other_data or old_protocol:
+            what = [f"{len(other_data)} on other data (or before fingerprints were recorded)"] if other_data else []
+            what += [f"{len(old_protocol)} under an earlier protocol (e.g. the initialisation)"] if old_protocol else []
+            self.progress.note(f"results/ holds {self.exp.name}/{self.exp.preset} models trained {' and '.join(what)}: "
+                               "they are not reused and are trained again now; their rows stay readable.")
 
     def status(self, state: str) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""

@@ -219,7 +219,7 @@ def expected_conv_only(model: Network) -> set[str]:
 
 MODEL_CASES = [
     ("resnet32", 3, 32, None, "linear"),
-    ("resnet34", 3, 32, 8, "linear"),
+    ("resnet34", 3, 32, None, "linear"),
     ("mlp3", 1, 8, 16, "linear"),
     ("mlp5", 1, 8, 16, "etf"),
 ]

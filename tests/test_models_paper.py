@@ -47,8 +47,8 @@ def test_224px_inputs_get_the_imagenet_stem(name: str, ref_fn, dim: int) -> None
     ref = ref_fn()
     ref.fc = nn.Identity()
     assert n_params(model.backbone) == n_params(ref)  # torchvision's ImageNet model exactly
-    stem = model.backbone.stem
-    assert stem[0].kernel_size == (7, 7) and stem[0].stride == (2, 2) and isinstance(stem[3], nn.MaxPool2d)
+    net = model.backbone
+    assert net.conv1.kernel_size == (7, 7) and net.conv1.stride == (2, 2) and isinstance(net.maxpool, nn.MaxPool2d)
     model.eval()
     with torch.no_grad():
         assert model.backbone(torch.randn(1, 3, 224, 224)).shape == (1, dim)
@@ -77,7 +77,7 @@ def test_resblock_structure(blocks: int) -> None:
 
 @pytest.mark.parametrize("name", ["mlp3", "resblock1", "resnet34"])
 def test_weight_decay_without_bn_shift(name: str) -> None:
-    model = build_model(ModelSpec(name, 10, 3 if name == "resnet34" else 1, 8, width=8))
+    model = build_model(ModelSpec(name, 10, 3 if name == "resnet34" else 1, 8, width=None if name == "resnet34" else 8))
     groups = weight_decay_groups(model, 0.01, "no_bn_shift")
     decay = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
     shifts = {id(m.bias) for m in model.modules() if isinstance(m, BN_TYPES)}
@@ -89,7 +89,7 @@ def test_weight_decay_without_bn_shift(name: str) -> None:
 
 def test_fixed_bn_freezes_resnext_bns_and_its_shortcuts_train() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelSpec("resnext50", 10, 3, 8, width=16))
+    model = build_model(ModelSpec("resnext50", 10, 3, 8))
     fix_batchnorm_(model, 0.05)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.01)
     shortcut = next(m.downsample[0] for m in model.modules() if getattr(m, "downsample", None) is not None)

@@ -252,9 +252,8 @@ class _Context:
 
     def __init__(self, run_dir: Path, device: str, data_root: str | None):
         from trainables.config import DEFAULTS
-        from trainables.datacache import cached_dataset
         from trainables.models import ModelSpec, build_model
-        from trainables.train import DeviceData, pick_device
+        from trainables.train import DeviceData, config_dataset, pick_device
 
         path = run_dir / "model.pt"
         if not path.exists():
@@ -266,14 +265,19 @@ class _Context:
         root = data_root if data_root is not None else cfg.get("data_root")
         if root is not None and not Path(root).is_dir():
             root = None  # trained elsewhere: fall back to the default data root
-        self.data = cached_dataset(cfg["dataset"], root, cfg["rho"], val_per_class=cfg["val_per_class"])
+        self.data = config_dataset({**cfg, "data_root": root})
         self.device = pick_device(device)
-        self.dd = DeviceData(self.data, self.device)
+        self.dd = DeviceData(self.data, self.device, cfg["augment"])
         self.spec = ModelSpec(cfg["model"], self.data.num_classes, self.data.x_train.shape[1],
                               self.data.x_train.shape[-1], cfg["classifier"], cfg["etf_bias"], cfg["width"],
                               etf_seed=cfg["seed"])
         self.model = build_model(self.spec).to(self.device)
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError:  # resnet34/resnext50 became torchvision's modules (names conv1, layer1, ...)
+            raise WbsweepError(f"{path} was saved by an earlier wbsweep whose {cfg['model']} had other module names "
+                               "(and PyTorch's default initialisation): run its spec again to train it the "
+                               "current way.") from None
         self.model.eval()
         self.batch = int(cfg.get("eval_batch_size") or 1024)
         self._feats: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}

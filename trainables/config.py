@@ -21,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "digits-lt",
     "rho": None,  # None: the dataset's default imbalance ratio
     "val_per_class": 20,
+    "split": "file",  # file: test = the official test set | pooled: the authors' MNIST split (trainables/data.py)
+    "augment": "auto",  # auto: the dataset's own (crop_flip for CIFAR, none for MNIST/digits) | none | crop_flip
+    "data_fingerprint": None,  # the split's content (trainables/data.py data_fingerprint), set by the sweep
     # model
     "model": "mlp3",
     "width": None,  # None: the model's own width (1024 for MLPs, 16/64 for ResNets)
@@ -42,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "momentum": 0.9,
     "select": "best_val",  # best_val (the authors' code keeps the best validation epoch) | last
+    "lr_step": "epoch_end",  # when the cosine schedule steps: epoch_end | epoch_start (authors: lr(1) .. lr(T) = 0)
     "precision": "fp32",  # fp32 | bf16: autocast convolutions and matmuls to bfloat16 (BN and the loss stay fp32)
     # WB's second stage (classifier only, CB loss, MaxNorm), from the parent's checkpoint
     "stage2": False,
@@ -79,6 +83,9 @@ CHOICES: dict[str, tuple] = {
     "wd_scope": ("all", "conv_only", "no_bn_shift"),
     "bn": ("trainable", "fixed"),
     "select": ("best_val", "last"),
+    "lr_step": ("epoch_end", "epoch_start"),
+    "split": ("file", "pooled"),
+    "augment": ("auto", "none", "crop_flip", "resized_crop_flip"),
     "stage2_loss": ("ce", "cb"),
     "maxnorm": ("iter", "epoch", "none"),
     "la_mult_form": ("paper", "code"),
@@ -106,7 +113,13 @@ NOT_HASHED = frozenset(
 )
 # Keys added after results existed are hashed only when set away from their default, so every run
 # finished before they existed (all fp32) keeps its hash and is not trained again.
-HASHED_WHEN_CHANGED = frozenset({"precision", "stage2_init_norm", "conv_only_linear"})
+HASHED_WHEN_CHANGED = frozenset({"precision", "stage2_init_norm", "conv_only_linear", "split", "augment", "lr_step",
+                                 "data_fingerprint"})
+# How each convolutional model is initialised (trainables/models.py): part of the science, so it is
+# hashed. Models trained before the initialisation followed the reference implementations (PyTorch's
+# default init) hashed without it and are therefore never reused as if trained this way. The MLPs
+# kept PyTorch's default init (the authors' BNMLP), so their hashes did not change.
+MODEL_INIT = {"resnet32": "ldam-drw", "resnet34": "torchvision", "resnext50": "torchvision"}
 
 _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
     "wd": 0.0, "fr": 0.0, "bn_scale": 0.0, "stage2_wd": 0.0, "maxnorm_alpha": 0.0, "lr": 0.0,
@@ -118,7 +131,7 @@ _NUMBER_MIN = {  # inclusive lower bounds of numeric keys
 
 _COUNTS = frozenset({"epochs", "batch_size", "stage2_epochs", "val_per_class", "eval_batch_size", "width", "threads",
                      "seed"})
-_PATHS = ("data_root", "init_from", "parent_hash")  # None or a string
+_PATHS = ("data_root", "init_from", "parent_hash", "data_fingerprint")  # None or a string
 
 
 def is_number(value: Any) -> bool:
@@ -188,5 +201,7 @@ def config_hash(cfg: dict[str, Any]) -> str:
     """A short, stable hash of the keys that define the experiment (sorted JSON, sha256)."""
     science = {k: v for k, v in cfg.items()
                if k not in NOT_HASHED and not (k in HASHED_WHEN_CHANGED and v == DEFAULTS[k])}
+    if cfg.get("model") in MODEL_INIT:
+        science["init"] = MODEL_INIT[cfg["model"]]
     blob = json.dumps(science, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gzip
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -54,6 +56,8 @@ __all__ = [
     "default_data_root",
     "load_dataset",
     "check_dataset",
+    "data_fingerprint",
+    "pooled_split",
     "lt_counts",
     "read_idx",
 ]
@@ -95,6 +99,8 @@ class LTDataset:
     #: ``load_digits`` array). Kept for provenance and to prove the splits are disjoint; optional
     #: so code that builds an LTDataset by hand need not fill it.
     indices: dict[str, np.ndarray] = field(default_factory=dict)
+    #: :func:`data_fingerprint` of the split, once computed ("" until then).
+    fingerprint: str = ""
 
     def groups(self) -> list[str]:
         """"many" / "medium" / "few" per class, from the training counts (for group accuracies)."""
@@ -201,6 +207,9 @@ class DataSource:
     #: "pool": cut train/val from the training file (above); "lists": prepared split lists with
     #: their own validation and test sets and TailCalibX's int() profile (mini-ImageNet).
     split_rule: str = "pool"
+    #: Normalisation (mean, std) the authors used with their pooled split (``split: pooled``), if
+    #: it differs from ``mean``/``std``; None: the same constants.
+    pooled_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -620,6 +629,7 @@ _MNIST = DataSource(
     augment="none",
     many_threshold=1000,
     few_threshold=200,
+    pooled_stats=((0.1301,), (0.3069,)),  # the authors' utils/data_units.py, with their pooled split
     description=(
         "MNIST IDX files in DATA_ROOT/MNIST/raw, DATA_ROOT/mnist or DATA_ROOT (downloaded by torchvision)"
     ),
@@ -779,8 +789,12 @@ def load_dataset(
     rho: float | None = None,
     val_per_class: int = 20,
     download: bool = True,
+    split: str = "file",
 ) -> LTDataset:
     """Read a registered dataset and cut the long-tailed train / validation split.
+
+    ``split`` "pooled" is the authors' MNIST protocol instead (:func:`pooled_split`); "file" is
+    what follows.
 
     Per class k in file order: the first n_k images are train, the next ``val_per_class`` are
     validation, the rest of the class is unused; the test set is the official one, unchanged.
@@ -803,10 +817,17 @@ def load_dataset(
     if not _is_int(val_per_class) or val_per_class < 0:
         raise WbsweepError(f"val_per_class must be an integer >= 0, got {val_per_class!r}")
     val_per_class = int(val_per_class)
+    if split not in SPLITS:
+        raise WbsweepError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if split == "pooled" and (src.split_rule != "pool" or not src.needs_files or rho != 1):
+        raise WbsweepError(f"{_canonical(name)}: split 'pooled' is the authors' balanced MNIST protocol: use it with "
+                           "mnist or fashion-mnist at rho 1, or split 'file'")
     if src.split_rule == "lists":
         return _load_from_lists(name, src, _resolve_root(data_root), rho)
     # Only datasets read from files look at the data root: a stale --data-root must not break digits.
     raw = src.read(_resolve_root(data_root) if src.needs_files else Path(), download)
+    if split == "pooled":
+        return pooled_split(_canonical(name), src, raw)
 
     C = src.num_classes
     available = np.bincount(raw.y_pool, minlength=C)
@@ -871,6 +892,57 @@ def load_dataset(
     )
 
 
+SPLITS = ("file", "pooled")
+#: Test and validation images of the pooled split (the authors' MNIST_VALID_SAMPLE_N = 1000 * 10).
+POOLED_HELD_OUT = 10_000
+
+
+def pooled_split(key: str, src: DataSource, raw: _Raw) -> LTDataset:
+    """The authors' MNIST split (``utils/datasets.py``, ``set_mnist_dataset``): the training and test
+    files pooled (70,000 images; positions 0..59,999 are the training file's, 60,000.. the test
+    file's), then scikit-learn's ``train_test_split(..., test_size=10000, random_state=0,
+    stratify=labels)`` draws the test set, and the same call on the rest draws the validation set;
+    50,000 training images remain, every class in proportion. Normalisation: the authors' constants
+    for this split where the source records them (MNIST: mean 0.1301, std 0.3069).
+
+    The authors read ``mnist-original.mat``, whose image order is not the IDX files' order, so the
+    procedure is theirs but the drawn images cannot be guaranteed to be the same ones. Each split
+    keeps the order ``train_test_split`` returns."""
+    from sklearn.model_selection import train_test_split
+
+    x = np.concatenate([raw.x_pool, raw.x_test])
+    y = np.concatenate([raw.y_pool, raw.y_test])
+    if len(y) <= 2 * POOLED_HELD_OUT:
+        raise WbsweepError(f"{key}: split 'pooled' needs more than {2 * POOLED_HELD_OUT} images, found {len(y)}")
+    rest, test = train_test_split(np.arange(len(y)), test_size=POOLED_HELD_OUT, random_state=0, stratify=y)
+    train, val = train_test_split(rest, test_size=POOLED_HELD_OUT, random_state=0, stratify=y[rest])
+    mean, std = src.pooled_stats or (src.mean, src.std)
+    return LTDataset(
+        name=key, x_train=_tensor(x[train]), y_train=_tensor(y[train]), x_val=_tensor(x[val]),
+        y_val=_tensor(y[val]), x_test=_tensor(x[test]), y_test=_tensor(y[test]), num_classes=src.num_classes,
+        class_counts=np.bincount(y[train], minlength=src.num_classes).tolist(), mean=mean, std=std,
+        augment=src.augment, many_threshold=src.many_threshold, few_threshold=src.few_threshold,
+        indices={"train": train, "val": val, "test": test},
+    )
+
+
+def data_fingerprint(data: LTDataset) -> str:
+    """A short SHA-256 of a split's content: every image and label of train, validation and test, in
+    order, with their shapes. Two datasets of one name (a fake CIFAR and the real one, another
+    --data-root) have different fingerprints, and the sweep hashes it into the config, so a model is
+    never reused for other data. Computed once and kept in ``data.fingerprint`` (datasets prepared
+    as lists, mini-ImageNet, get it from their list files instead: :func:`_load_from_lists`)."""
+    if not data.fingerprint:
+        h = hashlib.sha256()
+        for split in ("train", "val", "test"):
+            for t in (getattr(data, f"x_{split}"), getattr(data, f"y_{split}")):
+                a = np.ascontiguousarray(t.numpy())
+                h.update(f"{split}{a.dtype}{a.shape}".encode())
+                h.update(memoryview(a).cast("B"))
+        data.fingerprint = h.hexdigest()[:16]
+    return data.fingerprint
+
+
 def _lists_counts(key: str, y_train: np.ndarray, num_classes: int, rho: float) -> list[int]:
     """n_k of a prepared-lists dataset, or a one-line error when a class would get none."""
     n_max = int(np.bincount(y_train, minlength=num_classes).min())
@@ -882,19 +954,34 @@ def _lists_counts(key: str, y_train: np.ndarray, num_classes: int, rho: float) -
 
 
 def check_dataset(name: str, data_root: str | Path | None = None, rho: float | None = None,
-                  val_per_class: int = 20) -> None:
+                  val_per_class: int = 20, split: str = "file") -> str | None:
     """Fail as :func:`load_dataset` would (unknown name, missing or corrupt files, impossible
-    split), without holding the images where that is costly: the driver checks this before a
-    sweep starts, and mini-ImageNet-LT's images (gigabytes) are only looked at through memory maps."""
+    split), without holding the images where that is costly: mini-ImageNet-LT's images (gigabytes)
+    are only looked at through memory maps, and its fingerprint (returned; None for the other
+    datasets, whose fingerprint needs the images: :func:`data_fingerprint`) comes from its lists."""
     spec = _spec(name)
     if spec.source.split_rule != "lists":
-        load_dataset(name, data_root, rho, val_per_class=val_per_class)
-        return
+        load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split)
+        return None
     rho = spec.default_rho if rho is None else rho
     _check_rho(rho)
     key = _canonical(name)
-    splits = _mini.read_prepared(_resolve_root(data_root) / _mini.FOLDER, key)
-    _lists_counts(key, splits["train"][1], spec.source.num_classes, rho)
+    folder = _resolve_root(data_root) / _mini.FOLDER
+    splits = _mini.read_prepared(folder, key)
+    counts = _lists_counts(key, splits["train"][1], spec.source.num_classes, rho)
+    return _lists_fingerprint(folder, counts)
+
+
+def _lists_fingerprint(folder: Path, counts: list[int]) -> str:
+    """The fingerprint of a prepared-lists dataset: its list files (every image's source file and
+    label, per split, in order), the long-tailed counts and the images' array shapes. The arrays
+    themselves (gigabytes) are decoded from those files by one procedure, so they are not read."""
+    h = hashlib.sha256(json.dumps(counts).encode())
+    for name in ("classes.txt", *(f"{s}.txt" for s in _mini.SPLITS)):
+        h.update((folder / name).read_bytes())
+    for s in _mini.SPLITS:
+        h.update(str(np.load(folder / f"images-{s}.npy", mmap_mode="r").shape).encode())
+    return h.hexdigest()[:16]
 
 
 def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDataset:
@@ -916,4 +1003,5 @@ def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDa
         y_test=_tensor(y_te), num_classes=C, class_counts=counts, mean=src.mean, std=src.std,
         augment=src.augment, many_threshold=src.many_threshold, few_threshold=src.few_threshold,
         indices={"train": keep, "val": np.arange(len(y_val)), "test": np.arange(len(y_te))},
+        fingerprint=_lists_fingerprint(root / _mini.FOLDER, counts),
     )

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.data import LTDataset, _resolve_root, _spec, load_dataset
+from trainables.data import LTDataset, _resolve_root, _spec, check_dataset, data_fingerprint, load_dataset
 
 CACHE_ENV = "WBSWEEP_DATA_CACHE"
-FORMAT = 1  # bump when the split or the stored layout changes
+FORMAT = 2  # bump when the split or the stored layout changes (2: the split option, the fingerprint)
 TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 _in_process: dict[str, LTDataset] = {}
 
@@ -58,10 +58,11 @@ def _fingerprint(root: Path) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-def cache_key(name: str, data_root: str | Path | None, rho: float | None, val_per_class: int) -> str:
+def cache_key(name: str, data_root: str | Path | None, rho: float | None, val_per_class: int,
+              split: str = "file") -> str:
     src = _spec(name).source
     root = _resolve_root(data_root) if src.needs_files else None
-    doc = {"format": FORMAT, "name": name, "rho": rho, "val": int(val_per_class),
+    doc = {"format": FORMAT, "name": name, "rho": rho, "val": int(val_per_class), "split": split,
            "root": str(root) if root else None, "files": _fingerprint(root) if root and root.is_dir() else []}
     return f"{name}-{hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]}"
 
@@ -77,7 +78,7 @@ def _write(entry: Path, data: LTDataset) -> None:
         meta = {"name": data.name, "num_classes": data.num_classes, "class_counts": list(data.class_counts),
                 "mean": list(data.mean), "std": list(data.std), "augment": data.augment,
                 "many_threshold": data.many_threshold, "few_threshold": data.few_threshold,
-                "indices": sorted(data.indices)}
+                "indices": sorted(data.indices), "fingerprint": data_fingerprint(data)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, entry)  # another process may have won the race: then its entry stays
     except OSError:
@@ -98,19 +99,30 @@ def _read(entry: Path) -> LTDataset | None:
 
 
 def cached_dataset(name: str, data_root: str | Path | None = None, rho: float | None = None,
-                   val_per_class: int = 20) -> LTDataset:
+                   val_per_class: int = 20, split: str = "file") -> LTDataset:
     """:func:`trainables.data.load_dataset`, prepared once per node (see the module docstring)."""
     root = cache_root()
     if root is None:
-        return load_dataset(name, data_root, rho, val_per_class=val_per_class)
-    key = cache_key(name, data_root, rho, val_per_class)
+        return load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split)
+    key = cache_key(name, data_root, rho, val_per_class, split)
     if key in _in_process:
         return _in_process[key]
     entry = root / key
     data = _read(entry) if entry.is_dir() else None
     if data is None:
-        data = load_dataset(name, data_root, rho, val_per_class=val_per_class)
+        data = load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split)
         shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry
         _write(entry, data)
     _in_process[key] = data
     return data
+
+
+def dataset_fingerprint(name: str, data_root: str | Path | None = None, rho: float | None = None,
+                        val_per_class: int = 20, split: str = "file") -> str:
+    """The split's :func:`trainables.data.data_fingerprint`, with every check of loading it (a
+    missing or corrupt file is a one-line WbsweepError). The driver calls this before a sweep: the
+    dataset is then prepared in this node's cache, where its trials find it (a local cluster), and
+    the fingerprint is kept in the entry, so it is computed once per node and data version."""
+    quick = check_dataset(name, data_root, rho, val_per_class, split) if _spec(name).source.split_rule == "lists" \
+        else None
+    return quick or data_fingerprint(cached_dataset(name, data_root, rho, val_per_class, split))

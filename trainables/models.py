@@ -8,10 +8,17 @@ features for the analyses without model-specific code.
 Add a model by writing a builder ``(in_channels, image_size, width) -> backbone`` and registering it
 in :data:`BACKBONES`.
 
-The convolutional backbones pick their stem from the input size: images under 64 px (CIFAR, 32 px)
-get the CIFAR stem (3x3 stride-1 convolution, no max-pool, as in both official codebases), larger
-images (mini-ImageNet, 224 px) get torchvision's ImageNet stem (7x7 stride-2 convolution + 3x3
-stride-2 max-pool), so that ``resnet34`` and ``resnext50`` serve both datasets.
+Initialisation follows the implementation each model is taken from (docs/DESIGN.md section 4), because
+in a study of weight decay and weight norms the starting norms are part of the experiment:
+
+* ``resnet34`` and ``resnext50`` are torchvision's models built as the authors' code builds them
+  (constructor, then a new stem convolution; torchvision's initialisation). Images under 64 px (CIFAR)
+  get the CIFAR stem (3x3 stride-1 convolution, no max-pool, as in both official codebases), larger
+  images (mini-ImageNet, 224 px) torchvision's ImageNet stem (7x7 stride 2 + 3x3 stride-2 max-pool).
+* ``resnet32`` has no torchvision counterpart: it is initialised as LDAM-DRW's CIFAR ResNet32, the
+  implementation the long-tailed literature uses (Kaiming-normal on convolutions and the linear
+  classifier).
+* The MLPs and ResBlocks keep PyTorch's default initialisation, as the authors' ``BNMLP``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from trainables.errors import WbsweepError, unknown_name
@@ -44,117 +52,94 @@ class Network(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """3x3-3x3 residual block. ``shortcut`` is "conv" (1x1 conv + BN, torchvision's layout) or
-    "pad" (parameter-free zero-padding shortcut, He et al.'s option A used by CIFAR ResNet32)."""
+    """He et al.'s CIFAR ResNet block (option A): 3x3-3x3 convolutions, the shortcut a parameter-free
+    subsample + zero-padding of the new channels where the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: str):
+    def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.stride, self.pad = stride, cout - cin
-        self.downsample: nn.Module | None = None
-        if (stride != 1 or cin != cout) and shortcut == "conv":
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        elif self.stride != 1 or self.pad:
+        identity = x
+        if self.stride != 1 or self.pad:
             identity = x[:, :, :: self.stride, :: self.stride]
             identity = F.pad(identity, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        else:
-            identity = x
-        return F.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNeXt bottleneck: 1x1 -> grouped 3x3 (stride here) -> 1x1 (x4), 1x1 conv + BN
-    shortcut where the shape changes. ``planes`` is the stage width before the x4 expansion."""
-
-    expansion = 4
-
-    def __init__(self, cin: int, planes: int, stride: int, groups: int, base_width: int):
-        super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        cout = planes * self.expansion
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = self.downsample(x) if self.downsample is not None else x
         return F.relu(out + identity)
 
 
 IMAGENET_STEM_FROM = 64  # images at least this many pixels wide get the ImageNet stem
 
 
-def make_stem(in_channels: int, width: int, image_size: int) -> nn.Sequential:
-    """CIFAR stem (3x3 stride 1, no max-pool) for small images; torchvision's ImageNet stem (7x7
-    stride 2 + 3x3 stride-2 max-pool) for images of ``IMAGENET_STEM_FROM`` pixels or more."""
-    if image_size >= IMAGENET_STEM_FROM:
-        return nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                             nn.MaxPool2d(3, 2, 1))
-    return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (3x3 stride-1 stem, three stages, option-A shortcuts, global average
+    pool), initialised as the LTR literature's ResNet32 (LDAM-DRW's ``resnet_cifar.py``, used by the
+    weight-balancing codebases): Kaiming-normal (fan_in) on every convolution and linear layer, BN
+    weight 1 and bias 0. The classifier is built by :func:`build_model` and initialised there."""
 
-
-class ResNet(nn.Module):
-    """A ResNet backbone: stem (see :func:`make_stem`), residual stages, global average pool."""
-
-    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], shortcut: str,
-                 image_size: int = 32, bottleneck: tuple[int, int] | None = None):
+    def __init__(self, in_channels: int, widths: list[int], blocks: list[int]):
         super().__init__()
-        self.stem = make_stem(in_channels, widths[0], image_size)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                if bottleneck is not None:
-                    layers.append(Bottleneck(cin, w, stride, *bottleneck))
-                    cin = w * Bottleneck.expansion
-                else:
-                    layers.append(BasicBlock(cin, w, stride, shortcut))
-                    cin = w
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
         self.layers = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
 
 
 def resnet32(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
-    """He et al.'s CIFAR ResNet32: 3 stages x 5 blocks, widths 16-32-64, 64-d features."""
+    """He et al.'s CIFAR ResNet32: 3 stages x 5 blocks, widths 16-32-64, 64-d features (see
+    :class:`CifarResNet` for its initialisation)."""
     w = width or 16
-    return ResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5], shortcut="pad", image_size=image_size), 4 * w
+    return CifarResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5]), 4 * w
 
 
-def resnet34(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
-    """The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] layout with a 3x3
-    stride-1 stem and no max-pool, widths 64-512, 512-d features, 1x1 conv shortcuts."""
-    w = width or 64
-    return ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv", image_size=image_size), 8 * w
+def _torchvision_resnet(name: str, ctor: Callable[[], torchvision.models.ResNet], dim: int):
+    def build(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
+        """torchvision's model built as the authors' ``utils/network_arch_resnet.py`` builds it, so it
+        carries torchvision's initialisation (Kaiming-normal fan_out on every convolution, BN weight
+        1 and bias 0): the constructor first, then a new stem convolution in place of ``conv1``
+        (PyTorch's default initialisation, drawn after the model's): 3x3 stride 1 without the
+        max-pool for images under ``IMAGENET_STEM_FROM`` px (CIFAR), torchvision's 7x7 stride 2 with
+        the max-pool otherwise. ``fc`` becomes the identity: :func:`build_model` adds the classifier
+        (drawn next, as the authors' ``encoder.fc``). Module names are torchvision's (``conv1``,
+        ``layer1.0.conv1``, ...).
+
+        Raises WbsweepError for a ``width`` other than torchvision's (64)."""
+        if width not in (None, 64):
+            raise WbsweepError(f"{name} is torchvision's model, whose widths are fixed (64-512); width={width} "
+                               "applies to resnet32 and the MLPs: remove the width option.")
+        net = ctor()
+        if image_size >= IMAGENET_STEM_FROM:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        else:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        return net, dim
+
+    return build
 
 
-def resnext50(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
-    """ResNeXt50 (32x4d) as in torchvision and the WB code's Table 10 model: bottleneck blocks
-    [3, 4, 6, 3], cardinality 32, base width 4, stage widths 64-512 (x4 expansion), 2048-d
-    features; CIFAR stem for 32-px images (see :func:`make_stem`)."""
-    w = width or 64
-    backbone = ResNet(in_channels, [w, 2 * w, 4 * w, 8 * w], [3, 4, 6, 3], shortcut="conv", image_size=image_size,
-                      bottleneck=(32, 4))
-    return backbone, 8 * w * Bottleneck.expansion
+#: The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] BasicBlock layout, 1x1
+#: conv shortcuts, widths 64-512, 512-d features.
+resnet34 = _torchvision_resnet("resnet34", torchvision.models.resnet34, 512)
+#: ResNeXt50 (32x4d) as in torchvision and Table 10: bottleneck blocks [3, 4, 6, 3], cardinality 32,
+#: base width 4, 2048-d features.
+resnext50 = _torchvision_resnet("resnext50", torchvision.models.resnext50_32x4d, 2048)
 
 
 # --- MLPs for small inputs -------------------------------------------------------------------
@@ -213,8 +198,11 @@ BACKBONES: dict[str, Callable[[int, int, int | None], tuple[nn.Module, int]]] = 
     "resblock1": _resblock(1),
     "resblock2": _resblock(2),
 }
+#: Models whose linear classifier is initialised Kaiming-normal (fan_in) rather than PyTorch's default:
+#: LDAM-DRW's ResNet32 initialises every linear layer so.
+KAIMING_CLASSIFIER = frozenset({"resnet32"})
 #: Blocks whose output is a residual sum (after its ReLU): the per-layer analyses hook them.
-RESIDUAL_BLOCKS = (BasicBlock, Bottleneck, ResBlock1d)
+RESIDUAL_BLOCKS = (BasicBlock, torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, ResBlock1d)
 
 
 def model_names() -> list[str]:
@@ -245,6 +233,8 @@ def build_model(spec: ModelSpec) -> Network:
     backbone, dim = BACKBONES[spec.name](spec.in_channels, spec.image_size, spec.width)
     if spec.classifier == "linear":
         head: nn.Module = nn.Linear(dim, spec.num_classes)
+        if spec.name in KAIMING_CLASSIFIER:
+            nn.init.kaiming_normal_(head.weight)
     elif spec.classifier == "etf":
         head = ETFClassifier(dim, spec.num_classes, bias=spec.etf_bias, seed=spec.etf_seed)
     else:

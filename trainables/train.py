@@ -44,7 +44,7 @@ from torch import nn
 
 from trainables import storage
 from trainables.config import LA_KINDS, config_hash, objective, resolve_config
-from trainables.data import LTDataset
+from trainables.data import LTDataset, data_fingerprint
 from trainables.datacache import cached_dataset
 from trainables.errors import WbsweepError
 from trainables.heads import apply_maxnorm_, maxnorm_threshold
@@ -100,14 +100,16 @@ def crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> t
 class DeviceData:
     """The dataset's splits as uint8 tensors on ``device`` plus normalisation and augmentation."""
 
-    def __init__(self, data: LTDataset, device: torch.device):
+    def __init__(self, data: LTDataset, device: torch.device, augment: str = "auto"):
+        """``augment``: the training option (``auto`` = the dataset's own augmentation)."""
         self.data = data
         self.device = device
         self.x = {s: getattr(data, f"x_{s}").to(device) for s in ("train", "val", "test")}
         self.y = {s: getattr(data, f"y_{s}").to(device) for s in ("train", "val", "test")}
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-        self.crop = data.augment == "crop_flip"
+        self.augment = data.augment if augment == "auto" else augment
+        self.crop = self.augment == "crop_flip"
 
     def normalise(self, x_u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """(x / 255 - mean) / std in float32: the same operations, in the same order, as torchvision's
@@ -626,6 +628,35 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
 # --- the run ---------------------------------------------------------------------------------
 
 
+def config_dataset(cfg: dict[str, Any]) -> LTDataset:
+    """The dataset a resolved config trains on (prepared once per node), checked against the
+    config's ``data_fingerprint`` when it has one: a node whose files differ from the driver's
+    (another copy of the dataset, a stale mount) fails the trial with the reason instead of
+    training on other data. Raises WbsweepError."""
+    data = cached_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"],
+                          split=cfg["split"])
+    want = cfg["data_fingerprint"]
+    if want and data_fingerprint(data) != want:
+        raise WbsweepError(f"{cfg['dataset']} on this node ({socket.gethostname()}, data root "
+                           f"{cfg['data_root'] or 'default'}) has fingerprint {data_fingerprint(data)}, but the sweep "
+                           f"was planned on data with fingerprint {want}: give every node the same files.")
+    return data
+
+
+def lr_at_epoch_start(sched: torch.optim.lr_scheduler.LRScheduler, timing: str) -> float:
+    """Step the schedule where ``timing`` says and return the learning rate the coming epoch uses.
+
+    ``epoch_start`` is the authors' ``utils/trainval.py``: ``CosineAnnealingLR(T_max=epochs)`` is
+    stepped before each epoch, so epoch 1 already runs at lr(1) and the last epoch at lr(T) = 0.
+    ``epoch_end`` steps after the epoch (PyTorch's documented order): epoch 1 at the base lr, the
+    last at lr(T - 1). A resumed run's schedule state holds the steps taken, so both resume exactly."""
+    if timing == "epoch_start":
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
+    return sched.get_last_lr()[0]
+
+
 def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None = None,
           data: LTDataset | None = None, on_checkpoint: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train one model as ``cfg_in`` says, write its artifacts to ``out_dir`` and return its metrics.
@@ -649,8 +680,8 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
 
     if data is None:
-        data = cached_dataset(cfg["dataset"], cfg["data_root"], cfg["rho"], val_per_class=cfg["val_per_class"])
-    dd = DeviceData(data, device)
+        data = config_dataset(cfg)
+    dd = DeviceData(data, device, cfg["augment"])
     c = data.num_classes
     run = build_training(cfg, dd)
     model, opt, sched, gen, epochs, stage2 = run.model, run.opt, run.sched, run.gen, run.epochs, run.stage2
@@ -667,9 +698,10 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     runner = run.runner(progress["forgetting"] if track else None)
     last_save = time.time()
     for epoch in range(progress["epoch"] + 1, epochs + 1):
+        lr = lr_at_epoch_start(sched, cfg["lr_step"])
         loss_sum, seen = runner.epoch()
-        lr = sched.get_last_lr()[0]
-        sched.step()
+        if cfg["lr_step"] == "epoch_end":
+            sched.step()
         val_pred = predict(model, dd, "val", cfg["eval_batch_size"], knobs)
         train_loss = float(loss_sum) / seen  # the host waits for the device here, once per epoch
         if not math.isfinite(train_loss):
@@ -699,6 +731,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     metrics = evaluate(model, dd, cfg, knobs)
     metrics.update(
         config_hash=config_hash(cfg), seed=cfg["seed"], epochs=epochs, best_epoch=best_epoch,
+        data_fingerprint=data_fingerprint(data),
         train_seconds=train_seconds, eval_seconds=time.time() - started - train_seconds,
         node=socket.gethostname(), device=str(device), torch_version=torch.__version__,
         python_version=platform.python_version(), history=history,

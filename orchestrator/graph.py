@@ -166,16 +166,26 @@ class TuneNode(Node):
         from optuna.trial import TrialState
         from ray.tune.search.optuna import OptunaSearch
 
-        from orchestrator.sweep import optuna_space
+        from orchestrator.sweep import discrete_points, optuna_space, point_key
 
         storage = self.sweep.optuna_storage()
         earlier = []
         if name in {s.study_name for s in storage.get_all_studies()}:
             for t in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False):
-                if t.state == TrialState.RUNNING:
+                if t.state in (TrialState.RUNNING, TrialState.WAITING):  # cut off, or enqueued and never run
                     storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 elif t.state == TrialState.COMPLETE:
                     earlier.append(t)
+        # A discrete space (the BN-scale grid) is enumerated, each point once, also across a resume:
+        # the points a finished trial evaluated are not proposed again.
+        points = discrete_points(self.search, self.planned, self.seed)
+        if points is not None:
+            done = {point_key(t.params) for t in earlier}
+            points = [p for p in points if point_key(p) not in done]
+            planned = len(earlier) + len(points)
+            if planned < self.planned:  # a grid smaller than the budget: no point twice
+                self.sweep.progress.total -= self.planned - planned
+                self.planned = planned
         self.results = [(float(t.value), self.sweep.trial_config({**self.base, **t.params}, self.seed))
                         for t in earlier]
         self.issued = len(self.results)
@@ -184,7 +194,7 @@ class TuneNode(Node):
         # A new seed per resume, so the sampler does not propose the finished points again.
         sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier))
         self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
-                                   sampler=sampler, storage=storage, study_name=name)
+                                   sampler=sampler, storage=storage, study_name=name, points_to_evaluate=points)
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running" or self.issued >= self.planned:

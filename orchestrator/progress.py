@@ -76,8 +76,11 @@ class Progress:
     def retrying(self, trial_id: str, what: str) -> None:
         self._print(f"RETRY {what}: the trial crashed; it resumes from its last checkpoint")
 
-    def note(self, msg: str) -> None:
-        """Something the user should know that is not a trial's progress (a file set aside, ...)."""
+    def note(self, msg: str, always: bool = False) -> None:
+        """Something the user should know that is not a trial's progress (a file set aside, ...);
+        ``always``: also under --quiet (results that will not be reused, ...)."""
+        if always and self.quiet:
+            print(msg, file=sys.stderr, flush=True)
         self._print(msg)
 
     def skip(self, n: int, why: str) -> None:

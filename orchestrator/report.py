@@ -19,6 +19,7 @@ Formats: ``table`` (aligned text), ``markdown``, ``csv`` (the summary numbers) a
 from __future__ import annotations
 
 import io
+import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ from orchestrator.results import read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
 from trainables.methods import METHODS
+from trainables.posthoc import default_grid
 
 METRICS = ["fdr_train", "fdr_test", "acc_many", "acc_medium", "acc_few", "acc_avg"]
 HEADERS = ["FDR train", "FDR test", "Many", "Medium", "Few", "Average"]
@@ -40,8 +42,47 @@ FORMATS = ("table", "markdown", "csv", "latex")
 #: Table 2's CSV names its rows by method and loss; ours are method presets.
 TABLE2_METHODS = {"naive_ce": "naive", "naive_cb": "cb", "wd_ce": "wd", "wd_cb": "wd_cb", "wd_nobn": "wd_nobn",
                   "wd_fixbn": "wd_fixbn"}
-RESNET_NOTE = ("paper rows: Hasegawa & Sato (2023); their 'ResNet32' is the authors' CIFAR ResNet34 "
-               "(README: choices where the paper and the code differ), which the paper presets train.\n")
+PAPER_NOTE = "paper rows: Hasegawa & Sato (2023)"
+RESNET_NOTE = ("; their 'ResNet32' is the authors' CIFAR ResNet34 (README: choices where the paper and the code "
+               "differ), which the paper presets train")
+LA_PARAM = {"add": ("tau", "τ", "tau_grid"), "mult": ("gamma", "γ", "gamma_grid")}
+
+
+def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = None) -> str:
+    """The footnotes of a report, each about what its rows use:
+
+    * where the paper's numbers are shown, their source, and the ResNet32/ResNet34 remark only when
+      a shown paper row is a ResNet's (``paper_models``: the models of the rows with paper numbers);
+    * the epochs kept (``select: best_val`` keeps the best validation epoch) where they are not the
+      last: a model kept at epoch 2 of 20 is a different model from the converged one;
+    * an LA parameter (τ, γ) chosen on the edge of its grid in most seeds: the best value may lie
+      outside the grid (a preset can widen ``tau_grid`` / ``gamma_grid``)."""
+    lines = []
+    if has_paper:
+        resnet = any(PAPER_MODEL.get(m) == "resnet" for m in (paper_models or set()))
+        lines.append(PAPER_NOTE + (RESNET_NOTE if resnet else "") + ".")
+    several = rows[["dataset", "model"]].drop_duplicates().shape[0] > 1
+    keys = ["dataset", "model", "method"]
+
+    def who(dataset: str, model: str, method: str) -> str:
+        return f"{_label(method)} ({dataset}, {model})" if several else _label(method)
+
+    for (dataset, model, method), g in rows.drop_duplicates(["config_hash", "seed"]).groupby(keys, sort=False):
+        if (g["best_epoch"].notna() & (g["best_epoch"] < g["epochs"])).any():
+            g = g.sort_values("seed")
+            kept = ", ".join(str(int(e)) for e in g["best_epoch"])
+            lines.append(f"{who(dataset, model, method)}: epochs kept {kept} of {int(g['epochs'].max())} (seeds "
+                         f"{', '.join(str(int(x)) for x in g['seed'])}; the best validation epoch).")
+    for la, (col, sym, option) in LA_PARAM.items():
+        for (dataset, model, method), g in rows[rows["la"] == la].groupby(keys, sort=False):
+            grid = json.loads(g["config"].iloc[0]).get(option) or default_grid(la)
+            lo, hi = min(grid), max(grid)
+            edge = g[col].dropna().map(lambda v, lo=lo, hi=hi: math.isclose(v, lo) or math.isclose(v, hi))
+            if len(edge) and edge.sum() * 2 > len(edge):
+                lines.append(f"{who(dataset, model, method)}, {la} LA: {sym} on the edge of its grid [{lo:g}, "
+                             f"{hi:g}] in {int(edge.sum())}/{len(edge)} seeds; the best {sym} may lie outside "
+                             f"(widen {option}).")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def paper_reference(name: str = "paper_accuracy_tables.csv") -> pd.DataFrame:
@@ -199,8 +240,9 @@ def render(summary: pd.DataFrame, fmt: str, title: str) -> str:
 # --- Table 2: FDR per method and dataset ---------------------------------------------------------
 
 
-def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] | None) -> tuple[str, bool]:
-    """Train/test FDR per method (rows) and dataset (column pairs), the paper's beside ours."""
+def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] | None) -> tuple[str, set[str]]:
+    """Train/test FDR per method (rows) and dataset (column pairs), the paper's beside ours; also the
+    models whose rows show the paper's numbers."""
     one = rows.sort_values("la", key=lambda s: s.map(LA_ORDER)).drop_duplicates(["config_hash", "seed"])
     g = one.groupby(["dataset", "model", "method"], sort=False)
     summary = g[["fdr_train", "fdr_test"]].agg(["mean", "std"])
@@ -215,7 +257,7 @@ def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] 
     summary.loc[summary["_pm"] != "resnet", ["paper_fdr_train", "paper_fdr_test"]] = np.nan
     summary = summary.drop(columns="_pm")
     if fmt == "csv":
-        return summary.to_csv(index=False, float_format="%.6g"), False
+        return summary.to_csv(index=False, float_format="%.6g"), set()
     cols = _groups(summary)
     order = method_order or list(dict.fromkeys(summary["method"]))
     headers = ["Method"] + [f"{d} ({m}) {side}" for d, m in cols for side in ("train", "test")] + ["seeds"]
@@ -239,7 +281,7 @@ def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] 
         lines.append(ours)
         if has_paper and any(c not in ("", "-") for c in paper[1:]):
             lines.append([*paper, ""])
-    return render_grid(headers, lines, fmt, title), bool(has_paper)
+    return render_grid(headers, lines, fmt, title), set(summary.loc[summary["paper_fdr_test"].notna(), "model"])
 
 
 # --- Table 3: FDR before/after a random layer ------------------------------------------------------
@@ -261,19 +303,20 @@ def _analysis_rows(store: str, rows: pd.DataFrame, spec: str) -> pd.DataFrame:
     return a
 
 
-def random_layer_table(a: pd.DataFrame, fmt: str, title: str, method_order: list[str] | None) -> tuple[str, bool]:
+def random_layer_table(a: pd.DataFrame, fmt: str, title: str, method_order: list[str] | None) -> tuple[str, set[str]]:
+    """Table 3's layout; also the models whose rows show the paper's numbers."""
     a = a[(a["analysis"] == "fdr_random_layer") & a["key"].isin(["before_test", "after_test"])]
     g = a.groupby(["model", "dataset", "method", "key"], sort=False)["value"]
     summary = g.agg(["mean", "std", "count"]).reset_index()
     ref = paper_reference("paper_table3_fdr_random_layer.csv")
     if fmt == "csv":
         wide = summary.merge(ref, how="left", on=["model", "dataset", "method"])
-        return wide.to_csv(index=False, float_format="%.6g"), False
+        return wide.to_csv(index=False, float_format="%.6g"), set()
     methods = method_order or list(dict.fromkeys(summary["method"]))
     methods = [m for m in methods if m in set(summary["method"])]
     headers = ["Model", "Dataset"] + [f"{_label(m)} {side}" for m in methods for side in ("before", "after")]
     lines: list[list[str] | str] = []
-    has_paper = False
+    paper_models: set[str] = set()
     for model, dataset in dict.fromkeys(zip(summary["model"], summary["dataset"], strict=True)):
         ours, paper = [model, dataset], ["", "  paper"]
         found = False
@@ -287,9 +330,9 @@ def random_layer_table(a: pd.DataFrame, fmt: str, title: str, method_order: list
                 found = found or bool(len(p))
         lines.append(ours)
         if found:
-            has_paper = True
+            paper_models.add(model)
             lines.append(paper)
-    return render_grid(headers, lines, fmt, title, left=2), has_paper
+    return render_grid(headers, lines, fmt, title, left=2), paper_models
 
 
 # --- Figures 1-6 -------------------------------------------------------------------------------------
@@ -444,13 +487,13 @@ def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
     models = ", ".join(dict.fromkeys(rows["model"]))
     where = f"{head} — preset {preset}: {datasets}; {models}"
     if layout == "fdr":
-        text, has_paper = fdr_table(rows, fmt, f"{where}; FDR mean ± std over seeds", method_order)
-        return text + (RESNET_NOTE if has_paper and fmt != "csv" else "")
+        text, paper_models = fdr_table(rows, fmt, f"{where}; FDR mean ± std over seeds", method_order)
+        return text + (notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
     if layout == "fdr_random_layer":
         a = _analysis_rows(store, rows, spec)
-        text, has_paper = random_layer_table(a, fmt, f"{where}; test FDR before/after, mean ± std over seeds",
-                                             method_order)
-        return text + (RESNET_NOTE if has_paper and fmt != "csv" else "")
+        text, paper_models = random_layer_table(a, fmt, f"{where}; test FDR before/after, mean ± std over seeds",
+                                                method_order)
+        return text + (notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
     if layout == "figure":
         a = _analysis_rows(store, rows, spec)
         if analyses:
@@ -458,6 +501,7 @@ def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
         return figure_report(out, a, spec, preset, fmt, where, method_order)
     summary = attach_paper(summarize(rows, method_order), table)
     text = render(summary, fmt, f"{where}; accuracy in %, mean ± std over seeds")
-    if fmt != "csv" and "paper_acc_avg" in summary.columns and summary["paper_acc_avg"].notna().any():
-        text += RESNET_NOTE
+    if fmt != "csv":
+        shown = summary[summary["paper_acc_avg"].notna()] if "paper_acc_avg" in summary.columns else summary[:0]
+        text += notes(rows, not shown.empty, set(shown["model"]))
     return text

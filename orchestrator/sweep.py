@@ -347,7 +347,7 @@ class Sweep:
             what = [f"{len(other_data)} on other data (or before fingerprints were recorded)"] if other_data else []
             what += [f"{len(old_protocol)} under an earlier protocol (e.g. the initialisation)"] if old_protocol else []
             self.progress.note(f"results/ holds {self.exp.name}/{self.exp.preset} models trained {' and '.join(what)}: "
-                               "they are not reused and are trained again now; their rows stay readable.")
+                               "they are not reused and are trained again now; their rows stay readable.", always=True)
 
     def status(self, state: str) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""

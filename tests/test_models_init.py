@@ -15,7 +15,6 @@ import torch
 import torchvision
 from torch import nn
 
-from trainables.errors import WbsweepError
 from trainables.models import ModelSpec, build_model
 
 
@@ -79,6 +78,27 @@ def test_resnet32_init_statistics_match_ldam_drw() -> None:
     assert first.std().item() > 1.8 * math.sqrt(1.0 / (3 * first[0].numel()))
 
 
-def test_torchvision_models_refuse_a_width() -> None:
-    with pytest.raises(WbsweepError, match="width"):
-        build_model(ModelSpec("resnet34", 10, 3, 32, width=8))
+@pytest.mark.parametrize(("name", "ctor", "dim"), [("resnet34", torchvision.models.resnet34, 512),
+                                                  ("resnext50", torchvision.models.resnext50_32x4d, 2048)])
+def test_a_narrow_model_is_torchvisions_layout_scaled_with_its_init_scheme(name: str, ctor, dim: int) -> None:
+    torch.manual_seed(0)
+    narrow = build_model(ModelSpec(name, 10, 3, 32, width=16))
+    assert narrow.feature_dim == dim // 4
+    ref = ctor()
+    # the same modules, names and block types, each convolution a quarter as wide
+    ours = sorted((n, type(m).__name__, tuple(m.weight.shape) if isinstance(m, nn.Conv2d) else ())
+                  for n, m in narrow.backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, *BLOCKS)))
+    theirs = sorted((n, type(m).__name__, tuple(m.weight.shape) if isinstance(m, nn.Conv2d) else ())
+                    for n, m in ref.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, *BLOCKS)))
+    assert [(n, t) for n, t, _ in ours] == [(n, t) for n, t, _ in theirs]
+    for (n, _, a), (_, _, b) in zip(ours, theirs, strict=True):
+        if a and n != "conv1":  # the stem differs (CIFAR)
+            assert a[0] * 4 == b[0] and (a[1] * 4 == b[1] or a[1] == b[1]), n
+    w = narrow.backbone.layer2[0].conv1.weight  # kaiming_normal_(fan_out): std sqrt(2 / (out * k * k))
+    expected = math.sqrt(2 / (w.shape[0] * w.shape[2] * w.shape[3]))
+    assert abs(w.std().item() - expected) < 0.1 * expected
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+BLOCKS = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)

@@ -107,39 +107,80 @@ def resnet32(in_channels: int, image_size: int, width: int | None) -> tuple[nn.M
     return CifarResNet(in_channels, [w, 2 * w, 4 * w], [5, 5, 5]), 4 * w
 
 
-def _torchvision_resnet(name: str, ctor: Callable[[], torchvision.models.ResNet], dim: int):
+def _swap_stem(net: nn.Module, in_channels: int, width: int, image_size: int) -> None:
+    """A new stem convolution in place of ``net.conv1`` (PyTorch's default initialisation, drawn now,
+    as the authors' code does): 3x3 stride 1 and no max-pool for images under ``IMAGENET_STEM_FROM``
+    px (CIFAR), torchvision's 7x7 stride 2 with its max-pool otherwise."""
+    if image_size >= IMAGENET_STEM_FROM:
+        net.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+    else:
+        net.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+
+
+class NarrowResNet(nn.Module):
+    """torchvision's ResNet layout (``conv1``, ``bn1``, ``layer1``..``layer4``, built from torchvision's
+    own ``BasicBlock`` / ``Bottleneck``) at stage widths w, 2w, 4w, 8w instead of 64-512, with
+    torchvision's initialisation scheme (Kaiming-normal fan_out on convolutions, BN weight 1 and bias
+    0; the stem swapped afterwards): a CPU-sized stand-in for the paper's models (the cpu presets'
+    ``width``). torchvision's ``ResNet`` fixes its widths, hence this class; at w = 64 the paper
+    presets use torchvision's own model instead (:func:`_torchvision_resnet`)."""
+
+    def __init__(self, block: type, layers: list[int], width: int, in_channels: int, image_size: int,
+                 groups: int = 1, width_per_group: int = 64):
+        super().__init__()
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        cin = width
+        for i, n in enumerate(layers):
+            planes, blocks = width * 2**i, []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                cout = planes * block.expansion
+                down = None
+                if stride != 1 or cin != cout:
+                    down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                blocks.append(block(cin, planes, stride, down, groups, width_per_group))
+                cin = cout
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _swap_stem(self, in_channels, width, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def _torchvision_resnet(ctor: Callable[[], torchvision.models.ResNet], block: type, groups: int, width_per_group: int,
+                        dim: int) -> Callable[[int, int, int | None], tuple[nn.Module, int]]:
     def build(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
         """torchvision's model built as the authors' ``utils/network_arch_resnet.py`` builds it, so it
         carries torchvision's initialisation (Kaiming-normal fan_out on every convolution, BN weight
-        1 and bias 0): the constructor first, then a new stem convolution in place of ``conv1``
-        (PyTorch's default initialisation, drawn after the model's): 3x3 stride 1 without the
-        max-pool for images under ``IMAGENET_STEM_FROM`` px (CIFAR), torchvision's 7x7 stride 2 with
-        the max-pool otherwise. ``fc`` becomes the identity: :func:`build_model` adds the classifier
-        (drawn next, as the authors' ``encoder.fc``). Module names are torchvision's (``conv1``,
-        ``layer1.0.conv1``, ...).
-
-        Raises WbsweepError for a ``width`` other than torchvision's (64)."""
+        1 and bias 0): the constructor first, then a new stem convolution (:func:`_swap_stem`).
+        ``fc`` becomes the identity: :func:`build_model` adds the classifier (drawn next, as the
+        authors' ``encoder.fc``). Module names are torchvision's (``conv1``, ``layer1.0.conv1``, ...).
+        Another ``width`` than 64 gives :class:`NarrowResNet` (same layout and scheme, not the same
+        tensors)."""
         if width not in (None, 64):
-            raise WbsweepError(f"{name} is torchvision's model, whose widths are fixed (64-512); width={width} "
-                               "applies to resnet32 and the MLPs: remove the width option.")
+            return NarrowResNet(block, [3, 4, 6, 3], width, in_channels, image_size, groups, width_per_group), \
+                dim * width // 64
         net = ctor()
-        if image_size >= IMAGENET_STEM_FROM:
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        else:
-            net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
+        _swap_stem(net, in_channels, 64, image_size)
         net.fc = nn.Identity()
         return net, dim
 
     return build
 
 
+_tv = torchvision.models.resnet
 #: The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] BasicBlock layout, 1x1
 #: conv shortcuts, widths 64-512, 512-d features.
-resnet34 = _torchvision_resnet("resnet34", torchvision.models.resnet34, 512)
+resnet34 = _torchvision_resnet(torchvision.models.resnet34, _tv.BasicBlock, 1, 64, 512)
 #: ResNeXt50 (32x4d) as in torchvision and Table 10: bottleneck blocks [3, 4, 6, 3], cardinality 32,
 #: base width 4, 2048-d features.
-resnext50 = _torchvision_resnet("resnext50", torchvision.models.resnext50_32x4d, 2048)
+resnext50 = _torchvision_resnet(torchvision.models.resnext50_32x4d, _tv.Bottleneck, 32, 4, 2048)
 
 
 # --- MLPs for small inputs -------------------------------------------------------------------
@@ -202,7 +243,7 @@ BACKBONES: dict[str, Callable[[int, int, int | None], tuple[nn.Module, int]]] = 
 #: LDAM-DRW's ResNet32 initialises every linear layer so.
 KAIMING_CLASSIFIER = frozenset({"resnet32"})
 #: Blocks whose output is a residual sum (after its ReLU): the per-layer analyses hook them.
-RESIDUAL_BLOCKS = (BasicBlock, torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, ResBlock1d)
+RESIDUAL_BLOCKS = (BasicBlock, _tv.BasicBlock, _tv.Bottleneck, ResBlock1d)
 
 
 def model_names() -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.results import read_rows
+from orchestrator.results import mixed_data, read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
 from trainables.methods import METHODS
@@ -56,8 +56,9 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
     * the epochs kept (``select: best_val`` keeps the best validation epoch) where they are not the
       last: a model kept at epoch 2 of 20 is a different model from the converged one;
     * an LA parameter (τ, γ) chosen on the edge of its grid in most seeds: the best value may lie
-      outside the grid (a preset can widen ``tau_grid`` / ``gamma_grid``)."""
-    lines = []
+      outside the grid (a preset can widen ``tau_grid`` / ``gamma_grid``);
+    * first, a warning where rows of one dataset name were trained on different data."""
+    lines = [f"WARNING {line}" for line in mixed_data(rows)]
     if has_paper:
         resnet = any(PAPER_MODEL.get(m) == "resnet" for m in (paper_models or set()))
         lines.append(PAPER_NOTE + (RESNET_NOTE if resnet else "") + ".")

@@ -129,3 +129,15 @@ def _cast(t: pa.Table, schema: pa.Schema, f: str, folder: str | Path, kind: str)
             raise WbsweepError(f"{f} is not a wbsweep {kind} file (column {field.name} holds {col.type}, "
                                f"not {field.type}); move it out of {folder}.") from None
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def mixed_data(rows: pd.DataFrame) -> list[str]:
+    """One line per dataset name whose rows were trained on more than one data fingerprint (a fake
+    CIFAR and the real one, two --data-root folders): such rows must not be averaged together."""
+    lines = []
+    known = rows[rows["data_fingerprint"].notna()]
+    for dataset, prints in known.groupby("dataset", sort=False)["data_fingerprint"]:
+        if prints.nunique() > 1:
+            lines.append(f"{dataset}: rows from {prints.nunique()} different data ({', '.join(sorted(set(prints)))}); "
+                         "the data_fingerprint column tells them apart.")
+    return lines

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.results import read_rows
+from orchestrator.results import mixed_data, read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
 
@@ -108,6 +108,8 @@ def status_text(out: Path) -> str:
             lines.append(f"    {label:<22} {s}{extra}")
         for failure in st["failures"]:
             lines.append(f"  FAILED {failure}")
+    for rows in rows_of.values():
+        lines += [f"WARNING {line}" for line in mixed_data(rows)]
     stores = ", ".join(storage.join(s, "ray") for s in rows_of) or str(out / "ray")
     lines.append(f"logs: {stores} (per-trial error.txt), MLflow: {out / 'mlflow.db'}")
     return "\n".join(lines) + "\n"

@@ -137,3 +137,6 @@ def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path
                              "--out", str(out), "--format", "csv"], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     assert f"{b_row.acc_avg:.6g}" in report.stdout
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert "cifar10-lt: rows from 2 different data" in status.stdout, status.stdout + status.stderr

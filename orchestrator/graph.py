@@ -166,7 +166,7 @@ class TuneNode(Node):
         from optuna.trial import TrialState
         from ray.tune.search.optuna import OptunaSearch
 
-        from orchestrator.sweep import optuna_space
+        from orchestrator.space import optuna_space
 
         storage = self.sweep.optuna_storage()
         earlier = []
@@ -181,8 +181,9 @@ class TuneNode(Node):
         self.issued = len(self.results)
         if earlier:
             self.sweep.progress.skip(len(earlier), f"{self.label}: {len(earlier)} Optuna trial(s) of an earlier run")
-        # A new seed per resume, so the sampler does not propose the finished points again.
-        sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier))
+        # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
+        # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
+        sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)
         self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
                                    sampler=sampler, storage=storage, study_name=name)
 

@@ -198,8 +198,8 @@ def check_trial_fits(shape: ClusterShape, cpus: float, gpus: float, local: bool)
     seen = f"{kinds} seen: {shape.describe()}" + (f", from {shape.source}" if shape.autoscaling else "")
     if gpus and not any(t.resources.get("GPU", 0) > 0 for t in shape.node_types):
         fix = "use --gpus-per-trial 0 (with --device cpu), or join a cluster with GPUs (--address)"
-        raise WbsweepError(f"{gpus:g} GPU(s) per trial asked for, but no {kinds[:-1]} of the Ray cluster has a "
-                           f"GPU ({seen}); {fix}.")
+        raise WbsweepError(f"{gpus:g} GPU(s) per trial asked for, but the Ray cluster has no GPU on any "
+                           f"{kinds[:-1]} ({seen}); {fix}.")
     most_cpu = max(t.resources.get("CPU", 0) for t in shape.node_types)
     most_gpu = max((t.resources.get("GPU", 0) for t in shape.node_types if t.resources.get("CPU", 0) >= cpus),
                    default=0)

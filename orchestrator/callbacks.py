@@ -2,7 +2,9 @@
 
 It runs in the driver: one child run per trained model (re-attached by its config hash and seed
 when the model was trained before), per-epoch metrics as they are reported, and, when a trial
-ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parquet rows.
+ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parquet rows. Warnings
+a trial reports (``warnings`` in a result) are printed and kept in its run's ``wbsweep.warnings``
+tag; trials that wait for resources are counted after every step of Tune's loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -55,10 +58,66 @@ def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
 
 
 class TrialCallback(Callback):
+    # A "waiting for resources" line once trials have waited this long, then at most every WAIT_REPEAT.
+    WAIT_NOTE_S = env_seconds("WBSWEEP_WAIT_NOTE_S", 30.0)
+    WAIT_REPEAT_S = env_seconds("WBSWEEP_WAIT_REPEAT_S", 300.0)
+
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
         self.run_ids: dict[str, str] = {}
         self.logged_epochs: dict[str, set[int]] = {}  # trial id -> epochs logged live
+        self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
+        self.next_wait_note: float | None = None
+        self.warnings: dict[str, list[str]] = {}  # trial id -> warnings it reported
+
+    def on_step_end(self, iteration, trials, **info):
+        """Trials that wait for resources: counted on the progress line; a line about them once they
+        have waited WAIT_NOTE_S (on a fixed cluster only when nothing runs, since there a trial
+        waiting for a running one to finish is the normal case)."""
+        now = time.time()
+        pending = {t.trial_id for t in trials if t.status == "PENDING"}
+        self.pending_since = {k: self.pending_since.get(k, now) for k in pending}
+        since = min(self.pending_since.values()) if pending else None
+        progress = self.sweep.progress
+        progress.set_pending(len(pending), since)
+        if not pending:
+            self.next_wait_note = None
+            return
+        if self.next_wait_note is None:
+            self.next_wait_note = since + self.WAIT_NOTE_S
+        shape = getattr(self.sweep, "shape", None)
+        stuck = (shape is not None and shape.autoscaling) or not any(t.status == "RUNNING" for t in trials)
+        if now >= self.next_wait_note and stuck:
+            self.next_wait_note = now + max(self.WAIT_REPEAT_S, self.WAIT_NOTE_S)
+            progress.waiting(self.wait_detail())
+
+    def wait_detail(self) -> str:
+        """What a waiting trial needs, what is free, what the autoscaler does."""
+        sweep = self.sweep
+        free = free_resources()
+        need = f"each needs {sweep.cpus:g} CPU" + (f" + {sweep.gpus:g} GPU" if sweep.gpus else "")
+        text = f"{need}; free now {free['CPU']:g} CPU, {free['GPU']:g} GPU"
+        shape = getattr(sweep, "shape", None)
+        if shape is not None and shape.autoscaling:
+            doing = autoscaler_activity()
+            text += f"; autoscaler: {doing or 'asked for nodes (`ray status` shows its progress)'}"
+        elif shape is not None:
+            text += "; no autoscaler: they start when running trials end or a node that fits joins"
+        return text
+
+    def note_warnings(self, trial, text: str) -> None:
+        """Print a trial's new warnings and keep all of them in its MLflow run's wbsweep.warnings tag."""
+        new = [w for w in text.splitlines() if w.strip()]
+        if not new:
+            return
+        seen = self.warnings.setdefault(trial.trial_id, [])
+        seen += new
+        label = self.sweep.graph.node_of(trial.config).label
+        for w in new:
+            self.sweep.progress.note(f"WARNING {label} seed {trial.config['seed']}: {w}")
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id:
+            self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", "\n".join(seen)[-5000:])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         node = self.sweep.graph.node_of(trial.config)
@@ -83,6 +142,8 @@ class TrialCallback(Callback):
     EPOCH_KEYS = ("train_loss", "val_acc", "lr")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("warnings"):
+            self.note_warnings(trial, str(result["warnings"]))
         run_id = self.run_ids.get(trial.trial_id)
         if run_id and "epoch" in result:
             epoch = int(result["epoch"])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
+from orchestrator.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
 from trainables.trial import finished_metrics, training_config
 
@@ -166,8 +167,6 @@ class TuneNode(Node):
         from optuna.trial import TrialState
         from ray.tune.search.optuna import OptunaSearch
 
-        from orchestrator.sweep import discrete_points, optuna_space, point_key
-
         storage = self.sweep.optuna_storage()
         earlier = []
         if name in {s.study_name for s in storage.get_all_studies()}:
@@ -191,8 +190,9 @@ class TuneNode(Node):
         self.issued = len(self.results)
         if earlier:
             self.sweep.progress.skip(len(earlier), f"{self.label}: {len(earlier)} Optuna trial(s) of an earlier run")
-        # A new seed per resume, so the sampler does not propose the finished points again.
-        sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier))
+        # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
+        # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
+        sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)
         self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
                                    sampler=sampler, storage=storage, study_name=name, points_to_evaluate=points)
 

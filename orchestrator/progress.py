@@ -1,7 +1,9 @@
 """Progress lines for long sweeps: stages, trials done/running/failed, elapsed time and an ETA.
 
 Plain lines on stderr (no cursor tricks) so that logs of cluster jobs read the same as a terminal.
-The ETA assumes the remaining trials take as long, on average, as the finished ones did.
+The ETA assumes the remaining trials take as long, on average, as the finished ones did. Trials
+that wait for resources (PENDING in Ray Tune: an autoscaler starting nodes, or a cluster too small)
+are counted with the time the longest has waited.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Progress:
         self.active: list[str] = []
         self.failures: list[str] = []
         self.listener: Callable[[], None] | None = None  # told after every change (the status file)
+        self.pending = 0  # trials waiting for resources (Ray Tune's PENDING)
+        self.waiting_since: float | None = None  # when the longest-waiting of them began to wait
 
     def _print(self, msg: str) -> None:
         if not self.quiet:
@@ -41,8 +45,29 @@ class Progress:
         eta = f"ETA {_clock(elapsed / worked * left)}" if worked else "ETA --"
         now = f" ({', '.join(self.active)})" if self.active else ""
         return (f"[stages {self.stages_done}/{self.total_stages}{now}] trials {self.finished + self.skipped}/"
-                f"{self.total} done, {self.running} running, {self.n_failed} failed | "
+                f"{self.total} done, {self.running} running, {self.pending_text()}{self.n_failed} failed | "
                 f"elapsed {_clock(elapsed)} | {eta}")
+
+    def pending_text(self) -> str:
+        """"3 pending for 0:01:20, " (the longest wait) or "" when no trial has waited 2 s (on a busy
+        fixed cluster the next trial is always pending for a moment)."""
+        if not self.pending or self.waiting_since is None or time.time() - self.waiting_since < 2:
+            return ""
+        return f"{self.pending} pending for {_clock(time.time() - self.waiting_since)}, "
+
+    def set_pending(self, n: int, since: float | None) -> None:
+        """``n`` trials wait for resources, the longest since ``since`` (epoch seconds). Says nothing
+        (the next line shows it); the status file is updated when the count changes."""
+        changed = n != self.pending
+        self.pending, self.waiting_since = n, since if n else None
+        if changed and self.listener is not None:
+            self.listener()
+
+    def waiting(self, detail: str) -> None:
+        """A line about the trials that wait: how many, for how long, and ``detail`` (what each needs,
+        what is free, what the autoscaler does)."""
+        self._print(f"waiting for resources: {self.pending} trial(s) pending for "
+                    f"{_clock(time.time() - (self.waiting_since or time.time()))}; {detail}")
 
     def begin(self) -> None:
         self.start = time.time()
@@ -67,6 +92,8 @@ class Progress:
 
     def started(self, trial_id: str) -> None:
         self._running.add(trial_id)
+        if self.listener is not None:
+            self.listener()
 
     def done(self, trial_id: str) -> None:
         self._running.discard(trial_id)

@@ -91,8 +91,11 @@ def status_text(out: Path) -> str:
         left = max(0, t["total"] - t["done"] - t["skipped"] - t["failed"])
         variant = f" variant {st['variant']}" if st.get("variant") is not None else ""
         lines.append(f"{st['spec']} preset {st['preset']}{variant}: {state}, updated {age:.0f} s ago on {st['host']}")
+        waiting = ""
+        if t.get("pending") and isinstance(st.get("waiting_since"), int | float):
+            waiting = f"{t['pending']} waiting for resources ({time.time() - st['waiting_since']:.0f} s), "
         lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {t['running']} running, "
-                     f"{t['failed']} failed, {left} left of {t['total']}")
+                     f"{waiting}{t['failed']} failed, {left} left of {t['total']}")
         store = storage.recorded_storage(st, f, out) or str(out)
         if store not in rows_of:
             rows_of[store] = read_rows(storage.join(store, "results"))

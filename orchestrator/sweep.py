@@ -22,6 +22,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
 from orchestrator.results import read_rows, rows_for_run, write_rows
@@ -102,57 +105,24 @@ def versions() -> dict[str, str]:
     return {"wbsweep": own, "torch": torch.__version__, "ray": ray.__version__}
 
 
-def optuna_space(search: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Spec search entries -> Optuna distributions."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
+@contextmanager
+def pending_limit(n: int) -> Iterator[None]:
+    """Ray Tune keeps up to ``n`` trials PENDING while this context is open.
 
-    space: dict[str, Any] = {}
-    for knob, dist in search.items():
-        kind, args = next(iter(dist.items()))
-        if kind == "loguniform":
-            space[knob] = FloatDistribution(float(args[0]), float(args[1]), log=True)
-        elif kind == "uniform":
-            space[knob] = FloatDistribution(float(args[0]), float(args[1]))
-        elif kind == "grid":
-            lo, hi, step = (float(a) for a in args)
-            space[knob] = FloatDistribution(lo, grid_values(args)[-1], step=step)
+    Tune reads the number from ``TUNE_MAX_PENDING_TRIALS_PG`` when it starts an experiment (for a
+    custom searcher it is otherwise 1, or the ``max_concurrent_trials`` cap, which would also fix the
+    number of trials in flight for the whole sweep). Pending trials are what the autoscaler scales
+    for; the number running is left to Tune and the cluster (see :func:`orchestrator.cluster.pending_trials`)."""
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    saved = os.environ.get(key)
+    os.environ[key] = str(int(n))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
         else:
-            space[knob] = CategoricalDistribution(list(args))
-    return space
-
-
-def grid_values(args: list) -> list[float]:
-    """The points of a ``{grid: [lo, hi, step]}`` entry: lo, lo + step, ..., hi (rounded to 12
-    decimals, so 0.01 * 3 is 0.03 and matches what Optuna's stepped distribution holds)."""
-    lo, hi, step = (float(a) for a in args)
-    return [round(lo + i * step, 12) for i in range(int(round((hi - lo) / step)) + 1)]
-
-
-def point_key(params: dict[str, Any]) -> tuple:
-    """A hashable form of a searched point, numbers rounded, to tell whether it was evaluated."""
-    return tuple(sorted((k, round(float(v), 9) if is_number(v) else v) for k, v in params.items()))
-
-
-def discrete_points(search: dict[str, dict[str, Any]], budget: int, seed: int) -> list[dict[str, Any]] | None:
-    """For a space whose every knob is discrete (``grid`` or ``choice``): the points to evaluate,
-    each once. The whole grid when it fits in ``budget`` (the paper's "s chosen from {0.01, ...,
-    0.20}" evaluates all 20); else ``budget`` distinct points drawn with ``seed`` (a sampler such as
-    TPE would propose some values twice: 20 TPE trials reach 12-15 of 20 values). None when a knob is
-    continuous: the sampler searches as usual."""
-    import itertools
-    import random
-
-    axes = []
-    for knob, dist in search.items():
-        kind, args = next(iter(dist.items()))
-        if kind == "grid":
-            axes.append([(knob, v) for v in grid_values(args)])
-        elif kind == "choice":
-            axes.append([(knob, v) for v in args])
-        else:
-            return None
-    points = [dict(p) for p in itertools.product(*axes)]
-    return points if len(points) <= budget else random.Random(seed).sample(points, budget)
+            os.environ[key] = saved
 
 
 class Sweep:
@@ -175,7 +145,6 @@ class Sweep:
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
         self.preflight()
-        self.note_stale_results()
         self.tracker: Tracker  # opened in run(), once the cluster is known to fit the trials
         self.nodes: list[Node] = []
         self.repeat_nodes: dict[str, RepeatNode] = {}
@@ -237,12 +206,17 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
-        # the traceback stays in the trial's error.txt under DIR/ray.
+        # the traceback stays in the trial's error.txt under DIR/ray. Its one message about trials
+        # that cannot start ("insufficient resources") stays audible.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+        logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.WARNING)
+        local = self.opts.address in (None, "local")
         if not ray.is_initialized():
             try:
+                # log_to_driver: the trials' warnings (a failed CUDA-graph capture, a GPU torch cannot use)
+                # and the autoscaler's events ("Adding 2 node(s) of type a100") reach this output.
                 ray.init(address=self.opts.address, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False, configure_logging=True)
+                         log_to_driver=not self.opts.quiet, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise WbsweepError(f"cannot start or join the Ray cluster at {self.opts.address or 'local'}: "
                                    f"{str(exc).splitlines()[0]}") from None
@@ -250,25 +224,25 @@ class Sweep:
         # status says interrupted. Set after ray.init, whose libraries install an aborting handler.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-        if self.gpus and not ray.cluster_resources().get("GPU"):
-            raise WbsweepError(f"{self.gpus} GPU(s) per trial asked for, but the Ray cluster has no GPU; "
-                               "use --gpus-per-trial 0 or join a cluster with GPUs (--address).")
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if self.opts.address in (None, "local") and self.cpus > cpus:  # a local cluster never grows: it would wait
-            raise WbsweepError(f"{self.cpus:g} CPUs per trial asked for, but this machine's Ray cluster has "
-                               f"{cpus:g}; use --cpus-per-trial {max(1, int(cpus))} or less.")
+        self.shape = cluster_shape(local)
+        check_trial_fits(self.shape, self.cpus, self.gpus, local)
+        self.note_stale_results()  # once nothing can refuse the sweep any more: errors stay one line
         # A local store keeps artifacts beside the results; a tracking server decides where they go
         # (its --artifacts-destination), so that every node can upload them over HTTP.
-        local = not self.opts.tracking_uri.startswith(("http://", "https://"))
-        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts" if local else None)
+        tracking_local = not self.opts.tracking_uri.startswith(("http://", "https://"))
+        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name,
+                               self.out / "mlartifacts" if tracking_local else None)
         close_interrupted_runs(self.tracker, self.runs)
         self.progress.begin()
+        if self.shape.autoscaling:
+            self.progress.note(f"autoscaling cluster ({self.shape.source}): node types {self.shape.describe()}; "
+                               "trials wait while the autoscaler starts the nodes they need")
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
             param_space={"_runs": self.runs},
             tune_config=tune.TuneConfig(
                 metric="objective", mode="max", num_samples=-1, search_alg=self.graph,
-                max_concurrent_trials=self.max_concurrent or self.trials_that_fit(), reuse_actors=True,
+                max_concurrent_trials=self.max_concurrent, reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
@@ -278,7 +252,8 @@ class Sweep:
         )
         self.status("running")
         try:
-            tuner.fit()
+            with pending_limit(pending_trials(self.shape, self.cpus, self.gpus, self.max_concurrent)):
+                tuner.fit()
         except KeyboardInterrupt:
             self.status("interrupted")
             raise
@@ -363,7 +338,8 @@ class Sweep:
             "storage": None if self.store == str(self.out.resolve()) else self.store,
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
             "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
-                       "failed": p.n_failed},
+                       "failed": p.n_failed, "pending": p.pending},
+            "waiting_since": p.waiting_since,
             "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
         }
         variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
@@ -384,19 +360,6 @@ class Sweep:
                 raise WbsweepError(f"{path} is not a readable Optuna database ({type(exc).__name__}); move it "
                                    "away: the tune stages then search again, reusing every model trained.") from None
         return self._optuna_storage
-
-    def trials_that_fit(self) -> int:
-        """How many trials the cluster holds at once. Ray Tune keeps only one trial pending for a
-        custom searcher unless told a concurrency, which would run the sweep one trial at a time.
-        A cluster that holds none yet (an autoscaling one with no workers) gets 8 pending trials
-        to make it scale up; --max-concurrent overrides either."""
-        import ray
-
-        res = ray.cluster_resources()
-        fit = int(res.get("CPU", 0) // self.cpus) if self.cpus else 10**6
-        if self.gpus:
-            fit = min(fit, int(res.get("GPU", 0) // self.gpus))
-        return fit if fit >= 1 else 8
 
     # --- bookkeeping -------------------------------------------------------------------------
 

@@ -35,6 +35,33 @@ def test_cluster_config_is_valid_for_ray(path):
     assert any("pip install" in c and "wbsweep" in c for c in config["setup_commands"])
 
 
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_config_is_valid_once_ray_up_fills_its_defaults(path):
+    """What `ray up` does before launching: Ray's defaults merged in, then Ray's own validation."""
+    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler.sdk import fillout_defaults
+
+    config = fillout_defaults(yaml.safe_load(path.read_text()))
+    validate_config(config)
+    assert any("pip install" in c and "wbsweep" in c for c in config["setup_commands"])
+
+
+def test_a100_workers_start_on_demand_and_declare_their_gpus():
+    from ray.autoscaler.sdk import fillout_defaults
+
+    from orchestrator.cluster import ClusterShape, check_trial_fits, node_types_of_config, pending_trials
+
+    config = fillout_defaults(yaml.safe_load((CLUSTER / "a100.yaml").read_text()))
+    a100 = config["available_node_types"]["a100"]
+    assert a100["min_workers"] == 0 and a100["resources"]["GPU"] == 8
+    types, cap = node_types_of_config(config)
+    shape = ClusterShape(True, types, "a100.yaml", cap)
+    check_trial_fits(shape, cpus=4, gpus=1, local=False)  # no live GPU, yet a trial the workers hold: no error
+    assert pending_trials(shape, 4, 1, None) == 32  # four 8-GPU workers at most
+    assert pending_trials(shape, 4, 0.25, None) == 96  # 24 CPU-bound trials per node (96 CPUs / 4)
+    assert pending_trials(shape, 4, 1, 6) == 6  # --max-concurrent caps it
+
+
 def test_schema_rejects_a_broken_config():
     config = yaml.safe_load((CLUSTER / "a100.yaml").read_text())
     config["max_workers"] = "many"
@@ -91,8 +118,6 @@ def two_node_cluster(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path):
-
-
     address, env = two_node_cluster
     out = tmp_path / "driver"  # the driver's own files: status, Optuna's study, MLflow's store
     shared = tmp_path / "shared"  # stands in for the filesystem every node mounts (--storage)

@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 
 from orchestrator.graph import TuneNode
 from orchestrator.progress import Progress
-from orchestrator.sweep import discrete_points, grid_values
+from orchestrator.space import discrete_points, grid_values
 
 GRID = [round(0.01 * i, 2) for i in range(1, 21)]
 
@@ -93,7 +93,8 @@ def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
             resources: {cpus_per_trial: 1, gpus_per_trial: 0}
         """))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out),
+           "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(out / "trials")

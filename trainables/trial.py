@@ -5,12 +5,18 @@ every trained model lives, at ``_runs/<config_hash>/seed<seed>/``: a folder or a
 see :mod:`trainables.storage`) and ``_stage`` (the sweep stage that asked for the trial). A model
 already finished there is not trained again: its metrics are re-reported, so a repeated or resumed
 sweep costs nothing for work that is done.
+
+A trial to which Ray gave GPUs fails (and is retried) when torch cannot use them, instead of
+training on the CPU unnoticed; warnings raised while it runs go to its output (which Ray sends to the
+driver), to ``warnings.log`` in its run folder and to the driver with its next report.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,15 +64,86 @@ class ThrottledReport:
             self.last = now
 
 
+def check_gpu_usable(device: str, gpu_ids: list) -> None:
+    """Raise RuntimeError when Ray gave this trial the GPUs ``gpu_ids`` and ``device`` (auto or cuda)
+    wants one, but torch cannot use any (a driver too old for torch's CUDA, a CPU-only torch): the
+    trial fails with the reason and Ray retries it, rather than training on the CPU unnoticed.
+    ``device: cpu`` trains on CPUs on purpose and is never refused."""
+    if not gpu_ids or device == "cpu":
+        return
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:  # torch says why in a warning ("driver too old")
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    if usable:
+        return
+    reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    if not reasons:
+        reasons = [f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"]
+    ids = ",".join(str(i) for i in gpu_ids)
+    raise RuntimeError(f"Ray gave this trial GPU {ids} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}) "
+                       f"but torch cannot use it: {'; '.join(reasons)}. Install a torch whose CUDA this node's driver "
+                       "runs, or train on CPUs on purpose with --device cpu --gpus-per-trial 0.")
+
+
+class TrialWarnings:
+    """Collects the warnings raised while a trial runs (``warnings.warn`` from torch or the trainer,
+    under the default filters): each is printed to stderr at once, appended to ``warnings.log`` in
+    the run folder (an artifact of its MLflow run) and kept for :meth:`take` (the next report)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.new = folder, []
+        self._catch = warnings.catch_warnings()
+
+    def __enter__(self) -> TrialWarnings:
+        self._catch.__enter__()  # restores the previous showwarning on exit
+        warnings.showwarning = self.show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = f"{category.__name__}: {str(message).strip()} ({Path(filename).name}:{lineno})"
+        print(f"wbsweep trial warning: {text}", file=sys.stderr, flush=True)
+        self.new.append(text)
+        try:
+            with open(self.folder / "warnings.log", "a") as fh:
+                fh.write(text + "\n")
+        except OSError:  # the scratch folder of a finished upload is gone; the report still carries it
+            pass
+
+    def take(self) -> str:
+        """The warnings since the last call, one a line ("" when none)."""
+        text, self.new = "\n".join(self.new), []
+        return text
+
+
 def tune_trainable(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: per-epoch reports, then one final report with every metric."""
     import ray
-    from ray import tune
 
     cfg = training_config(config)
+    check_gpu_usable(cfg["device"], ray.get_gpu_ids())
     runs, hash_, seed = config["_runs"], config_hash(cfg), cfg["seed"]
     out, home = run_dir(runs, hash_, seed), run_location(runs, hash_, seed)
     storage.download(home, out)  # object store: a retry (on any node) resumes from its checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    with TrialWarnings(out) as caught:
+        _train_and_report(config, cfg, runs, hash_, seed, out, home, caught)
+
+
+def _train_and_report(config: dict[str, Any], cfg: dict[str, Any], runs: str, hash_: str, seed: int, out: Path,
+                      home: str, caught: TrialWarnings) -> None:
+    import ray
+    from ray import tune
+
+    def report(metrics: dict[str, Any]) -> None:
+        news = caught.take()
+        tune.report({**metrics, "warnings": news} if news else metrics)
+
     metrics = load_metrics(out)
     if metrics is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,11 +159,11 @@ def tune_trainable(config: dict[str, Any]) -> None:
         (out / "ray_node_id").write_text(ray.get_runtime_context().get_node_id())
         storage.upload(out, home, ["attempts.log", "ray_node_id"])
         try:
-            metrics = train(cfg, out, report=ThrottledReport(tune.report),
+            metrics = train(cfg, out, report=ThrottledReport(report),
                             on_checkpoint=lambda: storage.upload(out, home, PROGRESS_FILES))
         except TrainingDiverged as exc:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
-            tune.report({"objective": float("nan"), "diverged": str(exc)})
+            report({"objective": float("nan"), "diverged": str(exc)})
             return
         finally:
             (out / PARENT_MODEL).unlink(missing_ok=True)  # a copy: the parent's folder has the original
@@ -102,4 +179,4 @@ def tune_trainable(config: dict[str, Any]) -> None:
     node_file = out / "ray_node_id"
     final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
     storage.finish_upload(out, home)  # object store: the finished folder (metrics.json last), scratch removed
-    tune.report({"objective": final["objective"], "final": final})
+    report({"objective": final["objective"], "final": final})

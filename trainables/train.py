@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables import storage
+from trainables.augment import device_transform
 from trainables.config import LA_KINDS, config_hash, objective, resolve_config
 from trainables.data import LTDataset
 from trainables.datacache import cached_dataset
@@ -108,6 +109,8 @@ class DeviceData:
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         self.crop = data.augment == "crop_flip"
+        # mini-ImageNet: RandomResizedCrop + flip of the stored train squares, else CenterCrop (trainables/augment.py)
+        self.resized_crop = data.augment == "resized_crop_flip"
 
     def normalise(self, x_u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """(x / 255 - mean) / std in float32: the same operations, in the same order, as torchvision's
@@ -118,7 +121,9 @@ class DeviceData:
 
     def prepare(self, x_u8: torch.Tensor, augment: bool, generator: torch.Generator | None,
                 channels_last: bool = False) -> torch.Tensor:
-        if augment and self.crop:
+        if self.resized_crop:
+            x_u8 = device_transform(x_u8, self.x["val"].shape[-1], augment, generator)
+        elif augment and self.crop:
             x_u8 = crop_flip(x_u8, 4, generator)
         return self.normalise(x_u8, channels_last)
 
@@ -586,7 +591,7 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
     data, device = dd.data, dd.device
     model = build_model(
         ModelSpec(
-            cfg["model"], data.num_classes, data.x_train.shape[1], data.x_train.shape[-1], cfg["classifier"],
+            cfg["model"], data.num_classes, data.x_train.shape[1], data.x_val.shape[-1], cfg["classifier"],
             cfg["etf_bias"], cfg["width"], etf_seed=cfg["seed"],
         )
     ).to(device)

@@ -27,9 +27,10 @@ those indices and weights as Pillow does (libImaging/Resample.c), for every imag
 then K ``index_select`` of whole image rows and integer multiply-adds. Why Pillow and not
 ``F.interpolate(antialias=True)``: the authors' transforms run on PIL images, and torchvision's
 tensor kernels are themselves only within 1 level of Pillow (measured in tests/test_augment.py).
-Measured on 2 shared CPU cores, batch 64 of 256-px squares to 224: about 0.4 s batched against
-0.02 s for a loop of torchvision's native uint8 CPU kernel (AVX-512), so on a CPU the loop would be
-faster; on a GPU the batched version is about 30 kernels per chunk whatever its size. CPU training
+Measured on 2 CPU cores shared with other jobs, batch 64 of 256-px squares to 224: 0.4-1.2 s
+batched (the draw itself 0.2 ms) against 0.02-0.09 s for a loop of torchvision's native uint8 CPU
+kernel and 0.03 s for a loop of Pillow, so on a CPU a loop would be faster; on a GPU the batched
+version is about 30 kernel launches per chunk whatever its size (not measured here: no GPU). CPU training
 at 224 px is not a use case (a ResNet step at batch 64 costs seconds there).
 """
 

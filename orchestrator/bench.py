@@ -175,7 +175,7 @@ def compare(device: str = "cpu", model: str = "resnet32", batch_size: int = 64, 
     fast = build_training(cfg, dd)
     knobs = fast.knobs
     runner = fast.runner()
-    ref_model = build_model(ModelSpec(model, data.num_classes, data.x_train.shape[1], data.x_train.shape[-1],
+    ref_model = build_model(ModelSpec(model, data.num_classes, data.x_train.shape[1], data.x_val.shape[-1],
                                       cfg["classifier"], cfg["etf_bias"], width, etf_seed=cfg["seed"])).to(dev)
     ref_model.load_state_dict(fast.model.state_dict())  # the same initial weights
     naive = ReferenceTrainer(cfg, data, ref_model, dev, num_workers=naive_workers)
@@ -411,7 +411,7 @@ def check_knobs(device: str = "cpu", model: str = "resnet32", batch_size: int = 
 def _init_weights(data: LTDataset, dev: torch.device, model: str, width: int | None) -> dict[str, torch.Tensor]:
     cfg = bench_config(model, dev.type, 64, width)
     torch.manual_seed(0)
-    spec = ModelSpec(model, data.num_classes, data.x_train.shape[1], data.x_train.shape[-1], cfg["classifier"],
+    spec = ModelSpec(model, data.num_classes, data.x_train.shape[1], data.x_val.shape[-1], cfg["classifier"],
                      cfg["etf_bias"], width, etf_seed=cfg["seed"])
     return {k: p.detach() for k, p in build_model(spec).named_parameters()}
 

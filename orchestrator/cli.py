@@ -239,8 +239,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError):
         raise WbsweepError(f"--per-class {args.per_class!r}: write three positive counts, e.g. 500,100,100.") from None
     out = Path(args.out).expanduser() if args.out else default_data_root() / mini_imagenet.FOLDER
-    info = mini_imagenet.prepare(args.imagenet_root, out, size=args.size, seed=args.seed, per_class=per_class)
-    print(f"mini-imagenet: {info['counts']} images of {info['num_classes']} classes at {info['size']} px in {out}; "
+    info = mini_imagenet.prepare(args.imagenet_root, out, size=args.size, seed=args.seed, per_class=per_class,
+                                 resize=args.resize)
+    print(f"mini-imagenet: {info['counts']} images of {info['num_classes']} classes (train at {info['resize']} px, "
+          f"val/test at {info['size']} px) in {out}; "
           f"use --data-root {out.parent} (datasets mini-imagenet, mini-imagenet-lt)")
     return 0
 
@@ -354,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("dataset", choices=["mini-imagenet"])
     prep.add_argument("--imagenet-root", required=True, help="ImageNet's training folder (one folder per synset)")
     prep.add_argument("--out", help="where to write (default: DATA_ROOT/mini-imagenet)")
-    prep.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    prep.add_argument("--size", type=int, default=224,
+                      help="crop side in pixels, the model's input (default 224): val/test are Resize + CenterCrop "
+                           "to it, training draws RandomResizedCrop to it")
+    prep.add_argument("--resize", type=int, help="Resize side (default round(size*256/224), 256): train images "
+                                                 "are stored as the centre square at this side")
     prep.add_argument("--seed", type=int, default=0, help="seed of the per-class draw (default 0)")
     prep.add_argument("--per-class", default="500,100,100", help="train,val,test images per class")
     prep.set_defaults(func=cmd_data)

@@ -20,9 +20,10 @@ PER_SYNSET = 5
 
 
 def make_fake_imagenet(root: Path, per_synset: int = PER_SYNSET, extra: int = 2) -> Path:
-    """ImageNet's train layout: root/<synset>/<synset>_<n>.JPEG, plus a few non-mini synsets and a
-    stray file. The colour of each image encodes (class rank, file number) so the test can check
-    which file ended where."""
+    """ImageNet's train layout: root/<synset>/<synset>_<n>.JPEG, plus a few non-mini synsets, a
+    stray file and macOS's hidden companions (AppleDouble ``._<name>.JPEG``, not JPEGs, and
+    ``.DS_Store``), which must never be counted, drawn or decoded. The colour of each image encodes
+    (class rank, file number) so the test can check which file ended where."""
     train = root / "train"
     synsets = sorted(mini_imagenet.SYNSETS)
     for s in [*synsets, *(f"n0000000{k}" for k in range(extra))]:
@@ -38,6 +39,8 @@ def make_fake_imagenet(root: Path, per_synset: int = PER_SYNSET, extra: int = 2)
             else:
                 (im.convert("L") if n == 2 else im).save(folder / f"{s}_{n}.png")
         (folder / "README.txt").write_text("not an image")
+        (folder / f"._{s}_1.JPEG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     return root
 
 
@@ -61,7 +64,8 @@ def test_prepare_writes_lists_images_and_info(prepared: Path) -> None:
     folder = prepared / "data" / "mini-imagenet"
     assert {p.name for p in folder.iterdir()} == set(mini_imagenet.FILES)
     info = json.loads((folder / "split.json").read_text())
-    assert info["counts"] == {"train": 300, "val": 100, "test": 100} and info["size"] == 8
+    assert info["counts"] == {"train": 300, "val": 100, "test": 100} and (info["size"], info["resize"]) == (8, 9)
+    assert info["format"] == mini_imagenet.FORMAT
     lines = {s: (folder / f"{s}.txt").read_text().splitlines() for s in ("train", "val", "test")}
     files = [ln.split()[0] for s in lines for ln in lines[s]]
     assert len(files) == len(set(files)) == 500  # disjoint splits
@@ -72,8 +76,9 @@ def test_prepare_writes_lists_images_and_info(prepared: Path) -> None:
             assert path.split("/")[0] == synsets[int(label)]  # label k = k-th synset in sorted order
             assert not path.startswith("n0000000")
     images = np.load(folder / "images-train.npy")
-    assert images.shape == (300, 3, 8, 8) and images.dtype == np.uint8
-    # the first listed train image: uniform colour (rank, 10 n, 7) -> every pixel of the 8x8 crop
+    assert images.shape == (300, 3, 9, 9) and images.dtype == np.uint8  # train: the Resize side, a square
+    assert np.load(folder / "images-val.npy").shape == (100, 3, 8, 8)
+    # the first listed train image: uniform colour (rank, 10 n, 7) -> every pixel of the 9x9 square
     path, label = lines["train"][0].split()
     n = int(path.rsplit("_", 1)[1].split(".")[0])
     expected = (int(label), 10 * n, 7) if n != 2 else (None,)
@@ -97,7 +102,8 @@ def test_load_mini_imagenet_lt_and_balanced(prepared: Path) -> None:
     expected = [int(3 * (1 / 3) ** (k / 99)) for k in range(100)]  # TailCalibX: int(), not round()
     assert lt.class_counts == expected and sum(expected) == len(lt.y_train)
     assert np.bincount(lt.y_train.numpy(), minlength=100).tolist() == expected
-    assert lt.x_train.shape[1:] == (3, 8, 8) and len(lt.y_val) == 100 and len(lt.y_test) == 100
+    assert lt.x_train.shape[1:] == (3, 9, 9) and lt.x_val.shape[1:] == (3, 8, 8) and len(lt.y_val) == 100
+    assert lt.augment == "resized_crop_flip" and len(lt.y_test) == 100
     assert (lt.many_threshold, lt.few_threshold) == (100, 20)
     # the long-tailed train images are the first n_k of each class in list order
     full = load_dataset("mini-imagenet", root)
@@ -144,9 +150,98 @@ def test_cli_prepare(tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "mini-imagenet",
                            "--imagenet-root", str(tmp_path / "imagenet" / "train"), "--out", str(out),
-                           "--size", "8", "--per-class", "1,1,1"], capture_output=True, text=True, timeout=300)
+                           "--size", "8", "--resize", "10", "--per-class", "1,1,1"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert np.load(out / "images-train.npy").shape == (100, 3, 10, 10)
+    assert np.load(out / "images-test.npy").shape == (100, 3, 8, 8)
     assert "mini-imagenet" in proc.stdout and (out / "split.json").exists()
     bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "mini-imagenet",
                           "--imagenet-root", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prepared_images_are_the_authors_transforms(prepared: Path) -> None:
+    """val/test are torchvision's Resize(R) + CenterCrop(S) of the PIL image (the authors' evaluation
+    transform), train is Resize(R) + CenterCrop(R) (the square RandomResizedCrop is drawn on); an
+    un-augmented train image on the device is exactly the evaluation transform of its file."""
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from trainables.data import LTDataset
+    from trainables.train import DeviceData
+
+    folder = prepared / "data" / "mini-imagenet"
+    src = prepared / "imagenet" / "train"
+
+    def authors(path: str, crop: int) -> np.ndarray:
+        with Image.open(src / path) as im:
+            return np.asarray(TF.center_crop(TF.resize(im.convert("RGB"), [9]), [crop, crop])).transpose(2, 0, 1)
+
+    for split, side in (("train", 9), ("val", 8), ("test", 8)):
+        images = np.load(folder / f"images-{split}.npy")
+        paths = [ln.split()[0] for ln in (folder / f"{split}.txt").read_text().splitlines()]
+        for i in range(0, len(paths), 37):
+            assert np.array_equal(images[i], authors(paths[i], side)), (split, paths[i])
+    data = load_dataset("mini-imagenet", prepared / "data")
+    assert isinstance(data, LTDataset)
+    dd = DeviceData(data, torch.device("cpu"))
+    paths = [ln.split()[0] for ln in (folder / "train.txt").read_text().splitlines()]
+    plain = dd.prepare(dd.x["train"][:40], False, None) * dd.std + dd.mean  # back to [0, 1]
+    for i in range(0, 40, 7):
+        assert torch.allclose(plain[i] * 255, torch.from_numpy(authors(paths[i], 8).copy()).float(), atol=1e-3)
+    gen = torch.Generator().manual_seed(3)
+    aug = dd.prepare(dd.x["train"][:40], True, gen)
+    assert aug.shape == (40, 3, 8, 8)
+    from trainables.augment import resized_crop_flip
+
+    want = dd.normalise(resized_crop_flip(dd.x["train"][:40], 8, torch.Generator().manual_seed(3)))
+    assert torch.equal(aug, want)
+    assert torch.equal(dd.prepare(dd.x["val"], False, None), dd.normalise(dd.x["val"]))  # val: as stored
+
+
+def test_hidden_files_are_skipped(tmp_path: Path) -> None:
+    make_fake_imagenet(tmp_path / "imagenet", per_synset=2, extra=0)  # 2 images + 2 hidden files per synset
+    with pytest.raises(WbsweepError, match="has 2 images, mini-ImageNet needs 3"):
+        mini_imagenet.split_files(tmp_path / "imagenet", per_class=(1, 1, 1))
+    lists = mini_imagenet.split_files(tmp_path / "imagenet", per_class=(1, 1, 0))
+    names = [p.rsplit("/", 1)[1] for split in lists.values() for p, _ in split]
+    assert len(names) == 200 and not any(n.startswith(".") for n in names)
+
+
+@pytest.mark.parametrize("load", [load_dataset, check_dataset], ids=["load", "check"])
+def test_old_prepared_folder_is_refused(prepared: Path, tmp_path: Path, load) -> None:
+    import shutil
+
+    old = tmp_path / "data" / "mini-imagenet"
+    shutil.copytree(prepared / "data" / "mini-imagenet", old)
+    info = json.loads((old / "split.json").read_text())
+    for key in ("format", "resize", "train", "eval"):  # what an older wbsweep wrote
+        info.pop(key)
+    (old / "split.json").write_text(json.dumps(info))
+    with pytest.raises(WbsweepError) as err:
+        load("mini-imagenet-lt", tmp_path / "data", rho=3.0)
+    msg = str(err.value)
+    assert "\n" not in msg and "older wbsweep" in msg and "wbsweep data prepare mini-imagenet" in msg
+    assert str(old) in msg
+
+
+def test_trains_end_to_end_on_the_new_format(prepared: Path, tmp_path: Path) -> None:
+    """The trainer takes 9-px train squares and 8-px val/test: the model is built for the crop side
+    (an MLP's input is 3 * 8 * 8, which would fail at 9 px), training crops to 8 on the device."""
+    import torch
+
+    from trainables.train import train
+
+    n = torch.get_num_threads()
+    try:
+        metrics = train({"dataset": "mini-imagenet", "data_root": str(prepared / "data"), "model": "mlp3",
+                         "width": 16, "epochs": 1, "threads": 1, "device": "cpu", "la": ["none"], "seed": 0},
+                        tmp_path)
+    finally:
+        torch.set_num_threads(n)
+    assert 0.0 <= metrics["la"]["none"]["avg"] <= 100.0 and (tmp_path / "metrics.json").is_file()
+    # the stored model takes 8-px inputs: its first linear layer has 3 * 8 * 8 inputs
+    state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    assert any(getattr(v, "ndim", 0) == 2 and v.shape[1] == 3 * 8 * 8 for v in state.values())

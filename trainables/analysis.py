@@ -269,7 +269,7 @@ class _Context:
         self.device = pick_device(device)
         self.dd = DeviceData(self.data, self.device, cfg["augment"])
         self.spec = ModelSpec(cfg["model"], self.data.num_classes, self.data.x_train.shape[1],
-                              self.data.x_train.shape[-1], cfg["classifier"], cfg["etf_bias"], cfg["width"],
+                              self.data.x_val.shape[-1], cfg["classifier"], cfg["etf_bias"], cfg["width"],
                               etf_seed=cfg["seed"])
         self.model = build_model(self.spec).to(self.device)
         try:

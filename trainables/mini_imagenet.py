@@ -22,9 +22,27 @@ mini-ImageNet-LT), made deterministic:
 
 The prepared folder holds the lists (``train.txt``, ``val.txt``, ``test.txt``: "synset/file label"
 per line, paths relative to the ImageNet folder, TailCalibX's format), ``classes.txt`` and the
-decoded images as uint8 arrays (``images-<split>.npy``, (N, 3, S, S), rows in list order) so
-that a trial loads them in seconds: each image's shorter side is resized to S (bilinear,
-antialiased) and the centre S x S crop kept. S = 224 by default (the ImageNet stem of the models).
+decoded images as uint8 arrays (``images-<split>.npy``, rows in list order) so that a trial loads
+them in seconds. They hold what the authors' transforms need (torchvision's ImageNet recipe, as in
+their ``utils/data_units.py``), for crop side S = 224 and resize side R = 256 (``--size``,
+``--resize``; R defaults to round(S * 256 / 224)):
+
+* validation and test: ``Resize(R)`` + ``CenterCrop(S)`` applied by torchvision to the PIL image,
+  (N, 3, S, S): exactly the authors' evaluation transform;
+* train: ``Resize(R)`` + ``CenterCrop(R)``, (N, 3, R, R): the shorter side resized to R and the
+  centre R x R square kept. The trainer draws ``RandomResizedCrop(S)`` + flip on that square on the
+  device (trainables/augment.py). The authors draw the box on the whole original image; the
+  approximation is (1) the box is drawn on the centre square (for a 4:3 photo, 3/4 of the image:
+  the side strips are never seen and every box covers 4/3 times the fraction of the square that
+  it would of the photo), and (2) the box is cut from the image at shorter side R instead of the
+  original resolution (ImageNet's are ~400 px), so boxes under S px are upsampled from fewer
+  pixels (blurrier). An un-augmented training image is centre-cropped to S, which is exactly the
+  evaluation transform (see trainables/augment.py).
+
+Storage: train 3 * 256^2 = 196,608 bytes per image (50,000 prepared: 9.8 GB on disk; at rho = 100
+the 10,847 kept train images take 2.1 GB on the device), validation and test 150,528 bytes (3.0 GB
+for the 20,000). ``split.json`` records the format (:data:`FORMAT`); a folder prepared by an older
+wbsweep (every split as 224-px centre crops) is refused with a request to prepare it again.
 """
 
 from __future__ import annotations
@@ -59,6 +77,9 @@ SYNSETS = (
 SPLITS = ("train", "val", "test")
 PER_CLASS = (500, 100, 100)  # train, val, test images per class before the long-tailed cut
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+#: Version of the prepared folder's layout, in split.json: 2 = train squares at R, val/test at S.
+#: Folders without it hold 224-px centre crops for every split (the CIFAR-style protocol).
+FORMAT = 2
 FOLDER = "mini-imagenet"  # under the data root
 FILES = ("classes.txt", *(f"{s}.txt" for s in SPLITS), *(f"images-{s}.npy" for s in SPLITS), "split.json")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's ImageNet models
@@ -94,17 +115,22 @@ def _imagenet_train_dir(root: Path) -> Path:
                        "ImageNet's training folder, which holds one folder per synset (ILSVRC2012_img_train)")
 
 
+def _is_image(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def split_files(imagenet_root: Path, seed: int = 0, per_class: tuple[int, int, int] = PER_CLASS
                 ) -> dict[str, list[tuple[str, int]]]:
-    """(relative path, label) per split, drawn as the module docstring says."""
+    """(relative path, label) per split, drawn as the module docstring says. Hidden entries (names
+    starting with ".": macOS's AppleDouble ``._n01532829_1.JPEG`` companions, ``.DS_Store``) are
+    not images and are skipped before counting and drawing."""
     base = _imagenet_train_dir(imagenet_root)
     rng = np.random.default_rng(seed)
     need = sum(per_class)
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for label, synset in enumerate(classes()):
         folder = base / synset
-        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-            if folder.is_dir() else []
+        files = sorted(p.name for p in folder.iterdir() if _is_image(p)) if folder.is_dir() else []
         if len(files) < need:
             raise WbsweepError(f"{folder} has {len(files)} images, mini-ImageNet needs {need} per class "
                                f"({'/'.join(map(str, per_class))} train/val/test); is this ImageNet's training folder?")
@@ -116,24 +142,30 @@ def split_files(imagenet_root: Path, seed: int = 0, per_class: tuple[int, int, i
     return out
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 (3, size, size): shorter side resized to ``size`` (bilinear, antialiased), centre crop."""
+def default_resize(size: int) -> int:
+    """The Resize side for a crop side: round(size * 256 / 224) (torchvision's ImageNet recipe)."""
+    return round(size * 256 / 224)
+
+
+def load_image(path: Path, resize: int, crop: int) -> np.ndarray:
+    """RGB uint8 (3, crop, crop): torchvision's ``Resize(resize)`` (shorter side to ``resize``,
+    bilinear with Pillow's antialiasing, the other side int()-truncated as torchvision computes it)
+    then ``CenterCrop(crop)``, on the PIL image as the authors' transforms run."""
     from PIL import Image
+    from torchvision.transforms import functional as TF
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        im = TF.center_crop(TF.resize(im.convert("RGB"), [resize]), [crop, crop])
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def prepare(imagenet_root: str | Path, out: str | Path, size: int = 224, seed: int = 0,
-            per_class: tuple[int, int, int] = PER_CLASS, workers: int | None = None) -> dict:
+            per_class: tuple[int, int, int] = PER_CLASS, workers: int | None = None,
+            resize: int | None = None) -> dict:
     """Write the split lists and the decoded images into ``out``; returns what ``split.json`` says.
+
+    ``size`` is the crop side S (the model's input), ``resize`` the Resize side R (default
+    :func:`default_resize`): train images are stored at R x R, validation and test at S x S.
 
     Files are written under temporary names and renamed, ``split.json`` last, so an interrupted
     run never leaves a folder that looks prepared."""
@@ -142,6 +174,10 @@ def prepare(imagenet_root: str | Path, out: str | Path, size: int = 224, seed: i
         raise WbsweepError(f"--imagenet-root {root} is not a folder.")
     if size < 8:
         raise WbsweepError(f"--size {size} is too small; use e.g. 224 (or 84, the few-shot mini-ImageNet size).")
+    resize = default_resize(size) if resize is None else int(resize)
+    if resize < size:
+        raise WbsweepError(f"--resize {resize} is smaller than --size {size}; the crop is taken from the resized "
+                           "image (the authors: --size 224 --resize 256).")
     lists = split_files(root, seed, per_class)
     base = _imagenet_train_dir(root)
     try:
@@ -152,12 +188,13 @@ def prepare(imagenet_root: str | Path, out: str | Path, size: int = 224, seed: i
     started = time.time()
     for split in SPLITS:
         entries = lists[split]
+        side = resize if split == "train" else size  # train: the R x R square the random crop is drawn on
         tmp = out / f".images-{split}.npy.tmp"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), 3, size, size))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), 3, side, side))
 
-        def fill(i: int, arr=arr, entries=entries) -> None:
+        def fill(i: int, arr=arr, entries=entries, side=side) -> None:
             try:
-                arr[i] = load_image(base / entries[i][0], size)
+                arr[i] = load_image(base / entries[i][0], resize, side)
             except Exception as exc:  # a truncated JPEG etc.: name the file
                 raise WbsweepError(f"cannot decode {base / entries[i][0]}: {exc}") from None
 
@@ -168,7 +205,9 @@ def prepare(imagenet_root: str | Path, out: str | Path, size: int = 224, seed: i
         os.replace(tmp, out / f"images-{split}.npy")
         (out / f"{split}.txt").write_text("".join(f"{p} {y}\n" for p, y in entries))
     (out / "classes.txt").write_text("".join(f"{s}\n" for s in classes()))
-    info = {"imagenet_root": str(root.resolve()), "size": size, "seed": seed, "per_class": list(per_class),
+    info = {"format": FORMAT, "imagenet_root": str(root.resolve()), "size": size, "resize": resize,
+            "train": f"Resize({resize}) + CenterCrop({resize}); RandomResizedCrop({size}) + flip on the device",
+            "eval": f"Resize({resize}) + CenterCrop({size})", "seed": seed, "per_class": list(per_class),
             "num_classes": len(SYNSETS), "counts": {s: len(lists[s]) for s in SPLITS},
             "seconds": round(time.time() - started, 1), "procedure": "TailCalibX, seeded (trainables/mini_imagenet.py)"}
     tmp = out / ".split.json.tmp"
@@ -183,8 +222,18 @@ def read_prepared(folder: Path, key: str) -> dict[str, tuple[np.ndarray, np.ndar
     if missing:
         raise WbsweepError(f"{key}: missing {', '.join(missing)} in {folder} (expected {', '.join(FILES)}); "
                            + how_to_prepare(folder))
+    try:
+        info = json.loads((folder / "split.json").read_text())
+        fmt, size, resize = info.get("format"), int(info["size"]), int(info.get("resize", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        fmt = size = resize = None
+    if fmt != FORMAT:
+        raise WbsweepError(f"{key}: {folder} was prepared by an older wbsweep (every split as centre crops; the "
+                           f"authors' RandomResizedCrop needs the larger train images): run `wbsweep data prepare "
+                           f"mini-imagenet --imagenet-root /path/to/ILSVRC2012/train --out {folder}` again.")
     out = {}
     for split in SPLITS:
+        side = resize if split == "train" else size
         labels = []
         for n, line in enumerate((folder / f"{split}.txt").read_text().splitlines(), 1):
             parts = line.split()
@@ -196,8 +245,8 @@ def read_prepared(folder: Path, key: str) -> dict[str, tuple[np.ndarray, np.ndar
         except (OSError, ValueError) as exc:
             raise WbsweepError(f"{folder / f'images-{split}.npy'} is unreadable ({exc}); prepare the folder "
                                "again.") from None
-        if images.ndim != 4 or images.shape[0] != len(labels) or images.shape[1] != 3 or images.dtype != np.uint8:
+        if images.shape != (len(labels), 3, side, side) or images.dtype != np.uint8:
             raise WbsweepError(f"{folder / f'images-{split}.npy'} holds {images.dtype}{list(images.shape)} for "
-                               f"{len(labels)} listed images; prepare the folder again.")
+                               f"{len(labels)} listed images of {side} px (split.json); prepare the folder again.")
         out[split] = (images, np.asarray(labels, dtype=np.int64))
     return out

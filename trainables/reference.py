@@ -50,10 +50,14 @@ class ImageArrayDataset(Dataset):
 
 def reference_transform(data: LTDataset, augment: bool = True) -> T.Compose:
     """The authors' training transform: RandomCrop(size, padding=4) + RandomHorizontalFlip for CIFAR,
-    nothing for MNIST-like data, then ToTensor + Normalize."""
+    RandomResizedCrop + RandomHorizontalFlip for mini-ImageNet, nothing for MNIST-like data, then
+    ToTensor + Normalize."""
     steps: list[Any] = []
     if augment and data.augment == "crop_flip":
         steps += [T.RandomCrop(data.x_train.shape[-1], padding=4), T.RandomHorizontalFlip()]
+    elif data.augment == "resized_crop_flip":  # mini-ImageNet's stored train squares (trainables/augment.py)
+        size = data.x_val.shape[-1]
+        steps += [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else [T.CenterCrop(size)]
     steps += [T.ToTensor(), T.Normalize(data.mean, data.std)]
     return T.Compose(steps)
 

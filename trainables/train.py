@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables import storage
+from trainables.augment import device_transform
 from trainables.config import LA_KINDS, config_hash, objective, resolve_config
 from trainables.data import LTDataset, data_fingerprint
 from trainables.datacache import cached_dataset
@@ -110,6 +111,10 @@ class DeviceData:
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         self.augment = data.augment if augment == "auto" else augment
         self.crop = self.augment == "crop_flip"
+        # mini-ImageNet's training images are stored larger than the model's input (the 256-px centre
+        # square): RandomResizedCrop + flip when augmenting, else CenterCrop (trainables/augment.py)
+        self.size = data.x_val.shape[-1]
+        self.resized_crop = self.augment == "resized_crop_flip"
 
     def normalise(self, x_u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """(x / 255 - mean) / std in float32: the same operations, in the same order, as torchvision's
@@ -120,7 +125,9 @@ class DeviceData:
 
     def prepare(self, x_u8: torch.Tensor, augment: bool, generator: torch.Generator | None,
                 channels_last: bool = False) -> torch.Tensor:
-        if augment and self.crop:
+        if self.resized_crop or x_u8.shape[-1] != self.size:
+            x_u8 = device_transform(x_u8, self.size, augment and self.resized_crop, generator)
+        elif augment and self.crop:
             x_u8 = crop_flip(x_u8, 4, generator)
         return self.normalise(x_u8, channels_last)
 
@@ -588,7 +595,7 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
     data, device = dd.data, dd.device
     model = build_model(
         ModelSpec(
-            cfg["model"], data.num_classes, data.x_train.shape[1], data.x_train.shape[-1], cfg["classifier"],
+            cfg["model"], data.num_classes, data.x_train.shape[1], data.x_val.shape[-1], cfg["classifier"],
             cfg["etf_bias"], cfg["width"], etf_seed=cfg["seed"],
         )
     ).to(device)

@@ -220,14 +220,15 @@ def pending_trials(shape: ClusterShape, cpus: float, gpus: float, cap: int | Non
     On an autoscaling cluster: as many as the cluster holds at its largest (every node type at its
     ``max_workers``), so that the autoscaler sees the whole demand at once and launches every node it
     may; each node that joins starts trials and Tune asks the sweep for more. Unknown node types: 16.
-    On a fixed cluster: 1, which is enough for Tune to fill it (a trial leaves PENDING as soon as its
-    resources are free, and the next one is asked for) without asking Optuna ahead of need.
+    On a fixed cluster: as many as its live nodes hold at once. One would fill it only while trials
+    last longer than a placement group takes to be granted; short trials (a few seconds) would all
+    run one after another on one reused trial actor.
     ``cap`` (``--max-concurrent``) bounds it; at least 1."""
+    trial = trial_bundle(cpus, gpus)
     if shape.autoscaling:
-        trial = trial_bundle(cpus, gpus)
         n = sum(t.fits(trial) * t.max_workers for t in shape.node_types) if shape.node_types else 16
     else:
-        n = 1
+        n = sum(t.fits(trial) for t in shape.node_types)
     if cap is not None:
         n = min(n, cap)
     return max(1, min(n, 1024))

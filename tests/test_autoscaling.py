@@ -31,7 +31,9 @@ from test_cluster import _kill_tree
 pytestmark = pytest.mark.slow
 
 WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}
-# A spec of its own: long enough trials (20 epochs, a checkpoint every epoch) for a worker to be
+# A spec of its own: long enough trials (seconds: 500 epochs, a checkpoint every epoch) for a
+# trial to be running when the next worker joins (shorter ones all run, one after another, on the
+# first worker's reused trial actor) and for a worker to be
 # killed under one; a tune stage (real Optuna) and repeats over three seeds.
 SPEC = """\
 name: autoscale
@@ -40,7 +42,7 @@ methods:
   - {method: wd, la: [none, mult]}
 presets:
   cpu:
-    train: {dataset: digits-lt, model: mlp3, width: 64, epochs: 20, checkpoint_seconds: 0}
+    train: {dataset: digits-lt, model: mlp3, width: 64, epochs: 500, checkpoint_seconds: 0}
     hyper: {wd: 5.0e-3}
     search: {wd: {loguniform: [1.0e-4, 1.0e-2]}}
     trials: 2

@@ -49,7 +49,10 @@ def test_fixed_clusters_refuse_locally_and_wait_remotely():
 def test_pending_trials_cover_the_cluster_at_its_largest_and_one_on_a_fixed_cluster():
     assert pending_trials(GPU, 4, 1, None) == 32
     assert pending_trials(GPU, 4, 1, 3) == 3
-    assert pending_trials(ClusterShape(False, [NodeType("n", {"CPU": 64})]), 1, 0, None) == 1
+    # a fixed cluster: what its live nodes hold at once (short trials would otherwise run one by one)
+    assert pending_trials(ClusterShape(False, [NodeType("n", {"CPU": 64})]), 1, 0, None) == 64
+    assert pending_trials(ClusterShape(False, [NodeType("a", {"CPU": 2}), NodeType("b", {"CPU": 3})]), 1, 0, None) == 5
+    assert pending_trials(ClusterShape(False, [NodeType("n", {"CPU": 64, "GPU": 2})]), 4, 1, None) == 2
     assert pending_trials(ClusterShape(True, [], "unknown"), 1, 1, None) == 16
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import data
+from trainables import readers
 from trainables.data import (
     LTDataset,
     class_groups,
@@ -46,8 +46,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(url)
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_download_archive", offline)
-    monkeypatch.setattr(data, "_download_file", offline)
+    monkeypatch.setattr(readers, "_download_archive", offline)
+    monkeypatch.setattr(readers, "_download_file", offline)
     return calls
 
 
@@ -263,6 +263,41 @@ def test_cifar_reads_python3_style_pickles(tmp_path: Path) -> None:
     assert ds.class_counts == [2] * 100 and len(ds.y_val) == 2000 and len(ds.y_test) == 100
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("keys", ["bytes", "str"])
+def test_cifar_pickles_of_every_protocol_load(tmp_path: Path, make_cifar, protocol: int, keys: str) -> None:
+    """Re-saved files (any protocol 0-5, bytes or str keys) read as the originals: torchvision's
+    reader (a plain pickle.load) accepts them all, and so must ours."""
+    arrays = make_cifar(tmp_path / "orig", 10, 30, 2)
+    reference = load_dataset("cifar10", data_root=tmp_path / "orig", download=False)
+    folder = tmp_path / "resaved" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / "orig" / "cifar-10-batches-py" / name, "rb") as fh:
+            entry = pickle.load(fh, encoding="bytes")
+        entry = {(k.decode() if keys == "str" else k): v for k, v in entry.items()}
+        entry[b"data" if keys == "bytes" else "data"] = np.asarray(entry[b"data" if keys == "bytes" else "data"])
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh, protocol=protocol)
+    ds = load_dataset("cifar10", data_root=tmp_path / "resaved", download=False)
+    assert torch.equal(ds.x_train, reference.x_train) and torch.equal(ds.y_test, reference.y_test)
+    assert len(arrays["y_train"]) == 300
+
+
+@pytest.mark.parametrize("core", ["numpy.core", "numpy._core"])
+def test_cifar_pickles_of_either_numpy_major_version_load(tmp_path: Path, core: str) -> None:
+    """numpy 1.x writes numpy.core.multiarray, 2.x numpy._core.multiarray: both read under either."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        blob = pickle.dumps({b"data": np.full((60, 3072), 7, np.uint8), b"labels": list(range(10)) * 6}, protocol=2)
+        for spelled in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+            blob = blob.replace(spelled, core.encode() + b".multiarray")
+        (folder / name).write_bytes(blob)
+    ds = load_dataset("cifar10", data_root=tmp_path, download=False)
+    assert int(ds.x_train.float().mean()) == 7
+
+
 def test_data_root_from_environment(tmp_path: Path, make_cifar, monkeypatch: pytest.MonkeyPatch) -> None:
     make_cifar(tmp_path, 10, 30, 2)
     monkeypatch.setenv("WBSWEEP_DATA_ROOT", str(tmp_path))
@@ -270,6 +305,17 @@ def test_data_root_from_environment(tmp_path: Path, make_cifar, monkeypatch: pyt
     assert load_dataset("cifar10", download=False).class_counts == [10] * 10
     monkeypatch.delenv("WBSWEEP_DATA_ROOT")
     assert default_data_root() == Path.home() / ".cache" / "wbsweep" / "data"
+
+
+def test_a_relative_data_root_is_made_absolute_where_it_is_read(tmp_path: Path, make_cifar, monkeypatch) -> None:
+    """Trials run in their own working folders: a relative WBSWEEP_DATA_ROOT means the folder it
+    names from where the command was started."""
+    make_cifar(tmp_path / "data", 10, 30, 2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WBSWEEP_DATA_ROOT", "data")
+    assert default_data_root() == tmp_path / "data" and default_data_root().is_absolute()
+    monkeypatch.setenv("WBSWEEP_DATA_ROOT", "~/x")
+    assert default_data_root() == Path.home() / "x"
 
 
 def test_cifar_download_path_when_the_network_works(tmp_path: Path, make_cifar,
@@ -280,7 +326,7 @@ def test_cifar_download_path_when_the_network_works(tmp_path: Path, make_cifar,
         seen.append((url, root, md5))
         make_cifar(root, 100, 21, 1)
 
-    monkeypatch.setattr(data, "_download_archive", fake_download)
+    monkeypatch.setattr(readers, "_download_archive", fake_download)
     root = tmp_path / "fresh" / "root"
     ds = load_dataset("cifar100-lt", data_root=root, rho=1)
     assert seen == [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", root,
@@ -350,7 +396,7 @@ def test_garbage_and_foreign_cifar_pickles(tmp_path: Path, make_cifar) -> None:
     # A pickle that would import something other than numpy is refused, not executed.
     with open(path, "wb") as fh:
         pickle.dump({b"data": Path("/etc/passwd"), b"labels": []}, fh, protocol=2)
-    with pytest.raises(WbsweepError, match="unexpected global"):
+    with pytest.raises(WbsweepError, match=r"unsupported variant of the format \(it references pathlib"):
         load_dataset("cifar10-lt", data_root=tmp_path, download=False)
     with open(path, "wb") as fh:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, fh, protocol=2)
@@ -485,7 +531,7 @@ def test_mnist_download_path_when_the_network_works(tmp_path: Path, make_mnist,
         folder.mkdir(parents=True, exist_ok=True)
         (folder / filename).write_bytes((source / filename).read_bytes())
 
-    monkeypatch.setattr(data, "_download_file", fake_download)
+    monkeypatch.setattr(readers, "_download_file", fake_download)
     ds = load_dataset("mnist", data_root=tmp_path / "root")
     assert len(fetched) == 4 and (tmp_path / "root" / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
     assert ds.class_counts == [5] * 10

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.data import LTDataset, _resolve_root, _spec, check_dataset, data_fingerprint, load_dataset
+from trainables.data import LTDataset, _spec, check_dataset, data_fingerprint, load_dataset
+from trainables.readers import resolve_root
 
 CACHE_ENV = "WBSWEEP_DATA_CACHE"
 FORMAT = 2  # bump when the split or the stored layout changes (2: the split option, the fingerprint)
@@ -61,7 +62,7 @@ def _fingerprint(root: Path) -> list[tuple[str, int, int]]:
 def cache_key(name: str, data_root: str | Path | None, rho: float | None, val_per_class: int,
               split: str = "file") -> str:
     src = _spec(name).source
-    root = _resolve_root(data_root) if src.needs_files else None
+    root = resolve_root(data_root) if src.needs_files else None
     doc = {"format": FORMAT, "name": name, "rho": rho, "val": int(val_per_class), "split": split,
            "root": str(root) if root else None, "files": _fingerprint(root) if root and root.is_dir() else []}
     return f"{name}-{hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]}"

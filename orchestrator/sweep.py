@@ -41,6 +41,7 @@ from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
+from trainables.readers import DATA_ROOT_ENV
 from trainables.storage import run_location
 from trainables.trial import finished_metrics, training_config, tune_trainable
 
@@ -181,9 +182,15 @@ class Sweep:
         cfg["data_fingerprint"] = self.data_fingerprint
         cfg["device"] = self.opts.device
         cfg["threads"] = max(1, int(self.cpus))
-        if self.opts.data_root:
-            cfg["data_root"] = str(Path(self.opts.data_root).resolve())
+        cfg["data_root"] = self.data_root()
         return cfg
+
+    def data_root(self) -> str | None:
+        """Where the trials read the dataset: --data-root, else the spec's ``data_root``, else
+        $WBSWEEP_DATA_ROOT, made absolute here (``~`` and relative paths mean what they mean for the
+        command, not for a trial, which runs in a folder of its own); None: each node's default."""
+        root = self.opts.data_root or self.exp.train.get("data_root") or os.environ.get(DATA_ROOT_ENV, "").strip()
+        return str(Path(root).expanduser().resolve()) if root else None
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         return {**cfg, "seed": seed, "_runs": self.runs}
@@ -290,7 +297,7 @@ class Sweep:
         train = {**DEFAULTS, **self.exp.train}
         # What the models are tied to: trained on other data (another --data-root, the real files
         # after a fake set), a model has another config hash and is never reused.
-        self.data_fingerprint = dataset_fingerprint(train["dataset"], self.opts.data_root, train["rho"],
+        self.data_fingerprint = dataset_fingerprint(train["dataset"], self.data_root(), train["rho"],
                                                     train["val_per_class"], train["split"])
         if storage.is_remote(self.store):
             storage.check_writable(self.store)

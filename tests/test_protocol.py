@@ -4,6 +4,7 @@ schedule's timing, the augmentation option, and results tied to the data that ma
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,15 +107,19 @@ def test_fingerprint_follows_the_content(tmp_path: Path, make_mnist) -> None:
     assert len(data_fingerprint(a)) == 16
 
 
-def _cifar_sweep(tmp_path: Path, out: Path, root: Path) -> subprocess.CompletedProcess:
+def _cifar_sweep(tmp_path: Path, out: Path, root: Path, env_root: bool = False) -> subprocess.CompletedProcess:
+    """The sweep on the CIFAR files under ``root``: --data-root, or (``env_root``) a relative
+    WBSWEEP_DATA_ROOT from the command's folder, which every trial (in folders of its own) must see."""
     spec = tmp_path / "cifar.yaml"
     spec.write_text("name: fakecifar\ntitle: fake then real\nlayout: accuracy\n"
                     "methods:\n  - {method: naive, la: [none]}\n"
                     "presets:\n  smoke:\n    train: {dataset: cifar10-lt, model: mlp3, width: 16, epochs: 1}\n"
                     "    seeds: [0]\n    resources: {cpus_per_trial: 1, gpus_per_trial: 0}\n")
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out),
-           "--data-root", str(root), "--quiet"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--quiet"]
+    env = {**os.environ, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else os.environ
+    return subprocess.run(cmd + ([] if env_root else ["--data-root", str(root)]), capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -124,7 +129,7 @@ def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path
     out = tmp_path / "out"
     make_cifar(tmp_path / "a", 10, per_class_train=140, per_class_test=10, seed=0)
     make_cifar(tmp_path / "b", 10, per_class_train=140, per_class_test=10, seed=1)
-    first = _cifar_sweep(tmp_path, out, tmp_path / "a")
+    first = _cifar_sweep(tmp_path, out, tmp_path / "a", env_root=True)
     assert first.returncode == 0, first.stderr[-3000:]
     second = _cifar_sweep(tmp_path, out, tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]

@@ -110,3 +110,30 @@ def test_report_without_results_says_what_to_run(tmp_path):
     write_fake(tmp_path, spec="other")
     with pytest.raises(WbsweepError, match="no results for spec 'table4'"):
         report(tmp_path, "table4")
+
+
+def test_footnotes_speak_only_of_what_the_rows_use(tmp_path):
+    """The ResNet32/ResNet34 remark only under ResNet rows with paper numbers; kept epochs where they
+    are not the last; an LA parameter on the edge of its grid in most seeds."""
+    write_fake(tmp_path)  # ResNet34 on CIFAR100-LT: paper rows shown; best epoch 300 of 320; τ 1.5, γ 0.5
+    text = report(tmp_path, "table4", table=4)
+    assert "'ResNet32' is the authors' CIFAR ResNet34" in text
+    assert "WD: epochs kept 300, 300, 300 of 320" in text
+    assert "edge of its grid" not in text  # τ = 1.5 and γ = 0.5 lie inside [1, 2] and [0, 1]
+    mlp = tmp_path / "mlp"
+    write_fake(mlp, spec="table4", dataset="digits-lt", model="mlp3", preset="cpu")
+    assert "ResNet" not in report(mlp, "table4", table=4)
+
+
+def test_an_la_parameter_on_the_grid_edge_is_marked(tmp_path):
+    cfg = resolve_config({"dataset": "cifar100-lt", "model": "resnet34", "wd": 5e-3})
+    for seed, tau in enumerate((1.0, 1.0, 1.35)):
+        metrics = fake_metrics(40.0, 100.0)
+        metrics["la"]["add"]["param"] = tau
+        rows = rows_for_run(metrics, {**cfg, "seed": seed}, spec="table4", preset="paper", method="wb",
+                            stage="repeat", mlflow_run_id=None, versions=VERSIONS,
+                            created_at=pd.Timestamp("2026-01-01", tz="UTC"))
+        write_rows(tmp_path / "results", f"wb-s{seed}", rows)
+    text = report(tmp_path, "table4", table=4)
+    assert "WB, add LA: τ on the edge of its grid [1, 2] in 2/3 seeds" in text
+    assert "mult LA" not in text

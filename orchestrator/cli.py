@@ -141,20 +141,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import report
     from orchestrator.spec import load_experiments
 
-    table, order, title, layout, analyses = None, None, None, "accuracy", None
+    table, order, title, layout, analyses, unknown = None, None, None, "accuracy", None, None
     try:
         exps = load_experiments(args.spec, args.preset)
         exp = exps[0]
         table, order, title, spec = exp.paper_table, [m.method.name for m in exp.methods], exp.title, exp.name
         layout = exp.layout
         analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
-    except WbsweepError:
+    except WbsweepError as exc:
         if Path(args.spec).suffix in (".yaml", ".yml"):
             raise
-        spec = args.spec  # a spec no longer on disk: the Parquet rows are enough
+        spec, unknown = args.spec, exc  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
-    sys.stdout.write(report(out, spec, args.preset, args.format, table, order, title, layout=layout,
-                            analyses=analyses, store=_storage(args.storage, out, spec)))
+    try:
+        text = report(out, spec, args.preset, args.format, table, order, title, layout=layout, analyses=analyses,
+                      store=_storage(args.storage, out, spec))
+    except WbsweepError:
+        if unknown is not None:  # no rows and no such spec: say that (not "run it first")
+            raise unknown from None
+        raise
+    sys.stdout.write(text)
     return 0
 
 
@@ -177,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.config import config_hash, resolve_config
     from trainables.datacache import dataset_fingerprint
     from trainables.methods import get_method, method_config
-    from trainables.train import train
+    from trainables.train import CHECKPOINT, load_metrics, train
 
     exp = load_experiment(args.spec, args.preset)
     method = get_method(args.method)
@@ -193,11 +199,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"model folder: {out}", file=sys.stderr)
+    metrics = load_metrics(out)
+    if metrics is not None and not args.force:
+        print("this model is already trained (its metrics.json exists): its numbers follow; --force trains it "
+              "again, replacing its files", file=sys.stderr)
+    else:
+        if metrics is not None:
+            for name in ("metrics.json", CHECKPOINT):  # a fresh start, not a resume of the finished run
+                (out / name).unlink(missing_ok=True)
 
-    def show(m: dict) -> None:
-        print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
+        def show(m: dict) -> None:
+            print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
 
-    metrics = train(cfg, out, report=show)
+        metrics = train(cfg, out, report=show)
     summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}
@@ -295,6 +309,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wbsweep", description="Weight-balancing sweeps on Ray Tune + Optuna.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action="version", version=f"wbsweep {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="tune on validation, repeat over seeds, write Parquet + MLflow, print the table")
@@ -324,14 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")
-    t.add_argument("--method", required=True)
-    t.add_argument("--spec", default="table4")
-    t.add_argument("--preset")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--data-root")
+    t.add_argument("--method", required=True, help="a method name (wbsweep list)")
+    t.add_argument("--spec", default="table4", help="the spec whose preset gives the training options")
+    t.add_argument("--preset", help="the spec's preset (default: its default preset)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    t.add_argument("--data-root", help="folder holding the datasets (default $WBSWEEP_DATA_ROOT)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
-    t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"))
+    t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"),
+                   help="models go to OUT/<config hash>/seed<k>/ (default wbsweep-out/train)")
+    t.add_argument("--force", action="store_true", help="train again a model that is already trained")
     t.set_defaults(func=cmd_train)
 
     st = sub.add_parser("status", help="what is done, running, failed and left in a results folder")
@@ -403,6 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overhead-epochs", type=int, default=320, help="epochs (= per-epoch reports) per trial")
     b.set_defaults(func=cmd_bench)
     return p
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("wbsweep")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

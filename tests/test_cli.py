@@ -156,3 +156,26 @@ def test_a_torn_database_in_out_is_one_line(tmp_path, name):
     proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
     assert_user_error(proc, name)
     assert not (out / "results").exists()
+
+
+def test_train_on_a_finished_model_says_so_and_force_trains_again(tmp_path):
+    args = ("train", "--method", "wd", "--preset", "smoke", "--set", "epochs=1", "--device", "cpu", "--out",
+            str(tmp_path))
+    first = wbsweep(*args)
+    assert first.returncode == 0, first.stderr
+    model = next(tmp_path.glob("*/seed0/model.pt"))
+    stamp = model.stat().st_mtime_ns
+    again = wbsweep(*args)
+    assert again.returncode == 0 and "already trained" in again.stderr and "epoch" not in again.stderr.split(
+        "already trained")[1]
+    assert model.stat().st_mtime_ns == stamp and json.loads(again.stdout) == json.loads(first.stdout)
+    forced = wbsweep(*args, "--force")
+    assert forced.returncode == 0 and "epoch    1" in forced.stderr and model.stat().st_mtime_ns != stamp
+
+
+def test_version_and_an_unknown_spec_in_report(tmp_path):
+    version = wbsweep("--version")
+    assert version.returncode == 0 and re.match(r"wbsweep \S+", version.stdout)
+    # no rows and no spec of that name: the unknown name, not "run it first"
+    (tmp_path / "results").mkdir()
+    assert_user_error(wbsweep("report", "fig9", "--out", str(tmp_path)), "unknown spec 'fig9'")

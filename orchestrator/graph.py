@@ -131,7 +131,7 @@ class TuneNode(Node):
         searched = self.recorded_choice()
         if searched is not None:
             self.sweep.chosen[self.method] = {**base, **searched}  # this run's device, threads, paths
-            self.sweep.progress.skip(self.planned, f"{self.label}: choice already recorded")
+            self.sweep.progress.skip(self.planned, "choice")
             self.finish()
             return
         self.open_study(f"{self.sweep.exp.name}-{self.method}-{key}")
@@ -189,7 +189,7 @@ class TuneNode(Node):
                         for t in earlier]
         self.issued = len(self.results)
         if earlier:
-            self.sweep.progress.skip(len(earlier), f"{self.label}: {len(earlier)} Optuna trial(s) of an earlier run")
+            self.sweep.progress.skip(len(earlier), "study")
         # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
         # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
         sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)

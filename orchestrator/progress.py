@@ -31,6 +31,7 @@ class Progress:
         self.listener: Callable[[], None] | None = None  # told after every change (the status file)
         self.pending = 0  # trials waiting for resources (Ray Tune's PENDING)
         self.waiting_since: float | None = None  # when the longest-waiting of them began to wait
+        self.reused: dict[str, int] = {}  # skipped trials by kind (REUSED)
 
     def _print(self, msg: str) -> None:
         if not self.quiet:
@@ -42,10 +43,13 @@ class Progress:
         elapsed = time.time() - self.start
         worked = self.finished + self.n_failed
         left = max(0, self.total - worked - self.skipped)
-        eta = f"ETA {_clock(elapsed / worked * left)}" if worked else "ETA --"
+        # The first trials carry the start-up (Ray, the trial actors' imports): an ETA from them alone
+        # overestimates a short sweep many times over, so it waits for a few.
+        eta = f"ETA {_clock(elapsed / worked * left)}" if worked >= max(3, self.total // 10) else "ETA --"
         now = f" ({', '.join(self.active)})" if self.active else ""
+        reused = f" ({self.skipped} reused)" if self.skipped else ""
         return (f"[stages {self.stages_done}/{self.total_stages}{now}] trials {self.finished + self.skipped}/"
-                f"{self.total} done, {self.running} running, {self.pending_text()}{self.n_failed} failed | "
+                f"{self.total} done{reused}, {self.running} running, {self.pending_text()}{self.n_failed} failed | "
                 f"elapsed {_clock(elapsed)} | {eta}")
 
     def pending_text(self) -> str:
@@ -110,9 +114,18 @@ class Progress:
             print(msg, file=sys.stderr, flush=True)
         self._print(msg)
 
-    def skip(self, n: int, why: str) -> None:
+    #: What a skipped (reused) trial was, for the one summary line at the end of a sweep.
+    REUSED = {"choice": "tune-stage trials whose choice was recorded", "study": "Optuna trials of earlier runs",
+              "rows": "models already in results", "model": "models already trained (a tune stage's own seed, "
+              "an earlier run or another spec)"}
+
+    def skip(self, n: int, kind: str) -> None:
+        """``n`` planned trials need no training: work of the ``kind`` in :data:`REUSED`. Counted in
+        the progress line and summed up once at the end, not a line each (a resume skips dozens)."""
         self.skipped += n
-        self._print(f"skipped {n} trial(s): {why}")
+        self.reused[kind] = self.reused.get(kind, 0) + n
+        if self.listener is not None:
+            self.listener()
 
     def failed(self, reason: str, trial_id: str | None = None) -> None:
         """A trial failed, or (no ``trial_id``) could not start because what it needs failed."""
@@ -123,3 +136,6 @@ class Progress:
 
     def finish(self) -> None:
         self._print(self.line())
+        if self.skipped:
+            parts = [f"{n} {self.REUSED[kind]}" for kind, n in self.reused.items()]
+            self._print(f"skipped {self.skipped} trial(s) whose work was done: {'; '.join(parts)}")

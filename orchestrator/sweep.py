@@ -381,13 +381,13 @@ class Sweep:
         for seed in self.exp.seeds:
             h = config_hash(training_config(self.trial_config(cfg, seed)))
             if (h, seed) in done:
-                self.progress.skip(1, f"{node.label} seed {seed}: already in results")
+                self.progress.skip(1, "rows")
                 continue
             metrics = finished_metrics(self.runs, h, seed)
             if metrics is not None:
                 metrics["ray_node_id"] = self.run_file(h, seed, "ray_node_id")
                 self.record(node, self.trial_config(cfg, seed), metrics, self.run_file(h, seed, "mlflow_run_id"))
-                self.progress.skip(1, f"{node.label} seed {seed}: trained earlier, rows written")
+                self.progress.skip(1, "model")
                 continue
             todo.append(seed)
         return todo

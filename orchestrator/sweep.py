@@ -41,7 +41,7 @@ from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError
 from trainables.methods import method_config
-from trainables.readers import DATA_ROOT_ENV
+from trainables.readers import DATA_ROOT_ENV, default_data_root
 from trainables.storage import run_location
 from trainables.trial import finished_metrics, training_config, tune_trainable
 
@@ -189,8 +189,10 @@ class Sweep:
         """Where the trials read the dataset: --data-root, else the spec's ``data_root``, else
         $WBSWEEP_DATA_ROOT, made absolute here (``~`` and relative paths mean what they mean for the
         command, not for a trial, which runs in a folder of its own); None: each node's default."""
-        root = self.opts.data_root or self.exp.train.get("data_root") or os.environ.get(DATA_ROOT_ENV, "").strip()
-        return str(Path(root).expanduser().resolve()) if root else None
+        root = self.opts.data_root or self.exp.train.get("data_root")
+        if root:
+            return str(Path(root).expanduser().resolve())
+        return str(default_data_root()) if os.environ.get(DATA_ROOT_ENV, "").strip() else None
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         return {**cfg, "seed": seed, "_runs": self.runs}
@@ -301,7 +303,7 @@ class Sweep:
                                                     train["val_per_class"], train["split"])
         if storage.is_remote(self.store):
             storage.check_writable(self.store)
-        read_rows(self.location("results"))
+        self.results_at_start = read_rows(self.location("results"))  # readable, and note_stale_results reads it
         if (self.out / "optuna.db").exists():
             self.optuna_storage()
         if self.opts.address not in (None, "auto", "local"):
@@ -314,7 +316,7 @@ class Sweep:
         other data (another data fingerprint, or none: an earlier version) or under an earlier
         protocol (their config hashes differently today, e.g. a model's initialisation changed).
         Their rows stay in results/; the models are trained again the current way."""
-        df = read_rows(self.location("results"))
+        df = self.results_at_start
         df = df[(df["spec"] == self.exp.name) & (df["preset"] == self.exp.preset)]
         if self.exp.variant is not None:
             df = df[(df["dataset"] == self.exp.train.get("dataset")) & (df["model"] == self.exp.train.get("model"))]

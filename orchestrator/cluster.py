@@ -253,6 +253,13 @@ def autoscaler_activity() -> str:
         report = json.loads(raw).get("autoscaler_report") or {} if raw else {}
     except Exception:
         return ""
+    return describe_autoscaler_report(report)
+
+
+def describe_autoscaler_report(report: dict) -> str:
+    """The launches and failures in one `autoscaler_report` (the dict Ray's v1 autoscaler writes
+    under DEBUG_AUTOSCALING_STATUS: pending_launches {type: n}, pending_nodes [(ip, type, status)],
+    failed_nodes [(ip, type)]) as a few words; "" when there are none."""
     parts = []
     launching = dict(report.get("pending_launches") or {})
     for _ip, node_type, *_ in report.get("pending_nodes") or []:

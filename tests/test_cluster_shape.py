@@ -81,3 +81,20 @@ def test_trial_warnings_are_printed_logged_in_the_run_folder_and_handed_to_the_n
     assert "CUDA graph capture failed" in (tmp_path / "warnings.log").read_text()
     assert "wbsweep trial warning: RuntimeWarning: CUDA graph" in capsys.readouterr().err
     assert warnings.showwarning is not caught.show  # restored
+
+
+def test_the_autoscaler_report_is_told_in_a_few_words():
+    """From the dict Ray's autoscaler writes (asdict of its own AutoscalerSummary)."""
+    from dataclasses import asdict
+
+    from ray.autoscaler._private.autoscaler import AutoscalerSummary
+
+    from orchestrator.cluster import describe_autoscaler_report
+
+    summary = AutoscalerSummary(active_nodes={"head": 1}, idle_nodes=None,
+                                pending_nodes=[("10.0.0.7", "a100", "setting-up")],
+                                pending_launches={"a100": 2, "cpu": 1}, failed_nodes=[("10.0.0.9", "a100")])
+    assert describe_autoscaler_report(asdict(summary)) == "starting 3 a100, 1 cpu; 1 node launch(es) failed"
+    idle = AutoscalerSummary(active_nodes={"head": 1}, idle_nodes=None, pending_nodes=[], pending_launches={},
+                             failed_nodes=[])
+    assert describe_autoscaler_report(asdict(idle)) == ""

@@ -114,6 +114,35 @@ def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "resul
     return pa.concat_tables(tables).to_pandas()
 
 
+def upgrade_files(folder: str | Path, schema: pa.Schema = SCHEMA) -> int:
+    """Rewrite the files under ``folder`` that lack a column added later (ADDED_LATER), with that
+    column as nulls, each atomically under its own name; the number rewritten.
+
+    Why: ``pandas.read_parquet(folder)`` (pyarrow's dataset discovery) takes the schema of the first
+    file it lists, so one file from an earlier version silently drops the newer columns of every
+    row. :func:`read_rows` reads mixed folders either way; this keeps the README's pandas one-liner
+    true. Unreadable files are left alone (``read_rows`` names them)."""
+    added = [name for name in schema.names if name in ADDED_LATER]
+    upgraded = 0
+    for name in storage.list_files(folder, ".parquet"):
+        f = storage.join(folder, name)
+        try:
+            t = pq.read_table(pa.BufferReader(storage.read_bytes(f) or b""))
+        except (pa.ArrowInvalid, OSError):
+            continue
+        if all(c in t.column_names for c in added) or set(schema.names) - set(t.column_names) - ADDED_LATER:
+            continue
+        try:
+            table = _cast(t, schema, f, folder, "results")
+        except WbsweepError:
+            continue
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        storage.write_bytes(f, buf.getvalue().to_pybytes())
+        upgraded += 1
+    return upgraded
+
+
 def _cast(t: pa.Table, schema: pa.Schema, f: str, folder: str | Path, kind: str) -> pa.Table:
     """``t``'s columns of ``schema`` as its types; a column that does not convert (``seed`` holding
     text, ``acc_per_class`` a number instead of a list) names the file and the column."""

@@ -34,7 +34,7 @@ import pandas as pd
 from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
-from orchestrator.results import read_rows, rows_for_run, write_rows
+from orchestrator.results import read_rows, rows_for_run, upgrade_files, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Tracker
 from trainables import storage
@@ -236,6 +236,7 @@ class Sweep:
         self.shape = cluster_shape(local)
         check_trial_fits(self.shape, self.cpus, self.gpus, local)
         self.note_stale_results()  # once nothing can refuse the sweep any more: errors stay one line
+        self.upgrade_old_files()
         # A local store keeps artifacts beside the results; a tracking server decides where they go
         # (its --artifacts-destination), so that every node can upload them over HTTP.
         tracking_local = not self.opts.tracking_uri.startswith(("http://", "https://"))
@@ -332,6 +333,15 @@ class Sweep:
             what += [f"{len(old_protocol)} under an earlier protocol (e.g. the initialisation)"] if old_protocol else []
             self.progress.note(f"results/ holds {self.exp.name}/{self.exp.preset} models trained {' and '.join(what)}: "
                                "they are not reused and are trained again now; their rows stay readable.", always=True)
+
+    def upgrade_old_files(self) -> None:
+        """Result and trial files written by an earlier version get the columns added since (as
+        nulls), so that ``pandas.read_parquet`` of the folder sees every column (see
+        :func:`orchestrator.results.upgrade_files`)."""
+        n = sum(upgrade_files(self.location(folder)) for folder in ("results", "trials"))
+        if n:
+            self.progress.note(f"upgraded {n} Parquet file(s) written by an earlier version to today's columns "
+                               "(the new columns are empty there).", always=True)
 
     def status(self, state: str) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""

@@ -214,3 +214,26 @@ def test_report_of_a_preset_without_rows_lists_the_presets_that_have_some(tmp_pa
     line = one_error_line(capsys)
     assert "preset 'cpu'" in line and "presets with results: paper, smoke" in line, line
     assert digest(tmp_path / "results") == before
+
+
+def test_files_of_an_earlier_version_are_upgraded_so_pandas_sees_every_column(tmp_path) -> None:
+    """pyarrow's dataset discovery takes the first file's schema: one file without a column added
+    later (here the first by name) hides that column of every row from ``pd.read_parquet``."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import SCHEMA, upgrade_files
+
+    write_model(tmp_path, seed=0)
+    write_model(tmp_path, seed=1)
+    first = tmp_path / "results" / "table4-smoke-wd-s0.parquet"
+    pq.write_table(pq.read_table(first).drop_columns(["data_fingerprint"]), first)  # as an earlier version wrote it
+    (tmp_path / "results" / "junk.parquet").write_bytes(b"not parquet")  # left alone, named by read_rows
+    before = digest(tmp_path / "results")
+    assert "data_fingerprint" not in pd.read_parquet(tmp_path / "results" / first.name).columns
+    assert upgrade_files(tmp_path / "results") == 1
+    after = digest(tmp_path / "results")
+    assert {k for k in before if before[k] != after[k]} == {first.name} and set(after) == set(before)
+    (tmp_path / "results" / "junk.parquet").unlink()
+    df = pd.read_parquet(tmp_path / "results")
+    assert list(df.columns) == SCHEMA.names and len(df) == 2 and df["acc_avg"].tolist() == [2.0, 2.0]
+    assert upgrade_files(tmp_path / "results") == 0  # nothing left to upgrade

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,8 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     if isinstance(fs, pafs.LocalFileSystem):
         Path(parent).mkdir(parents=True, exist_ok=True)
-        tmp = Path(parent) / f".{Path(path).name}.tmp"
+        # a name of this writer's own: two processes writing one file never share a temporary
+        tmp = Path(parent) / f".{Path(path).name}.{os.getpid()}-{threading.get_ident()}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return

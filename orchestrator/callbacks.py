@@ -5,6 +5,11 @@ when the model was trained before), per-epoch metrics as they are reported, and,
 ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parquet rows. Warnings
 a trial reports (``warnings`` in a result) are printed and kept in its run's ``wbsweep.warnings``
 tag; trials that wait for resources are counted after every step of Tune's loop.
+
+Every MLflow call goes through the sweep's :class:`~orchestrator.tracking.Outbox`: a tracking store
+that is locked or unreachable for a while delays the logging, never the sweep. When the sweep
+stops (Ctrl-C, SIGTERM, an error), :meth:`TrialCallback.close` ends the runs of the trials it
+stopped.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ class TrialCallback(Callback):
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
-        self.run_ids: dict[str, str] = {}
+        self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run (set once the run exists)
+        self.open: set[str] = set()  # trials started and not yet ended
         self.logged_epochs: dict[str, set[int]] = {}  # trial id -> epochs logged live
         self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
         self.next_wait_note: float | None = None
@@ -73,7 +79,9 @@ class TrialCallback(Callback):
     def on_step_end(self, iteration, trials, **info):
         """Trials that wait for resources: counted on the progress line; a line about them once they
         have waited WAIT_NOTE_S (on a fixed cluster only when nothing runs, since there a trial
-        waiting for a running one to finish is the normal case)."""
+        waiting for a running one to finish is the normal case). Tracking calls deferred earlier are
+        tried again here (at most every ``Outbox.retry_s``)."""
+        self.sweep.outbox.catch_up()
         now = time.time()
         pending = {t.trial_id for t in trials if t.status == "PENDING"}
         self.pending_since = {k: self.pending_since.get(k, now) for k in pending}
@@ -115,9 +123,19 @@ class TrialCallback(Callback):
         label = self.sweep.graph.node_of(trial.config).label
         for w in new:
             self.sweep.progress.note(f"WARNING {label} seed {trial.config['seed']}: {w}")
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id:
-            self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", "\n".join(seen)[-5000:])
+        tag = "\n".join(seen)[-5000:]
+        self.for_run(trial.trial_id, "a warnings tag",
+                     lambda run_id: self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", tag))
+
+    def for_run(self, trial_id: str, what: str, call) -> None:
+        """``call(run_id)`` on the trial's MLflow run, through the outbox: now, or after the calls
+        deferred before it (which may be the one that creates the run)."""
+        def on_run() -> None:
+            run_id = self.run_ids.get(trial_id)
+            if run_id is not None:  # None: its creation failed for good (said in a warning)
+                call(run_id)
+
+        self.sweep.outbox(what, on_run)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         node = self.sweep.graph.node_of(trial.config)
@@ -126,14 +144,20 @@ class TrialCallback(Callback):
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
         name = f"{node.method} seed{cfg['seed']}" + (f" {trial.trial_id}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
-        run_id = tracker.run(name, tags, parent=node.parent_run())
-        tracker.client.set_tag(run_id, "wbsweep.method", node.method)
-        tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
-        tracker.log_params(run_id, flat_params(cfg))
-        storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
-                            run_id.encode())
-        self.run_ids[trial.trial_id] = run_id
-        self.sweep.progress.started(trial.trial_id)
+        trial_id = trial.trial_id
+
+        def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
+            run_id = tracker.run(name, tags, parent=node.parent_run())
+            tracker.client.set_tag(run_id, "wbsweep.method", node.method)
+            tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
+            tracker.log_params(run_id, flat_params(cfg))
+            storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
+                                run_id.encode())
+            self.run_ids[trial_id] = run_id
+
+        self.open.add(trial_id)
+        self.sweep.outbox(f"the run of {node.label} seed {cfg['seed']}", start)
+        self.sweep.progress.started(trial_id)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         node = self.sweep.graph.node_of(trial.config)
@@ -144,13 +168,14 @@ class TrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("warnings"):
             self.note_warnings(trial, str(result["warnings"]))
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id and "epoch" in result:
+        if "epoch" in result:
             epoch = int(result["epoch"])
-            self.sweep.tracker.log_metrics(run_id, {k: result[k] for k in self.EPOCH_KEYS}, step=epoch)
+            metrics = {k: result[k] for k in self.EPOCH_KEYS}
+            self.for_run(trial.trial_id, f"epoch {epoch}",
+                         lambda run_id: self.sweep.tracker.log_metrics(run_id, metrics, step=epoch))
             self.logged_epochs.setdefault(trial.trial_id, set()).add(epoch)
 
-    def log_history(self, trial, run_id: str, history: list[dict]) -> None:
+    def log_history(self, trial, history: list[dict]) -> None:
         """The epochs the throttled live reports skipped, once the trial has finished. Only for a
         model trained in this run (one reused from disk already has its history in MLflow)."""
         seen = self.logged_epochs.pop(trial.trial_id, None)
@@ -162,11 +187,12 @@ class TrialCallback(Callback):
         batch = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history if int(h["epoch"]) not in seen
                  for k in self.EPOCH_KEYS]
         for i in range(0, len(batch), 900):
-            self.sweep.tracker.client.log_batch(run_id, metrics=batch[i : i + 900])
+            chunk = batch[i : i + 900]
+            self.for_run(trial.trial_id, "the epochs' metrics",
+                         lambda run_id, chunk=chunk: self.sweep.tracker.client.log_batch(run_id, metrics=chunk))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = (trial.last_result or {}).get("final")
-        run_id = self.run_ids.get(trial.trial_id)
         if final is None:  # ended without its final report (a diverged loss): a failure with its reason
             self.on_trial_error(iteration, trials, trial, reason=(trial.last_result or {}).get("diverged"))
             return
@@ -175,19 +201,27 @@ class TrialCallback(Callback):
 
         node = self.sweep.graph.node_of(trial.config)
         cfg = training_config(trial.config)
-        with storage.local_copy(self.sweep.runs, config_hash(cfg), cfg["seed"]) as folder:
-            if run_id:
-                self.log_history(trial, run_id, final.get("history", []))
-                tracker.log_metrics(run_id, final_metrics(final), step=int(final["epochs"]))
-                tracker.log_artifacts(run_id, folder)
-                tracker.finish(run_id)
-            self.sweep.record(node, trial.config, final, run_id)
+        hash_, seed, runs = config_hash(cfg), cfg["seed"], self.sweep.runs
+        # The rows first: they never wait for MLflow (whose run id they carry when the run exists)
+        with storage.local_copy(runs, hash_, seed) as folder:
+            self.sweep.record(node, trial.config, final, self.run_ids.get(trial.trial_id))
             record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
                                 method=node.method)
+
+        def log_files(run_id: str) -> None:  # a deferred call downloads them again (a remote storage)
+            with storage.local_copy(runs, hash_, seed) as folder:
+                tracker.log_artifacts(run_id, folder)
+
+        self.log_history(trial, final.get("history", []))
+        metrics = final_metrics(final)
+        self.for_run(trial.trial_id, "the final metrics",
+                     lambda run_id: tracker.log_metrics(run_id, metrics, step=int(final["epochs"])))
+        self.for_run(trial.trial_id, "the model's files", log_files)
+        self.for_run(trial.trial_id, "the end of a run", tracker.finish)
+        self.open.discard(trial.trial_id)
         self.sweep.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):
-        run_id = self.run_ids.get(trial.trial_id)
         reason = reason or "unknown error"
         if reason == "unknown error" and trial.error_file:
             try:
@@ -196,8 +230,20 @@ class TrialCallback(Callback):
                 reason = lines[-1] if lines else reason
             except OSError:
                 pass
-        if run_id:
-            self.sweep.tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000])
-            self.sweep.tracker.finish(run_id, "FAILED")
+        self.end_run(trial.trial_id, "FAILED", reason)
         label = self.sweep.graph.node_of(trial.config).label
         self.sweep.progress.failed(f"{label} trial {trial.trial_id}: {reason}", trial.trial_id)
+
+    def end_run(self, trial_id: str, status: str, reason: str) -> None:
+        """End a trial's run that did not finish: ``status`` KILLED or FAILED, the reason in its
+        ``wbsweep.error`` tag."""
+        tracker = self.sweep.tracker
+        self.for_run(trial_id, "the reason a run ended",
+                     lambda run_id: tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000]))
+        self.for_run(trial_id, "the end of a run", lambda run_id: tracker.finish(run_id, status))
+        self.open.discard(trial_id)
+
+    def close(self, status: str, reason: str) -> None:
+        """The sweep stops: the runs of the trials it stopped end ``status`` with the ``reason``."""
+        for trial_id in sorted(self.open):
+            self.end_run(trial_id, status, reason)

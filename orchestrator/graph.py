@@ -36,6 +36,14 @@ def finished(result: dict | None) -> bool:
     return bool(result) and ("final" in result or any(k.startswith("final/") for k in result))
 
 
+def end_open_trials(storage, study_id: int) -> None:
+    """End FAIL the trials of a study left RUNNING (cut off) or WAITING (enqueued, never run)."""
+    from optuna.trial import TrialState
+
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
 class Node:
     """One stage. Subclasses say when it is ready and what its next trial config is."""
 
@@ -64,11 +72,24 @@ class Node:
             self._parent_run = self.sweep.tracker.run(name, tags)
         return self._parent_run
 
+    def end_parent_run(self, status: str = "FINISHED", reason: str = "") -> None:
+        """End this stage's MLflow run, if it has one, through the sweep's outbox: the run may be
+        made by a call deferred before this one (the store was unavailable)."""
+        tracker = self.sweep.tracker
+
+        def end() -> None:
+            if self._parent_run is None:
+                return
+            if reason:
+                tracker.client.set_tag(self._parent_run, "wbsweep.error", reason[:5000])
+            tracker.finish(self._parent_run, status)
+
+        self.sweep.outbox(f"the end of the {self.label} run", end)
+
     def fail(self, reason: str) -> None:
         self.state, self.reason = "failed", reason
         self.sweep.progress.stage_failed(self.label, reason)
-        if self._parent_run:
-            self.sweep.tracker.finish(self._parent_run, "FAILED")
+        self.end_parent_run("FAILED", reason)
 
     def start(self) -> None:
         self.state = "running"
@@ -77,8 +98,13 @@ class Node:
     def finish(self) -> None:
         self.state = "done"
         self.sweep.progress.stage_done(self.label)
-        if self._parent_run:
-            self.sweep.tracker.finish(self._parent_run)
+        self.end_parent_run()
+
+    def stop(self, status: str, reason: str) -> None:
+        """The sweep stops before this stage is done: its run ends ``status`` (KILLED, FAILED) with
+        the reason; it stays 'waiting' or 'running' for the status file (a resume continues it)."""
+        if self.state in ("waiting", "running"):
+            self.end_parent_run(status, reason)
 
     def trial(self, trial_id: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         config = {**self.sweep.trial_config(cfg, seed), "_stage": self.key}
@@ -170,11 +196,9 @@ class TuneNode(Node):
         storage = self.sweep.optuna_storage()
         earlier = []
         if name in {s.study_name for s in storage.get_all_studies()}:
-            for t in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False):
-                if t.state in (TrialState.RUNNING, TrialState.WAITING):  # cut off, or enqueued and never run
-                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                elif t.state == TrialState.COMPLETE:
-                    earlier.append(t)
+            study_id = storage.get_study_id_from_name(name)
+            end_open_trials(storage, study_id)  # a driver killed before it could
+            earlier = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE,))
         # A discrete space (the BN-scale grid) is enumerated, each point once, also across a resume:
         # the points a finished trial evaluated are not proposed again.
         points = discrete_points(self.search, self.planned, self.seed)
@@ -193,8 +217,17 @@ class TuneNode(Node):
         # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
         # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
         sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)
+        self.study_name = name
         self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
                                    sampler=sampler, storage=storage, study_name=name, points_to_evaluate=points)
+
+    def stop(self, status: str, reason: str) -> None:
+        """Also the study's trials in flight (and points enqueued for it) end FAIL, as a resume would
+        end them: they do not count towards the budget; the resumed search proposes others."""
+        super().stop(status, reason)
+        if getattr(self, "study_name", None):
+            storage = self.sweep.optuna_storage()
+            end_open_trials(storage, storage.get_study_id_from_name(self.study_name))
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running" or self.issued >= self.planned:
@@ -228,8 +261,10 @@ class TuneNode(Node):
                                   indent=2, default=str))
         os.replace(tmp, self.record)
         tracker = self.sweep.tracker
-        tracker.log_params(self.parent_run(), {f"best.{k}": v for k, v in searched.items()})
-        tracker.log_metrics(self.parent_run(), {"best_objective": objective})
+        self.sweep.outbox(f"the choice of {self.label}", lambda: tracker.log_params(
+            self.parent_run(), {f"best.{k}": v for k, v in searched.items()}))
+        self.sweep.outbox(f"the choice of {self.label}", lambda: tracker.log_metrics(
+            self.parent_run(), {"best_objective": objective}))
         self.finish()
 
 

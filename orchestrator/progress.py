@@ -8,6 +8,7 @@ are counted with the time the longest has waited.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ class Progress:
 
     def _print(self, msg: str) -> None:
         if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # stderr gone (a closed terminal): the status file still tells
+                print(msg, file=sys.stderr, flush=True)
         if self.listener is not None:
             self.listener()
 
@@ -103,6 +105,11 @@ class Progress:
         self._running.discard(trial_id)
         self.finished += 1
         self._print(self.line())
+
+    def stopped(self) -> None:
+        """The sweep has stopped: no trial runs or waits any more."""
+        self._running.clear()
+        self.pending, self.waiting_since = 0, None
 
     def retrying(self, trial_id: str, what: str) -> None:
         self._print(f"RETRY {what}: the trial crashed; it resumes from its last checkpoint")

@@ -92,9 +92,10 @@ def status_text(out: Path) -> str:
         variant = f" variant {st['variant']}" if st.get("variant") is not None else ""
         lines.append(f"{st['spec']} preset {st['preset']}{variant}: {state}, updated {age:.0f} s ago on {st['host']}")
         waiting = ""
-        if t.get("pending") and isinstance(st.get("waiting_since"), int | float):
+        if state == "running" and t.get("pending") and isinstance(st.get("waiting_since"), int | float):
             waiting = f"{t['pending']} waiting for resources ({time.time() - st['waiting_since']:.0f} s), "
-        lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {t['running']} running, "
+        running = t["running"] if state == "running" else 0  # a driver gone left its last counts
+        lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {running} running, "
                      f"{waiting}{t['failed']} failed, {left} left of {t['total']}")
         store = storage.recorded_storage(st, f, out) or str(out)
         if store not in rows_of:

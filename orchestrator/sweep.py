@@ -36,7 +36,7 @@ from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
 from orchestrator.results import read_rows, rows_for_run, upgrade_files, write_rows
 from orchestrator.spec import Experiment, MethodEntry
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError
@@ -159,7 +159,9 @@ class Sweep:
                 self.repeat_nodes[s.entry.method.name] = node
                 self.nodes.append(node)
         self.graph = StageGraph(self.nodes)
-        self.progress.listener = lambda: self.status("running")
+        self.state = "running"  # in the status file: running -> finished | failed | interrupted
+        self.status_error = False  # a status file that could not be written has been reported
+        self.progress.listener = lambda: self.status(self.state)
 
     # --- configs ---------------------------------------------------------------------------
 
@@ -243,10 +245,12 @@ class Sweep:
         self.tracker = Tracker(self.opts.tracking_uri, self.exp.name,
                                self.out / "mlartifacts" if tracking_local else None)
         close_interrupted_runs(self.tracker, self.runs)
+        self.outbox = Outbox(self.progress.note)  # the tracking calls of the callbacks: never stop the sweep
         self.progress.begin()
         if self.shape.autoscaling:
             self.progress.note(f"autoscaling cluster ({self.shape.source}): node types {self.shape.describe()}; "
                                "trials wait while the autoscaler starts the nodes they need")
+        self.callback = TrialCallback(self)
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
             param_space={"_runs": self.runs},
@@ -256,27 +260,53 @@ class Sweep:
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
-                callbacks=[TrialCallback(self)], verbose=0,
+                callbacks=[self.callback], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
         self.status("running")
+        outcome, reason = "failed", ""
         try:
             with pending_limit(pending_trials(self.shape, self.cpus, self.gpus, self.max_concurrent)):
                 tuner.fit()
+            if self.graph.error is not None:
+                raise self.graph.error
+            self.graph.advance()  # stages finished by the last trial
+            if any(n.state in ("waiting", "running") for n in self.nodes):
+                # Ray Tune stops gracefully on Ctrl-C/SIGTERM and returns: this sweep is not done.
+                raise KeyboardInterrupt
+            outcome = "failed" if self.progress.failures else "finished"
         except KeyboardInterrupt:
-            self.status("interrupted")
+            outcome, reason = "interrupted", "interrupted: the sweep was stopped (Ctrl-C or SIGTERM)"
             raise
-        if self.graph.error is not None:
-            self.status("failed")
-            raise self.graph.error
-        self.graph.advance()  # stages finished by the last trial
+        except BaseException as exc:
+            reason = f"the sweep stopped on an error: {first_line(exc)}"
+            raise
+        finally:
+            self.state = outcome
+            try:
+                self.close(reason)
+            finally:
+                self.status(outcome)
+
+    def close(self, reason: str) -> None:
+        """End what this run started, on every way out of it: the MLflow runs of the trials it
+        stopped (KILLED when interrupted, FAILED on an error, with the reason in ``wbsweep.error``),
+        the runs of the stages not done, the Optuna trials in flight (FAIL, as a resume would end
+        them); then the tracking calls still deferred are made, or said to be missing. No trial
+        counts as running or pending any more."""
+        status = "KILLED" if reason.startswith("interrupted") else "FAILED"
+        if reason:
+            self.callback.close(status, reason)
+            for node in self.nodes:
+                try:
+                    node.stop(status, reason)
+                except Exception as exc:  # the Optuna store: the next run ends these trials instead
+                    self.progress.note(f"WARNING {node.label}: could not end its Optuna trials ({first_line(exc)}); "
+                                       "the next run of this command does")
+        self.outbox.catch_up(final=True)
+        self.progress.stopped()
         self.progress.finish()
-        if any(n.state in ("waiting", "running") for n in self.nodes):
-            # Ray Tune stops gracefully on Ctrl-C/SIGTERM and returns: this sweep is not done.
-            self.status("interrupted")
-            raise KeyboardInterrupt
-        self.status("failed" if self.progress.failures else "finished")
 
     def check_resources(self) -> None:
         """The per-trial resources (flags or the spec's ``resources``) are numbers Ray accepts."""
@@ -346,7 +376,6 @@ class Sweep:
     def status(self, state: str) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""
         folder = self.out / "status"
-        folder.mkdir(parents=True, exist_ok=True)
         p = self.progress
         doc = {
             "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
@@ -356,16 +385,26 @@ class Sweep:
             # none when the results are in --out, so a folder moved or copied later reads its own
             "storage": None if self.store == str(self.out.resolve()) else self.store,
             "host": socket.gethostname(), "updated": time.time(), "started": p.start,
-            "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped, "running": p.running,
-                       "failed": p.n_failed, "pending": p.pending},
-            "waiting_since": p.waiting_since,
+            # no trial runs or waits once the driver has stopped
+            "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped,
+                       "running": p.running if state == "running" else 0,
+                       "failed": p.n_failed, "pending": p.pending if state == "running" else 0},
+            "waiting_since": p.waiting_since if state == "running" else None,
             "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
         }
         variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
         path = folder / f"{self.exp.name}-{self.exp.preset}{variant}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, path)
+            self.status_error = False
+        except OSError as exc:  # a full disk, a folder made read-only: `wbsweep status` lags, the sweep goes on
+            if not self.status_error:
+                self.status_error = True
+                self.progress.note(f"WARNING cannot write the status file {path}: {exc}; `wbsweep status` "
+                                   "shows an older state until it can")
 
     def optuna_storage(self):
         """One RDB storage (SQLite beside the results) for every tune stage's study."""

@@ -9,7 +9,10 @@ duplicating them.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,4 +87,134 @@ class Tracker:
         self.client.log_artifacts(run_id, str(folder))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run. A run that finishes after all (re-attached by a resume) loses the reason an
+        earlier stop or failure left in its ``wbsweep.error`` tag."""
+        if status == "FINISHED" and "wbsweep.error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "wbsweep.error")
         self.client.set_terminated(run_id, status=status)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether waiting may cure what made a tracking call fail: a SQLite store locked by another
+    process (MLflow wraps SQLAlchemy's OperationalError in an MlflowException with error code
+    TEMPORARILY_UNAVAILABLE), a tracking server unreachable after its client's own retries (an
+    MlflowException caused by a requests error), or answering 5xx/429 (a RestException)."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in seen and len(seen) < 10:
+        seen.append(e)
+        if isinstance(e, OSError | sqlite3.OperationalError | sqlalchemy.exc.OperationalError):
+            return True  # refused or reset connections, timeouts (requests' are OSErrors), a locked database
+        if isinstance(e, RestException):
+            return e.get_http_status_code() >= 500 or e.get_http_status_code() == 429
+        if isinstance(e, MlflowException) and e.error_code in (
+                "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietLockErrors(logging.Filter):
+    """MLflow logs every SQLAlchemy OperationalError (a locked SQLite store) with a traceback of
+    fifty lines before it raises; the :class:`Outbox` says it in one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+class Outbox:
+    """The tracking calls of a running sweep, made from Ray Tune's callbacks, kept from stopping it.
+
+    A call the store refuses for a while (SQLite locked by another process: a second command on
+    the folder, ``mlflow gc``, a database browser, a backup; a tracking server down or overloaded)
+    is retried with back-off for up to ``retry_s`` seconds (``$WBSWEEP_TRACKING_RETRY_S``, default
+    30). If the store is still unavailable, that call and every later one wait in a queue, in their
+    order, with one warning line; the queue is tried again at later calls (at most every
+    ``retry_s``) and at the end of the sweep (:meth:`catch_up`). The Parquet rows and the run
+    folders are written regardless: they are the record, MLflow a view of it. An error that waiting
+    does not cure (a run deleted by hand) is one warning line, and that call is dropped.
+
+    Calls are closures, run in order: one may use what an earlier one made (a run's id)."""
+
+    def __init__(self, note: Callable[[str], None], retry_s: float | None = None):
+        from orchestrator.cluster import env_seconds
+
+        self.note = note
+        self.retry_s = env_seconds("WBSWEEP_TRACKING_RETRY_S", 30.0) if retry_s is None else retry_s
+        self.queue: deque[tuple[str, Callable[[], object]]] = deque()
+        self.down = ""  # why the store is unavailable ("" while it is not)
+        self.next_try = 0.0  # when a deferred call is tried again
+        self.caught_up = 0  # deferred calls made since
+        quiet = logging.getLogger("mlflow.store.db.utils")
+        if not any(isinstance(f, _QuietLockErrors) for f in quiet.filters):
+            quiet.addFilter(_QuietLockErrors())
+
+    def __call__(self, what: str, call: Callable[[], object]) -> None:
+        """Make ``call`` (``what`` names it in a warning) now, or later if the store is unavailable."""
+        self.catch_up()
+        self.queue.append((what, call))
+        if len(self.queue) == 1:
+            self._drain(time.monotonic() + self.retry_s)
+
+    def catch_up(self, final: bool = False) -> None:
+        """Try the deferred calls again: during the sweep once ``retry_s`` has passed since the last
+        try, each once; ``final`` (the sweep ends): now, retrying for up to ``retry_s``, then a line
+        about what could not be logged."""
+        if self.queue and (final or time.monotonic() >= self.next_try):
+            self._drain(time.monotonic() + (self.retry_s if final else 0.0))
+        if final and self.queue:
+            self.note(f"WARNING MLflow: {len(self.queue)} tracking call(s) could not be made ({self.down}); "
+                      "results/ and the run folders hold everything. Run the same command again once the store "
+                      "is available: it ends the model runs left RUNNING with their metrics and files.")
+            self.queue.clear()
+
+    def _drain(self, deadline: float) -> None:
+        from mlflow.exceptions import MlflowException
+
+        started = time.monotonic()
+        while self.queue:
+            what, call = self.queue[0]
+            try:
+                self._retrying(call, deadline)
+            except Exception as exc:
+                if transient(exc):
+                    self.next_try = time.monotonic() + self.retry_s
+                    if not self.down:
+                        self.down = first_line(exc)
+                        self.note(f"WARNING MLflow tracking store unavailable ({self.down}; retried for "
+                                  f"{time.monotonic() - started:.0f} s): its logging is deferred and caught up later; "
+                                  "the sweep goes on, results and run folders are written as usual")
+                    return
+                self.queue.popleft()
+                if not isinstance(exc, MlflowException):
+                    raise  # a bug, not the store
+                self.note(f"WARNING MLflow: {what} not logged: {first_line(exc)}")
+                continue
+            self.queue.popleft()
+            self.caught_up += bool(self.down)
+        if self.down:
+            self.note(f"MLflow available again: {self.caught_up} deferred tracking call(s) made")
+            self.down, self.caught_up = "", 0
+
+    @staticmethod
+    def _retrying(call: Callable[[], object], deadline: float) -> None:
+        delay = 0.5
+        while True:
+            try:
+                call()
+                return
+            except Exception as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)

@@ -6,8 +6,11 @@ The reference is an uninterrupted smoke sweep; an interrupted one must end with 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,9 +25,9 @@ KEY = ["spec", "dataset", "model", "method", "la", "seed"]
 COMPARED = ["acc_many", "acc_medium", "acc_few", "acc_avg", "fdr_train", "fdr_test", "tau", "gamma", "config_hash"]
 
 
-def run_cmd(out: Path, env: dict | None = None) -> subprocess.Popen:
+def run_cmd(out: Path, env: dict | None = None, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
@@ -39,12 +42,39 @@ def trained(out: Path) -> dict[tuple[str, str], int]:
             for p in (out / "runs").glob("*/seed*/metrics.json")}
 
 
-def mlflow_children(out: Path) -> list:
+def mlflow_runs(out: Path) -> list:
+    """Every MLflow run of the sweep: a parent per stage, a child per model."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("table4")
-    return [r for r in client.search_runs([exp.experiment_id], max_results=2000) if "mlflow.parentRunId" in r.data.tags]
+    return client.search_runs([exp.experiment_id], max_results=2000)
+
+
+def mlflow_children(out: Path) -> list:
+    return [r for r in mlflow_runs(out) if "mlflow.parentRunId" in r.data.tags]
+
+
+def running_optuna_trials(out: Path) -> list:
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    return [t for s in storage.get_all_studies()
+            for t in storage.get_all_trials(s._study_id, states=(TrialState.RUNNING, TrialState.WAITING))]
+
+
+def assert_nothing_left_open(out: Path, status_text: str) -> None:
+    """After the driver stopped: no MLflow run (model or stage) RUNNING, no Optuna trial RUNNING
+    (or enqueued: a resume would end it anyway), no trial counted as running or waiting."""
+    runs = mlflow_runs(out)
+    assert runs and not [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs
+                         if r.info.status == "RUNNING"]
+    assert not running_optuna_trials(out)
+    (status,) = (out / "status").glob("*.json")
+    trials = json.loads(status.read_text())["trials"]
+    assert trials["running"] == trials["pending"] == 0, trials
+    assert not re.search(r"\b[1-9]\d* running", status_text), status_text
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +149,20 @@ def test_driver_killed_mid_sweep_then_rerun(tmp_path, reference):
     for r in children:
         assert r.info.status == "FINISHED" or (r.info.status == "KILLED" and "interrupted" in
                                                r.data.tags.get("wbsweep.error", "")), r.info
-    assert "finished" in subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out",
-                                         str(tmp_path)], capture_output=True, text=True).stdout
+    # a run KILLED by the kill and re-attached by the resume ends FINISHED without the stale reason
+    assert not [r.info.run_name for r in mlflow_runs(tmp_path)
+                if r.info.status == "FINISHED" and "wbsweep.error" in r.data.tags]
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(tmp_path)],
+                            capture_output=True, text=True).stdout
+    assert "finished" in status
+    assert_nothing_left_open(tmp_path, status)
 
 
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
-    status 'interrupted', no abort dump from the libraries' own signal handlers."""
+    status 'interrupted', no abort dump from the libraries' own signal handlers; and what the sweep
+    started ends: the stopped trials' MLflow runs KILLED with the reason, the stages' runs ended, the
+    Optuna trials in flight failed (a resume proposes others), no trial counted as running."""
     proc = run_cmd(tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "trials").glob("*.parquet")):
@@ -138,3 +175,45 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert "interrupted" in status.stdout, status.stdout
+    assert_nothing_left_open(tmp_path, status.stdout)
+    stopped = [r for r in mlflow_runs(tmp_path) if r.info.status == "KILLED"]
+    assert stopped, "no run was in flight at the stop"
+    assert all(r.data.tags.get("wbsweep.error", "").startswith("interrupted") for r in stopped)
+
+
+def test_a_locked_tracking_store_delays_the_logging_not_the_sweep(tmp_path, reference):
+    """Another process holds mlflow.db locked (a second command, `mlflow gc`, a database browser, a
+    backup) for longer than MLflow waits (its SQLite busy timeout, 20 s) while trials run: the sweep
+    says so in one line, goes on, and catches the logging up once the lock is gone."""
+    out, err_file = tmp_path / "out", tmp_path / "stderr.txt"
+    with open(err_file, "w") as err_fh:
+        proc = run_cmd(out, {"WBSWEEP_TRACKING_RETRY_S": "1"}, stderr=err_fh)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((out / "runs").glob("*/seed*/mlflow_run_id")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before the store could be locked"
+    lock = sqlite3.connect(out / "mlflow.db", timeout=60, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # no reader or writer gets in
+    try:
+        deadline = time.time() + 120
+        while (time.time() < deadline and proc.poll() is None
+               and "tracking store unavailable" not in err_file.read_text()):
+            time.sleep(0.2)
+        time.sleep(2)  # the calls made meanwhile are deferred without waiting
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    code = proc.wait(timeout=600)
+    err = err_file.read_text()
+    assert code == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "tracking store unavailable" in line]
+    assert len(warnings) == 1 and "database is locked" in warnings[0], err[-3000:]
+    assert "available again" in err and "could not be made" not in err and "Traceback" not in err, err[-3000:]
+    assert_same_rows(out, reference)
+    # every model has its run, FINISHED with its metrics and files; every stage's run is FINISHED
+    runs = mlflow_runs(out)
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {(r.data.tags["wbsweep.config_hash"], f"seed{r.data.tags['wbsweep.seed']}") for r in children} \
+        == set(trained(out))
+    assert all("fdr_test" in r.data.metrics and "val_acc" in r.data.metrics for r in children)

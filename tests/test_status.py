@@ -41,3 +41,17 @@ def test_each_variant_lists_only_its_own_seeds(tmp_path):
     lines = [ln for ln in status_text(out).splitlines() if "repeat wd" in ln]
     assert lines == ["    repeat wd              done  seeds in results: [0, 1]",
                      "    repeat wd              done  seeds in results: [2]"]
+
+
+def test_a_stopped_sweep_shows_no_trial_running(tmp_path):
+    """An interrupted sweep, or one whose driver is gone, runs nothing: not '2 running'."""
+    (tmp_path / "status").mkdir()
+    for name, state, pid in (("a", "interrupted", os.getpid()), ("b", "running", 2**31 - 2)):  # b: no such process
+        doc = {"spec": "table4", "preset": name, "state": state, "pid": pid, "host": socket.gethostname(),
+               "updated": time.time(), "started": time.time(), "waiting_since": time.time() - 60,
+               "trials": {"total": 9, "done": 3, "skipped": 0, "running": 2, "failed": 0, "pending": 1},
+               "stages": {"repeat wd": "running"}, "failures": []}
+        (tmp_path / "status" / f"table4-{name}.json").write_text(json.dumps(doc))
+    text = status_text(tmp_path)
+    assert text.count("interrupted") == 2 and text.count(" 0 running,") == 2, text
+    assert "waiting for resources" not in text

@@ -280,7 +280,10 @@ class Sweep:
             outcome, reason = "interrupted", "interrupted: the sweep was stopped (Ctrl-C or SIGTERM)"
             raise
         except BaseException as exc:
-            reason = f"the sweep stopped on an error: {first_line(exc)}"
+            cause = exc
+            while (cause.__cause__ or cause.__context__) is not None:  # Ray Tune's TuneError wraps a callback's
+                cause = cause.__cause__ or cause.__context__
+            reason = f"the sweep stopped on an error: {first_line(cause)}"
             raise
         finally:
             self.state = outcome

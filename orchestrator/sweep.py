@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator import stores
 from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
@@ -244,6 +245,8 @@ class Sweep:
         tracking_local = not self.opts.tracking_uri.startswith(("http://", "https://"))
         self.tracker = Tracker(self.opts.tracking_uri, self.exp.name,
                                self.out / "mlartifacts" if tracking_local else None)
+        for note in self.tracker.notes:
+            self.progress.note(note, always=True)
         close_interrupted_runs(self.tracker, self.runs)
         self.outbox = Outbox(self.progress.note)  # the tracking calls of the callbacks: never stop the sweep
         self.progress.begin()
@@ -412,14 +415,9 @@ class Sweep:
     def optuna_storage(self):
         """One RDB storage (SQLite beside the results) for every tune stage's study."""
         if self._optuna_storage is None:
-            import optuna
-
-            path = (self.out / "optuna.db").resolve()
-            try:
-                self._optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-            except Exception as exc:  # a torn or foreign file: sqlalchemy's error, many lines
-                raise WbsweepError(f"{path} is not a readable Optuna database ({type(exc).__name__}); move it "
-                                   "away: the tune stages then search again, reusing every model trained.") from None
+            self._optuna_storage, note = stores.open_optuna_storage(self.out / "optuna.db")
+            if note:
+                self.progress.note(note, always=True)
         return self._optuna_storage
 
     # --- bookkeeping -------------------------------------------------------------------------

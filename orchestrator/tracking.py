@@ -4,7 +4,8 @@ All logging happens in the driver through an explicit :class:`MlflowClient` (no 
 from Ray Tune callbacks: the workers never open the tracking store, so a SQLite store works with
 many concurrent trials and a remote tracking server needs to be reachable from the driver only.
 Runs are found again by their tags, so a resumed sweep re-attaches to its runs instead of
-duplicating them.
+duplicating them. A SQLite store is created whole before MLflow opens it (see :mod:`orchestrator.stores`):
+MLflow would create it step by step in place, and a kill in those seconds broke the folder for good.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator import stores
 from trainables.errors import WbsweepError
 
 
@@ -30,14 +32,21 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
+        self.notes: list[str] = []  # what was done to the store on the way (an unfinished one made again)
         try:
-            self.client = MlflowClient(tracking_uri)  # opens (and migrates) a SQLite store: a torn one fails here
+            db = stores.sqlite_file(tracking_uri)
+            if db is not None:
+                note = stores.prepare_mlflow_store(db, tracking_uri, artifact_root)
+                self.notes += [note] if note else []
+            self.client = MlflowClient(tracking_uri)  # opens the store: a damaged one fails here
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = artifact_root.resolve().as_uri() if artifact_root is not None else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = exp.experiment_id
+        except WbsweepError:
+            raise
         except Exception as exc:  # any failure to reach or open the store is the user's to fix
             raise WbsweepError(f"cannot use the MLflow tracking store {tracking_uri}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -97,12 +97,12 @@ def open_whole(path: Path, url: str, build: Callable[[str], None], *, work_table
                unfinished: Callable[[StoreState], str | None], what: str, advice: str) -> str | None:
     """Make sure the SQLite store ``path`` (reached as ``url``) is complete before its library opens it.
 
-    * no store: ``build(url)`` creates it under a temporary name, which then becomes ``path``;
-    * a store ``unfinished`` finds a reason against (an earlier version's interrupted creation):
-      holding no work (no rows in ``work_table``), it is moved aside (never deleted: it may be some
-      other database) and built again, and the returned note says so; holding work, a one-line
-      error with ``advice`` (``what``: the store, for it);
-    * otherwise the store is left to its library.
+    * no store: it is built whole (:func:`create_whole`);
+    * a store that ``unfinished`` gives a reason against (an earlier version was killed while
+      creating it): with no rows in ``work_table`` it is moved aside (never deleted: it could be
+      some other database) and built again, and the note returned says so; with rows, a one-line
+      error ending in ``advice`` (``what`` names the store in both);
+    * any other store is left to its library.
 
     ``build`` must leave no connection to the database open (dispose its engine): the file it made
     is renamed once it returns."""
@@ -111,8 +111,8 @@ def open_whole(path: Path, url: str, build: Callable[[str], None], *, work_table
     reason = unfinished(state) if state is not None else None
     if reason is not None:
         if state.work_rows:
-            raise WbsweepError(f"cannot use the {what} {path}: {reason}, and it holds {state.work_rows} "
-                               f"{work_table}; {advice}")
+            raise WbsweepError(f"cannot use the {what} {path}: {reason}, and its {work_table} table holds "
+                               f"{state.work_rows} row(s); {advice}")
         aside = set_aside(path)
         note = f"{path}: an unfinished {what} ({reason}) holding no {work_table}; moved to {aside.name}, made again"
     create_whole(path, url, build)

@@ -213,6 +213,10 @@ def reference(smoke_sweep) -> pd.DataFrame:
 
 
 def test_wbsweep_run_killed_early_again_and_again_then_resumes(tmp_path, reference, whole_store_tables):
+    """Five kills in one folder, each run starting where the killed one left it: during Python's
+    start, the imports, the preflight (dataset cache), then half way through the MLflow store's
+    creation (Ray is up by then). Each later run only needs to get that far, so the chain costs one
+    Ray start plus seconds; the last run finishes the sweep."""
     out = tmp_path
     for instant in (at_once, after(0.3), after(1), after(2), tables_at_least("mlflow.db", whole_store_tables // 2)):
         kill_when(wbsweep_run(out), out, instant)

@@ -267,11 +267,15 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
     import shutil
 
     out = _out_dir(args.out, create=True)
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, prepare_store
 
     mlflow = shutil.which("mlflow")
     if mlflow is None:
         raise WbsweepError("the `mlflow` command is not on PATH; reinstall wbsweep (pip install -e .).")
+    # built whole here, not step by step by the server; the Default experiment's artifacts go
+    # through the server, as in a store the server creates
+    for note in prepare_store(default_tracking_uri(out), "mlflow-artifacts:/"):
+        print(note, file=sys.stderr)
     cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(out),
            "--artifacts-destination", str((out / "mlartifacts").resolve()),
            "--host", args.host, "--port", str(args.port), "--workers", "1"]

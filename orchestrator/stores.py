@@ -202,23 +202,26 @@ def _process_alive(pid: int) -> bool:
 # --- MLflow's tracking store ----------------------------------------------------------------------------
 
 
-def prepare_mlflow_store(db: Path, url: str, artifact_root: Path | None) -> str | None:
-    """Make the SQLite tracking store ``db`` (reached as ``url``) whole before MlflowClient opens it
-    (see :func:`open_whole`); a note when an unfinished one was made again."""
+def prepare_mlflow_store(db: Path, url: str, artifact_root: Path | str | None) -> str | None:
+    """Make the SQLite tracking store ``db`` (reached as ``url``) whole before MLflow opens it (see
+    :func:`open_whole`); a note when an unfinished one was made again. ``artifact_root``: see
+    :func:`build_mlflow_store`."""
     return open_whole(db, url, lambda tmp_url: build_mlflow_store(tmp_url, artifact_root), work_table="runs",
                       unfinished=unfinished_mlflow_store, what="MLflow tracking store",
                       advice="restore it from a backup, or move it away to start a new store (the rows in "
                              "results/ stay; models trained before are not logged to MLflow again).")
 
 
-def build_mlflow_store(url: str, artifact_root: Path | None) -> None:
+def build_mlflow_store(url: str, artifact_root: Path | str | None) -> None:
     """Create a complete MLflow tracking store at the SQLite ``url`` (its tables, every schema
-    migration, the Default experiment) as opening it would, leaving no connection open."""
+    migration, the Default experiment) as opening it would, leaving no connection open.
+    ``artifact_root``, where the Default experiment keeps its artifacts: a folder, a URI (the
+    server's ``mlflow-artifacts:/``) or None (MLflow's default)."""
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    root = artifact_root.resolve().as_uri() if artifact_root is not None else DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
-    store = SqlAlchemyStore(url, root)  # the class MlflowClient opens a SQLite store with
+    root = artifact_root.resolve().as_uri() if isinstance(artifact_root, Path) else artifact_root
+    store = SqlAlchemyStore(url, root or DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # the class MlflowClient opens
     store.engine.dispose()
 
 

@@ -25,6 +25,25 @@ def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
+def store_error(tracking_uri: str, exc: Exception) -> WbsweepError:
+    """The one-line error for a tracking store that cannot be reached or opened (the user's to fix)."""
+    return WbsweepError(f"cannot use the MLflow tracking store {tracking_uri}: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def prepare_store(tracking_uri: str, artifact_root: Path | str | None) -> list[str]:
+    """Make a SQLite tracking store whole before MLflow opens it (see :mod:`orchestrator.stores`:
+    MLflow would create it step by step in place); notes of what was done (none for other stores)."""
+    try:
+        db = stores.sqlite_file(tracking_uri)
+        note = stores.prepare_mlflow_store(db, tracking_uri, artifact_root) if db is not None else None
+    except WbsweepError:
+        raise
+    except Exception as exc:
+        raise store_error(tracking_uri, exc) from None
+    return [note] if note else []
+
+
 class Tracker:
     """Thin wrapper around MlflowClient for the runs of one spec."""
 
@@ -32,12 +51,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
-        self.notes: list[str] = []  # what was done to the store on the way (an unfinished one made again)
+        self.notes = prepare_store(tracking_uri, artifact_root)  # an unfinished store made again, say
         try:
-            db = stores.sqlite_file(tracking_uri)
-            if db is not None:
-                note = stores.prepare_mlflow_store(db, tracking_uri, artifact_root)
-                self.notes += [note] if note else []
             self.client = MlflowClient(tracking_uri)  # opens the store: a damaged one fails here
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -45,11 +60,8 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = exp.experiment_id
-        except WbsweepError:
-            raise
         except Exception as exc:  # any failure to reach or open the store is the user's to fix
-            raise WbsweepError(f"cannot use the MLflow tracking store {tracking_uri}: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise store_error(tracking_uri, exc) from None
 
     def _find(self, tags: dict[str, str]) -> str | None:
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

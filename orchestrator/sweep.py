@@ -34,6 +34,7 @@ import pandas as pd
 from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
+from orchestrator.ray_start import start_ray
 from orchestrator.results import read_rows, rows_for_run, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Tracker
@@ -208,10 +209,10 @@ class Sweep:
     def run(self) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Ray's tables
         import optuna
-        import ray
         from ray import tune
 
         from orchestrator.callbacks import TrialCallback, close_interrupted_runs
+        from orchestrator.watchdog import Watchdog
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
@@ -219,16 +220,7 @@ class Sweep:
         # that cannot start ("insufficient resources") stays audible.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.WARNING)
-        local = self.opts.address in (None, "local")
-        if not ray.is_initialized():
-            try:
-                # log_to_driver: the trials' warnings (a failed CUDA-graph capture, a GPU torch cannot use)
-                # and the autoscaler's events ("Adding 2 node(s) of type a100") reach this output.
-                ray.init(address=self.opts.address, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=not self.opts.quiet, configure_logging=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise WbsweepError(f"cannot start or join the Ray cluster at {self.opts.address or 'local'}: "
-                                   f"{str(exc).splitlines()[0]}") from None
+        local = start_ray(self.opts.address, self.opts.quiet)  # one line for what stops Ray
         # SIGTERM (kill, a scheduler's stop) as Ctrl-C: Ray Tune stops its trials gracefully and the
         # status says interrupted. Set after ray.init, whose libraries install an aborting handler.
         if threading.current_thread() is threading.main_thread():
@@ -255,7 +247,7 @@ class Sweep:
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
-                callbacks=[TrialCallback(self)], verbose=0,
+                callbacks=[TrialCallback(self), Watchdog(self, local)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
@@ -333,8 +325,11 @@ class Sweep:
             self.progress.note(f"results/ holds {self.exp.name}/{self.exp.preset} models trained {' and '.join(what)}: "
                                "they are not reused and are trained again now; their rows stay readable.", always=True)
 
-    def status(self, state: str) -> None:
-        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""
+    def status(self, state: str, reason: str | None = None) -> None:
+        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically). While
+        the sweep runs, its watchdog rewrites it every ``heartbeat_s`` (orchestrator.watchdog)."""
+        from orchestrator.watchdog import heartbeat_s
+
         folder = self.out / "status"
         folder.mkdir(parents=True, exist_ok=True)
         p = self.progress
@@ -350,6 +345,7 @@ class Sweep:
                        "failed": p.n_failed, "pending": p.pending},
             "waiting_since": p.waiting_since,
             "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
+            "heartbeat_s": heartbeat_s(), "reason": reason,
         }
         variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
         path = folder / f"{self.exp.name}-{self.exp.preset}{variant}.json"

@@ -247,7 +247,7 @@ class Sweep:
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
-                callbacks=[TrialCallback(self), Watchdog(self, local)], verbose=0,
+                callbacks=[TrialCallback(self), Watchdog(self)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )

@@ -119,11 +119,11 @@ def port_refuses(host: str, port: int) -> bool:
 class Watchdog(Callback):
     """Ray Tune callback: the heartbeat, and the checks (a)-(c) of the module's docstring."""
 
-    def __init__(self, sweep: Sweep, local: bool, limits: Limits | None = None,
+    def __init__(self, sweep: Sweep, limits: Limits | None = None,
                  nodes: Callable[[], list[Node]] = nodes_now, own_node: str | None = None,
                  clock: Callable[[], float] = time.time, refuses: Callable[[str, int], bool] = port_refuses):
         autoscaling = bool(getattr(getattr(sweep, "shape", None), "autoscaling", False))
-        self.sweep, self.local, self.autoscaling = sweep, local, autoscaling
+        self.sweep, self.autoscaling = sweep, autoscaling
         self.limits = limits or Limits.from_env(autoscaling)
         self.nodes, self.clock, self.refuses = nodes, clock, refuses
         self.own_node = own_node if own_node is not None else self._own_node()

@@ -64,7 +64,7 @@ def watchdog(sweep, nodes, refused=(), **limits) -> tuple[Watchdog, list[float]]
     ``refused``: the HOST:PORTs where nothing listens."""
     now = [1000.0]
     lim = {"stall_s": 1800.0, "unschedulable_s": 600.0, "check_s": 5.0, "heartbeat_s": 15.0, **limits}
-    dog = Watchdog(sweep, local=False, limits=Limits(**lim), nodes=lambda: nodes, own_node="me",
+    dog = Watchdog(sweep, limits=Limits(**lim), nodes=lambda: nodes, own_node="me",
                    clock=lambda: now[0], refuses=lambda host, port: f"{host}:{port}" in refused)
     return dog, now
 

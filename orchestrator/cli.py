@@ -9,15 +9,21 @@
 
 A mistake of the user's (a typo in a name, a bad path, a malformed spec) prints one line saying
 what is wrong and what to do, and exits with status 2; ``--debug`` shows the traceback instead.
+
+Exit status: 0 done; 1 a sweep finished with failed trials; 2 a user error (one line); 3 the
+sweep's watchdog stopped it (its Ray cluster is gone, or it made no progress: one line;
+orchestrator/watchdog.py), and the same command resumes it; 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -445,11 +451,53 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"wbsweep: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        code = getattr(exc, "exit_code", 2)
+        _forget(exc)
+        return code
+    except KeyboardInterrupt as exc:
         print("wbsweep: interrupted; run the same command again to resume.", file=sys.stderr)
+        _forget(exc)
         return 130
 
 
+def _forget(exc: BaseException) -> None:
+    """Drop what an exception that became an exit status still holds: the frames of its traceback
+    (and of the exceptions it was raised from) keep their locals alive, Arrow tables and torch
+    tensors among them, which would otherwise be freed during interpreter shutdown, while the
+    native thread pools they belong to are being torn down (an abort, exit status 134)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def _release() -> None:
+    """What must end before the process does: the Ray cluster a sweep started (or its connection)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        with contextlib.suppress(Exception):  # a cluster already gone: nothing left to stop
+            ray.shutdown()
+
+
+def entry() -> None:
+    """The ``wbsweep`` command ([project.scripts]) and ``python -m orchestrator.cli``.
+
+    A run that succeeded exits the ordinary way. An error's exit skips the interpreter's
+    finalisation once its output is flushed and Ray is shut down: nothing else needs it, and
+    native thread pools (Arrow's, torch's) torn down with objects still alive could turn the
+    error's exit status into an abort."""
+    code = main()
+    if code == 0:
+        sys.exit(0)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    _release()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,8 +1,11 @@
 """`wbsweep status`: what is done, running, failed and left in a results folder.
 
 It reads only files: the sweep's status file (``DIR/status/<spec>-<preset>.json``, rewritten by
-the driver on every event) and the Parquet results. A status that says "running" whose driver
-process is gone (killed) is shown as interrupted: running the same `wbsweep run` resumes it.
+the driver on every event and, as a heartbeat, every ``heartbeat_s`` seconds) and the Parquet
+results. A status that says "running" whose driver process is gone (killed) is shown as
+interrupted; one whose heartbeat is overdue (a hung driver, or one on another host, whose pid cannot
+be checked here) as not responding; one the watchdog stopped (orchestrator/watchdog.py) as stopped
+with the reason. Running the same `wbsweep run` resumes each.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ def _alive(pid: int, host: str) -> bool | None:
     return True
 
 
+#: A "running" status older than this many heartbeats, and at least STALE_MIN_S (the loop may be
+#: busy for minutes in one step: artifacts uploaded, analyses computed), means its loop has stopped.
+STALE_BEATS = 10
+STALE_MIN_S = 300.0
+
+
+def heartbeat_overdue(status: dict, now: float | None = None) -> float | None:
+    """Seconds since a status file was last written when its driver's heartbeat is overdue, else
+    None. Files of drivers that kept no heartbeat (no ``heartbeat_s``) are never overdue."""
+    beat = status.get("heartbeat_s")
+    if isinstance(beat, bool) or not isinstance(beat, int | float) or beat <= 0:
+        return None
+    age = (time.time() if now is None else now) - status["updated"]
+    return age if age > max(STALE_MIN_S, STALE_BEATS * beat) else None
+
+
 _NUMBER = (int, float)
 #: What `wbsweep status` reads from a status file (orchestrator/sweep.py ``Sweep.status`` writes it).
 _FIELDS = {"spec": str, "preset": str, "state": str, "host": str, "pid": int, "updated": _NUMBER,
@@ -61,6 +80,8 @@ def malformed_status(st: object) -> str | None:
         return "a stage without a name"
     if not isinstance(st.get("storage") or "", str):
         return "storage is not a path"
+    if not isinstance(st.get("reason") or "", str):
+        return "reason is not text"
     return None
 
 
@@ -84,8 +105,15 @@ def status_text(out: Path) -> str:
             lines.append(f"{f.name}: not a wbsweep status file ({problem}); skipped, move it out of {f.parent}")
             continue
         state = st["state"]
+        silent = heartbeat_overdue(st) if state == "running" else None
         if state == "running" and _alive(st["pid"], st["host"]) is False:
             state = "interrupted (driver gone; run the same command again to resume)"
+        elif silent is not None:
+            state = (f"not responding (last heartbeat {silent / 60:.0f} min ago: its driver, pid {st['pid']} on "
+                     f"{st['host']}, hangs or is gone; stop it if it still runs, then run the same command again "
+                     "to resume)")
+        elif state == "stopped":
+            state = f"stopped: {st.get('reason') or 'by its watchdog'} (run the same command again to resume)"
         age = time.time() - st["updated"]
         t = st["trials"]
         left = max(0, t["total"] - t["done"] - t["skipped"] - t["failed"])

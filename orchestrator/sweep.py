@@ -35,6 +35,7 @@ from orchestrator import stores
 from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
+from orchestrator.ray_start import start_ray
 from orchestrator.results import read_rows, rows_for_run, upgrade_files, write_rows
 from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Outbox, Tracker, first_line
@@ -211,10 +212,10 @@ class Sweep:
     def run(self) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Ray's tables
         import optuna
-        import ray
         from ray import tune
 
         from orchestrator.callbacks import TrialCallback, close_interrupted_runs
+        from orchestrator.watchdog import SweepStopped, Watchdog
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
@@ -222,16 +223,7 @@ class Sweep:
         # that cannot start ("insufficient resources") stays audible.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.WARNING)
-        local = self.opts.address in (None, "local")
-        if not ray.is_initialized():
-            try:
-                # log_to_driver: the trials' warnings (a failed CUDA-graph capture, a GPU torch cannot use)
-                # and the autoscaler's events ("Adding 2 node(s) of type a100") reach this output.
-                ray.init(address=self.opts.address, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=not self.opts.quiet, configure_logging=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise WbsweepError(f"cannot start or join the Ray cluster at {self.opts.address or 'local'}: "
-                                   f"{str(exc).splitlines()[0]}") from None
+        local = start_ray(self.opts.address, self.opts.quiet)  # one line for what stops Ray
         # SIGTERM (kill, a scheduler's stop) as Ctrl-C: Ray Tune stops its trials gracefully and the
         # status says interrupted. Set after ray.init, whose libraries install an aborting handler.
         if threading.current_thread() is threading.main_thread():
@@ -263,7 +255,7 @@ class Sweep:
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
-                callbacks=[self.callback], verbose=0,
+                callbacks=[self.callback, Watchdog(self)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
@@ -286,6 +278,10 @@ class Sweep:
             cause = exc
             while (cause.__cause__ or cause.__context__) is not None:  # Ray Tune's TuneError wraps a callback's
                 cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, SweepStopped):  # the watchdog: its one line, its exit status
+                problem = str(cause).split(". The sweep stopped")[0]
+                outcome, reason = "stopped", f"stopped by the watchdog: {problem}"
+                raise cause from None
             reason = f"the sweep stopped on an error: {first_line(cause)}"
             raise
         finally:
@@ -293,7 +289,7 @@ class Sweep:
             try:
                 self.close(reason)
             finally:
-                self.status(outcome)
+                self.status(outcome, reason.removeprefix("stopped by the watchdog: ") if outcome == "stopped" else None)
 
     def close(self, reason: str) -> None:
         """End what this run started, on every way out of it: the MLflow runs of the trials it
@@ -301,7 +297,7 @@ class Sweep:
         the runs of the stages not done, the Optuna trials in flight (FAIL, as a resume would end
         them); then the tracking calls still deferred are made, or said to be missing. No trial
         counts as running or pending any more."""
-        status = "KILLED" if reason.startswith("interrupted") else "FAILED"
+        status = "KILLED" if reason.startswith(("interrupted", "stopped by the watchdog")) else "FAILED"
         if reason:
             self.callback.close(status, reason)
             for node in self.nodes:
@@ -379,8 +375,11 @@ class Sweep:
             self.progress.note(f"upgraded {n} Parquet file(s) written by an earlier version to today's columns "
                                "(the new columns are empty there).", always=True)
 
-    def status(self, state: str) -> None:
-        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically)."""
+    def status(self, state: str, reason: str | None = None) -> None:
+        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically). While
+        the sweep runs, its watchdog rewrites it every ``heartbeat_s`` (orchestrator.watchdog)."""
+        from orchestrator.watchdog import heartbeat_s
+
         folder = self.out / "status"
         p = self.progress
         doc = {
@@ -397,6 +396,7 @@ class Sweep:
                        "failed": p.n_failed, "pending": p.pending if state == "running" else 0},
             "waiting_since": p.waiting_since if state == "running" else None,
             "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
+            "heartbeat_s": heartbeat_s(), "reason": reason,
         }
         variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
         path = folder / f"{self.exp.name}-{self.exp.preset}{variant}.json"

@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,19 @@ def describe_autoscaler_report(report: dict) -> str:
     if failed:
         parts.append(f"{len(failed)} node launch(es) failed")
     return "; ".join(parts)
+
+
+def check_reachable(address: str, what: str, timeout: float = 5.0) -> None:
+    """A quick TCP connect, so that an unreachable address fails in seconds with a clear line
+    instead of after the client library's long retries."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise WbsweepError(f"{what} address '{address}' is not HOST:PORT.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise WbsweepError(f"cannot reach {what} at {hostport}: {exc.strerror or exc}; is it running?") from None
 
 
 def env_seconds(name: str, default: float) -> float:

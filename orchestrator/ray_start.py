@@ -15,7 +15,7 @@ What goes wrong there, and how it surfaces without this module:
   reads the file and says which address does not answer.
 
 A local cluster picks free ports itself (a port in use is no trap); a remote one is checked for a
-TCP answer before ``ray.init`` (:func:`orchestrator.sweep.check_reachable`).
+TCP answer before ``ray.init`` (:func:`orchestrator.cluster.check_reachable`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from orchestrator.cluster import check_reachable
 from trainables.errors import WbsweepError
 
 #: The longest path of a Unix socket address: 108 bytes with the NUL on Linux, 104 on macOS.
@@ -83,7 +84,6 @@ def start_ray(address: str | None, quiet: bool) -> bool:
     never grows). Any failure is one line (WbsweepError)."""
     import ray
 
-    from orchestrator.sweep import check_reachable
 
     env_address = os.environ.get("RAY_ADDRESS", "").strip()
     if address in (None, "local") and not (address is None and env_address):

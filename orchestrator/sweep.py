@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import stores
-from orchestrator.cluster import check_trial_fits, cluster_shape, pending_trials
+from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
 from orchestrator.ray_start import start_ray
@@ -82,19 +82,6 @@ def plan(exp: Experiment) -> list[Stage]:
             stages.append(Stage("tune", entry, exp.trials))
         stages.append(Stage("repeat", entry, len(exp.seeds)))
     return stages
-
-
-def check_reachable(address: str, what: str, timeout: float = 5.0) -> None:
-    """A quick TCP connect, so that an unreachable address fails in seconds with a clear line
-    instead of after the client library's long retries."""
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise WbsweepError(f"{what} address '{address}' is not HOST:PORT.")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise WbsweepError(f"cannot reach {what} at {hostport}: {exc.strerror or exc}; is it running?") from None
 
 
 def versions() -> dict[str, str]:

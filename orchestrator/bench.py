@@ -799,14 +799,15 @@ def _json_default(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.bench --worker JSON`` runs one packed trial (see :func:`worker`)."""
+    """``python -m orchestrator.bench --worker JSON`` runs one packed trial (see :func:`worker`);
+    the benchmark itself is ``wbsweep bench`` (this module does not import the CLI: cli imports it)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
         worker(json.loads(argv[1]))
         return 0
-    from orchestrator.cli import main as cli_main
-
-    return cli_main(["bench", *argv])
+    print("usage: python -m orchestrator.bench --worker JSON (a packed trial); the benchmark is `wbsweep bench`",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

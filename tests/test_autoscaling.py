@@ -26,28 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cluster import _kill_tree
+from test_cluster import _kill_tree, long_trials_spec
 
 pytestmark = pytest.mark.slow
 
 WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}
-# A spec of its own: long enough trials (seconds: 500 epochs, a checkpoint every epoch) for a
-# trial to be running when the next worker joins (shorter ones all run, one after another, on the
-# first worker's reused trial actor) and for a worker to be
-# killed under one; a tune stage (real Optuna) and repeats over three seeds.
-SPEC = """\
-name: autoscale
-methods:
-  - {method: naive, la: [none]}
-  - {method: wd, la: [none, mult]}
-presets:
-  cpu:
-    train: {dataset: digits-lt, model: mlp3, width: 64, epochs: 500, checkpoint_seconds: 0}
-    hyper: {wd: 5.0e-3}
-    search: {wd: {loguniform: [1.0e-4, 1.0e-2]}}
-    trials: 2
-    seeds: [0, 1, 2]
-"""
+# Trials long enough (500 epochs) for a trial to be running when the next worker joins and for a
+# worker to be killed under one.
+SPEC = long_trials_spec("autoscale", 500)
 KEY = ["method", "la", "seed"]
 COMPARED = ["config_hash", "acc_many", "acc_medium", "acc_few", "acc_avg", "fdr_train", "fdr_test"]
 SWEEP_TIMEOUT = 420  # a broken autoscaler fails the test instead of hanging CI

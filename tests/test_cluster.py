@@ -116,19 +116,21 @@ def two_node_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-# Trials that last seconds (300 epochs): two trials then run at once, one per node (1 CPU each).
-# The smoke preset's sub-second trials can all run one after another on the first node's reused
-# trial actor before a second actor has started (seen on a loaded 2-core CI machine).
-TWO_NODE_SPEC = """\
-name: twonode
+def long_trials_spec(name: str, epochs: int) -> str:
+    """A spec whose trials last seconds (``epochs`` of the digits MLP, a checkpoint every epoch): a
+    tune stage (real Optuna, two trials) and repeats over three seeds. With sub-second trials (the
+    smoke preset) every trial can run, one after another, on the first node's reused trial actor
+    before a second actor has started (seen on a loaded 2-core CI machine)."""
+    return f"""\
+name: {name}
 methods:
-  - {method: naive, la: [none]}
-  - {method: wd, la: [none, mult]}
+  - {{method: naive, la: [none]}}
+  - {{method: wd, la: [none, mult]}}
 presets:
   cpu:
-    train: {dataset: digits-lt, model: mlp3, width: 64, epochs: 300, checkpoint_seconds: 0}
-    hyper: {wd: 5.0e-3}
-    search: {wd: {loguniform: [1.0e-4, 1.0e-2]}}
+    train: {{dataset: digits-lt, model: mlp3, width: 64, epochs: {epochs}, checkpoint_seconds: 0}}
+    hyper: {{wd: 5.0e-3}}
+    search: {{wd: {{loguniform: [1.0e-4, 1.0e-2]}}}}
     trials: 2
     seeds: [0, 1, 2]
 """
@@ -140,7 +142,7 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
     out = tmp_path / "driver"  # the driver's own files: status, Optuna's study, MLflow's store
     shared = tmp_path / "shared"  # stands in for the filesystem every node mounts (--storage)
     spec = tmp_path / "twonode.yaml"
-    spec.write_text(TWO_NODE_SPEC)
+    spec.write_text(long_trials_spec("twonode", 300))  # two trials at once: one per node
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--address", address,
                            "--out", str(out), "--storage", str(shared), "--device", "cpu"], env=env,
                           capture_output=True, text=True, timeout=900)

@@ -10,7 +10,8 @@ so the folder was broken for good. Most kill instants here fall in the creation 
   stores again here;
 * 5 instants of the real `wbsweep run table4 --preset smoke`, chained in one folder (0, 0.3, 1 and
   2 s after its start, then half way through the MLflow store's creation, after Ray has started),
-  then the same command once more, which must finish with the rows of an uninterrupted sweep.
+  then a sixth, of the driver alone, once some models have finished; then the same command once
+  more, which must finish with the rows of an uninterrupted sweep, training nothing twice.
 
 The instants inside a creation are conditions on files (the store being created has so many tables),
 not delays, so that they land there on a slow machine as well as on a fast one.
@@ -32,7 +33,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from test_resilience import KEY, assert_same_rows
+from test_resilience import KEY, assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained
 
 from orchestrator.stores import open_optuna_storage
 from orchestrator.tracking import Tracker, default_tracking_uri
@@ -212,20 +213,57 @@ def reference(smoke_sweep) -> pd.DataFrame:
     return pd.read_parquet(out / "results").sort_values(KEY).reset_index(drop=True)
 
 
-def test_wbsweep_run_killed_early_again_and_again_then_resumes(tmp_path, reference, whole_store_tables):
-    """Five kills in one folder, each run starting where the killed one left it: during Python's
-    start, the imports, the preflight (dataset cache), then half way through the MLflow store's
-    creation (Ray is up by then). Each later run only needs to get that far, so the chain costs one
-    Ray start plus seconds; the last run finishes the sweep."""
+def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tmp_path, reference,
+                                                                             whole_store_tables):
+    """Five kills of the whole process group in one folder, each run starting where the killed one
+    left it: during Python's start, the imports, the preflight (dataset cache), then half way
+    through the MLflow store's creation (Ray is up by then); each later run only needs to get that
+    far, so the chain costs one Ray start plus seconds. Then `kill -9` of the driver alone once some
+    models have finished (Ray's processes find it gone); the last run finishes the sweep without
+    training a finished model again, with one MLflow run per model and nothing left RUNNING."""
     out = tmp_path
     for instant in (at_once, after(0.3), after(1), after(2), tables_at_least("mlflow.db", whole_store_tables // 2)):
         kill_when(wbsweep_run(out), out, instant)
-    searched = (out / "optuna.db").exists()  # a search began: the resumed one may choose another config
+
+    proc = start(wbsweep_run(out), output=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list((out / "results").glob("*.parquet"))) < 4:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+    before = {k: v for k, v in trained(out).items()
+              if (out / "runs" / k[0] / k[1] / "metrics.json").stat().st_mtime < killed_at}
+    assert before, "no model had finished before the kill"
+    time.sleep(2)  # let Ray's processes notice that their driver is gone
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and "interrupted" in status.stdout, status.stdout + status.stderr
 
     proc = start(wbsweep_run(out))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     df = pd.read_parquet(out / "results")
     assert len(df) == 24 and not df.duplicated(["method", "la", "seed"]).any()
-    assert_same_rows(out, reference, same_search=not searched)
+    assert_same_rows(out, reference, same_search=False)  # the search was cut: it may choose otherwise
     assert leftovers(out) == []
+    after_ = trained(out)
+    for model, attempts in before.items():  # finished work was not trained again
+        assert after_[model] == attempts == 1, model
+    children = mlflow_children(out)
+    keys = [(r.data.tags["wbsweep.config_hash"], r.data.tags["wbsweep.seed"]) for r in children]
+    assert len(keys) == len(set(keys)), "a model got two MLflow runs"
+    # one FINISHED run per trained model; a tune trial in flight at the kill that the resumed study
+    # did not propose again is KILLED with the reason, not left RUNNING
+    assert len([r for r in children if r.info.status == "FINISHED"]) == len(after_)
+    for r in children:
+        assert r.info.status == "FINISHED" or (r.info.status == "KILLED" and "interrupted" in
+                                               r.data.tags.get("wbsweep.error", "")), r.info
+    # a run KILLED by the kill and re-attached by the resume ends FINISHED without the stale reason
+    assert not [r.info.run_name for r in mlflow_runs(out)
+                if r.info.status == "FINISHED" and "wbsweep.error" in r.data.tags]
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
+                            capture_output=True, text=True).stdout
+    assert "finished" in status
+    assert_nothing_left_open(out, status)

@@ -116,48 +116,6 @@ def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference):
     assert all(r.info.status == "FINISHED" for r in mlflow_children(tmp_path))
 
 
-def test_driver_killed_mid_sweep_then_rerun(tmp_path, reference):
-    proc = run_cmd(tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((tmp_path / "results").glob("*.parquet"))) < 4:
-        time.sleep(0.5)
-    assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = time.time()
-    before = {k: v for k, v in trained(tmp_path).items()
-              if (tmp_path / "runs" / k[0] / k[1] / "metrics.json").stat().st_mtime < killed_at}
-    assert before, "no model had finished before the kill"
-    time.sleep(2)  # let Ray's processes notice that their driver is gone
-
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(tmp_path)],
-                            capture_output=True, text=True)
-    assert status.returncode == 0 and "interrupted" in status.stdout, status.stdout + status.stderr
-
-    code, err = finish(run_cmd(tmp_path))
-    assert code == 0, err[-3000:]
-    assert_same_rows(tmp_path, reference, same_search=False)
-    after = trained(tmp_path)
-    for model, attempts in before.items():  # finished work was not trained again
-        assert after[model] == attempts == 1, model
-    children = mlflow_children(tmp_path)
-    keys = [(r.data.tags["wbsweep.config_hash"], r.data.tags["wbsweep.seed"]) for r in children]
-    assert len(keys) == len(set(keys)), "a model got two MLflow runs"
-    # one FINISHED run per trained model; a tune trial in flight at the kill that the resumed study
-    # did not propose again is KILLED with the reason, not left RUNNING
-    assert len([r for r in children if r.info.status == "FINISHED"]) == len(after)
-    for r in children:
-        assert r.info.status == "FINISHED" or (r.info.status == "KILLED" and "interrupted" in
-                                               r.data.tags.get("wbsweep.error", "")), r.info
-    # a run KILLED by the kill and re-attached by the resume ends FINISHED without the stale reason
-    assert not [r.info.run_name for r in mlflow_runs(tmp_path)
-                if r.info.status == "FINISHED" and "wbsweep.error" in r.data.tags]
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(tmp_path)],
-                            capture_output=True, text=True).stdout
-    assert "finished" in status
-    assert_nothing_left_open(tmp_path, status)
-
-
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
     status 'interrupted', no abort dump from the libraries' own signal handlers; and what the sweep

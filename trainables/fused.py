@@ -1,0 +1,316 @@
+"""Fused training: K runs of one architecture trained in one process as one batched model (issue #14).
+
+A paper table is dozens of trainings of the same small network; at batch 64 one of them leaves the
+device mostly idle. :func:`train_fused` trains K resolved configs that share the architecture and
+the data (see :data:`SHARED_KEYS`) together, in the manner of HFTA (Wang et al., MLSys 2021): the
+K models' tensors are stacked along a new leading dimension and one step is
+``vmap(functional_call)`` of the architecture over the stack, so each operation runs once for all K
+models instead of K times.
+
+Nothing of a model's science is shared. Each model
+
+* is built by :func:`trainables.train.build_training` after seeding the global RNGs with its own
+  seed, exactly as :func:`trainables.train.train` builds it (its initialisation, its ETF head);
+* draws its own data order and augmentation from its own generator, in the same chunks
+  (:func:`trainables.train.chunk_images`), so it sees exactly the batches it would see alone;
+* has its own BatchNorm batch statistics and running statistics (stacked buffers under ``vmap``);
+* has its own loss (CE, CB, DR), FR zeta, learning rate, momentum, cosine schedule and its timing,
+  weight decay and its scope, and frozen parameters: the SGD update (PyTorch's coupled weight
+  decay + momentum, the update ``torch.optim.SGD`` makes) is applied to the stack with per-model,
+  per-tensor weight decay and learning rates; a tensor a model does not train (the fixed ETF
+  weight, a fixed BN) gets learning rate 0 in that model and stays exactly as it was;
+* has its own validation after each epoch, best-epoch selection, evaluation and artifacts: after
+  every epoch its slice of the stack is copied into its own :class:`~trainables.models.Network`,
+  and from there on the code is :func:`train`'s (``predict``, ``balanced_acc``, ``finish_run``).
+
+The losses are summed over the models before the backward pass; the models share no tensor, so
+each model's gradient is the gradient of its own loss. What differs from K separate runs is only
+floating-point rounding: batched matrix products sum in another order than single ones (about
+1e-7 relative per step; tests/test_fused.py bounds the difference after a few epochs).
+
+A model whose loss becomes NaN or infinite stops being validated and reported; the others go on
+(its slice of the stack cannot affect theirs), and its entry in the returned list is the
+:class:`~trainables.train.TrainingDiverged` error instead of its metrics.
+
+Not yet (issue #14's later steps): convolutional models (BatchNorm2d and channels_last under
+``vmap``), WB's second stage, forgetting tracking, checkpoints and resume of a fused group, the
+CUDA-graph and torch.compile step, and running a fused group as one Ray Tune trial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, vmap
+
+from trainables.config import resolve_config
+from trainables.data import LTDataset
+from trainables.errors import WbsweepError
+from trainables.losses import feature_regularisation
+from trainables.train import (
+    DeviceData,
+    Knobs,
+    Training,
+    TrainingDiverged,
+    balanced_acc,
+    build_training,
+    chunk_images,
+    config_dataset,
+    finish_run,
+    has_conv,
+    lr_at_epoch_start,
+    pick_device,
+    predict,
+)
+
+#: Config keys every run of a fused group must share: the data (and where it comes from), the
+#: architecture, the batches' shape and count, the arithmetic, the device and the process's threads.
+#: Every other key may differ between the runs (seed, lr, momentum, lr_step, select, wd, wd_scope,
+#: conv_only_linear, bn, bn_scale, fr, loss, cb_beta, cb_form, classifier, etf_bias, the LA and
+#: evaluation options, analyses), except those of :data:`REFUSED`.
+SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment", "data_fingerprint",
+               "model", "width", "batch_size", "epochs", "precision", "device", "threads")
+
+#: Options a fused run cannot do yet, with the value it needs.
+REFUSED = {"stage2": False, "track_forgetting": False}
+
+#: compile modes a fused run accepts: it trains with eager (vmapped) steps; "auto" is eager too.
+FUSED_COMPILE = ("auto", "off")
+
+FusedReporter = Callable[[int, dict[str, Any]], None]
+
+
+def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
+    """Raise WbsweepError unless the resolved configs ``cfgs`` can be trained as one fused group."""
+    if not cfgs:
+        raise WbsweepError("a fused group needs at least one config.")
+    first = cfgs[0]
+    for i, cfg in enumerate(cfgs):
+        differ = [k for k in SHARED_KEYS if cfg[k] != first[k]]
+        if differ:
+            what = ", ".join(f"{k}={cfg[k]!r} (run 0: {first[k]!r})" for k in differ)
+            raise WbsweepError(
+                f"fused run {i} differs from run 0 in {what}; the runs of a fused group must share "
+                f"{', '.join(SHARED_KEYS)}.")
+        for key, need in REFUSED.items():
+            if cfg[key] != need:
+                raise WbsweepError(f"fused run {i} has {key}={cfg[key]!r}; fused training does not do that yet "
+                                   f"({key} must be {need!r}): train this run alone.")
+        if cfg["compile"] not in FUSED_COMPILE:
+            raise WbsweepError(f"fused run {i} has compile={cfg['compile']!r}; a fused group trains with eager "
+                               f"steps: use compile {' or '.join(FUSED_COMPILE)}.")
+
+
+def _tensors(run: Training) -> dict[str, torch.Tensor]:
+    """A model's parameters and buffers by name (the fixed ETF weight is a buffer)."""
+    return {**dict(run.model.named_parameters()), **dict(run.model.named_buffers())}
+
+
+def _per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """(K,) numbers as a float32 tensor shaped (K, 1, 1, ...) to broadcast over the stacked ``like``."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+class FusedModels:
+    """K models of one architecture as stacked tensors, trained with one vmapped step.
+
+    ``runs`` are the models as :func:`build_training` built them (each with its optimizer groups,
+    schedule and data generator); their own modules are only written to, after each epoch
+    (:meth:`unstack`), to validate and evaluate them with train.py's code."""
+
+    def __init__(self, runs: list[Training], dd: DeviceData):
+        self.runs, self.dd, self.k = runs, dd, len(runs)
+        self.bs = runs[0].cfg["batch_size"]
+        self.knobs = runs[0].knobs
+        own = [_tensors(r) for r in runs]
+        names = list(own[0])
+        for i, t in enumerate(own):
+            shapes = {n: tuple(v.shape) for n, v in t.items()}
+            if shapes != {n: tuple(v.shape) for n, v in own[0].items()}:
+                raise WbsweepError(f"fused run {i} builds a model with other tensors than run 0's "
+                                   f"(classifier {runs[i].cfg['classifier']}, etf_bias {runs[i].cfg['etf_bias']} vs "
+                                   f"{runs[0].cfg['classifier']}, {runs[0].cfg['etf_bias']}): they cannot be stacked.")
+        self.own = own
+        # which tensors each model trains, with which weight decay (from its own SGD groups)
+        trains: dict[str, list[bool]] = {n: [False] * self.k for n in names}
+        decay: dict[str, list[float]] = {n: [0.0] * self.k for n in names}
+        for i, r in enumerate(runs):
+            by_id = {id(v): n for n, v in own[i].items()}
+            for group in r.opt.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        trains[by_id[id(p)]][i] = True
+                        decay[by_id[id(p)]][i] = float(group["weight_decay"])
+        self.trained = [n for n in names if any(trains[n])]
+        self.stack = {n: torch.stack([t[n].detach() for t in own]).clone() for n in names}
+        for n in self.trained:
+            self.stack[n].requires_grad_(True)
+        self._mask = {n: _per_model([float(x) for x in trains[n]], self.stack[n]) for n in self.trained}
+        self._wd = {n: _per_model(decay[n], self.stack[n]) for n in self.trained}
+        self._momentum = {n: _per_model([float(r.cfg["momentum"]) for r in runs], self.stack[n]) for n in self.trained}
+        self._buf: dict[str, torch.Tensor] = {}
+        self._lr: dict[str, torch.Tensor] = {}
+        self.template = runs[0].model  # the architecture functional_call runs (its own tensors are not used)
+        self._parts = {part: {n.split(".", 1)[1]: n for n in names if n.startswith(part + ".")}
+                       for part in ("backbone", "classifier")}
+        self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
+        self.fr = [float(r.cfg["fr"]) for r in runs]
+        self._batched = vmap(self._forward, in_dims=(0, 0), randomness="error")
+
+    def _forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model's features and logits (vmapped over the models)."""
+        m = self.template
+        back = {short: tensors[n] for short, n in self._parts["backbone"].items()}
+        head = {short: tensors[n] for short, n in self._parts["classifier"].items()}
+        feats = functional_call(m.backbone, back, (x,))
+        return feats, functional_call(m.classifier, head, (feats,))
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        """This epoch's learning rate of each model (0 for the tensors a model does not train)."""
+        for n in self.trained:
+            self._lr[n] = _per_model(lrs, self.stack[n]) * self._mask[n]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
+        Returns the K losses (detached)."""
+        self.template.train()
+        with self.knobs.autocast(self.dd.device):
+            feats, logits = self._batched(self.stack, x)
+        feats, logits = feats.float(), logits.float()
+        losses = []
+        w = self.stack.get("classifier.weight")
+        for i, r in enumerate(self.runs):
+            self._heads[i].classifier.weight = w[i] if w is not None else None  # what the DR loss reads
+            loss = r.loss_fn(feats[i], logits[i], y[i], self._heads[i])
+            if self.fr[i] > 0:
+                loss = loss + feature_regularisation(feats[i], self.fr[i])
+            losses.append(loss)
+        total = torch.stack(losses)
+        total.sum().backward()
+        self._sgd()
+        return total.detach()
+
+    @torch.no_grad()
+    def _sgd(self) -> None:
+        """torch.optim.SGD's update (coupled weight decay, momentum without dampening, the first step's
+        buffer the decayed gradient), per model and tensor."""
+        for n in self.trained:
+            p = self.stack[n]
+            g = p.grad
+            if g is None:
+                continue
+            d = g.add_(p * self._wd[n])
+            buf = self._buf.get(n)
+            if buf is None:
+                buf = self._buf[n] = d.clone()
+            else:
+                buf.mul_(self._momentum[n]).add_(d)
+            p.sub_(buf * self._lr[n])
+            p.grad = None
+
+    @torch.no_grad()
+    def unstack(self, i: int) -> None:
+        """Write model ``i``'s slice of the stack into its own module."""
+        for n, t in self.own[i].items():
+            t.copy_(self.stack[n][i])
+
+
+def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path], report: FusedReporter | None = None,
+                data: LTDataset | None = None) -> list[dict[str, Any] | TrainingDiverged]:
+    """Train the configs ``cfgs_in`` as one fused group and write each run's artifacts to its
+    ``out_dirs`` entry, as :func:`trainables.train.train` would have written them alone.
+
+    Returns, per run, its metrics (``train_seconds`` is its 1/K share of the group's training time,
+    and ``fused_k`` = K says it was trained in a group), or the :class:`TrainingDiverged` error of a
+    run whose loss became NaN (nothing is written for it). ``report(i, row)`` is called once per
+    epoch and run with the row :func:`train` reports. ``data`` replaces the configured dataset.
+    Raises WbsweepError for configs that cannot be fused (:func:`check_fusable`)."""
+    cfgs = [resolve_config(c) for c in cfgs_in]
+    check_fusable(cfgs)
+    outs = [Path(o) for o in out_dirs]
+    if len(outs) != len(cfgs) or len({o.resolve() for o in outs}) != len(outs):
+        raise WbsweepError(f"a fused group of {len(cfgs)} runs needs as many distinct output folders, "
+                           f"got {len(outs)} ({len({o.resolve() for o in outs})} distinct).")
+    for o in outs:
+        o.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    first = cfgs[0]
+    if first["threads"]:
+        torch.set_num_threads(int(first["threads"]))
+    device = pick_device(first["device"])
+    knobs = [Knobs.resolve(c, device) for c in cfgs]  # a knob this device cannot do fails before the data is read
+    if data is None:
+        data = config_dataset(first)
+    dd = DeviceData(data, device, first["augment"])
+    c = data.num_classes
+    runs = []
+    for cfg, kn in zip(cfgs, knobs, strict=True):
+        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
+        np.random.seed(cfg["seed"])
+        runs.append(build_training(cfg, dd, Knobs(False, kn.precision, "off")))
+        if has_conv(runs[-1].model):
+            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
+                               f"train these runs alone.")
+        if cfg["loss"] == "dr" and cfg["classifier"] != "etf":
+            raise WbsweepError("the DR loss needs the fixed ETF classifier (classifier: etf).")
+    fused = FusedModels(runs, dd)
+    k, bs, epochs = len(runs), first["batch_size"], runs[0].epochs
+    x_all, y_all = dd.x["train"], dd.y["train"]
+    n = len(x_all)
+    chunk = chunk_images(dd, bs)
+    progress = [{"best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": []} for _ in runs]
+    diverged: dict[int, TrainingDiverged] = {}
+    for epoch in range(1, epochs + 1):
+        lrs = [lr_at_epoch_start(r.sched, r.cfg["lr_step"]) for r in runs]
+        fused.set_lr([float(r.opt.param_groups[0]["lr"]) for r in runs])
+        orders = []
+        for r in runs:  # each model's own order, as EpochRunner.epoch draws it
+            order = torch.randperm(n, device=device, generator=r.gen)
+            orders.append(order[:-1] if len(order) % bs == 1 else order)
+        seen = len(orders[0])
+        loss_sum = torch.zeros(k, device=device)
+        for start in range(0, seen, chunk):
+            idx = [o[start : start + chunk] for o in orders]
+            x = torch.stack([dd.prepare(x_all[j], True, r.gen) for j, r in zip(idx, runs, strict=True)])
+            y = torch.stack([y_all[j] for j in idx])
+            for i in range(0, len(idx[0]), bs):
+                yb = y[:, i : i + bs]
+                loss_sum += fused.step(x[:, i : i + bs], yb) * yb.shape[1]
+        for r in runs:
+            r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the models stepped
+            if r.cfg["lr_step"] == "epoch_end":
+                r.sched.step()
+        train_losses = [s / seen for s in loss_sum.tolist()]  # the host waits for the device here, once per epoch
+        for i, (r, p) in enumerate(zip(runs, progress, strict=True)):
+            if i in diverged:
+                continue
+            if not math.isfinite(train_losses[i]):
+                diverged[i] = TrainingDiverged(f"loss became {train_losses[i]} at epoch {epoch}; "
+                                               f"lower lr or regularisation.")
+                continue
+            fused.unstack(i)
+            val_acc = balanced_acc(predict(r.model, dd, "val", r.cfg["eval_batch_size"], r.knobs), dd.y["val"], c)
+            p["history"].append({"epoch": epoch, "train_loss": train_losses[i], "val_acc": val_acc, "lr": lrs[i]})
+            if r.cfg["select"] == "last" or val_acc > p["best_acc"]:
+                p["best_acc"], p["best_epoch"] = val_acc, epoch
+                p["best_state"] = {name: v.detach().clone() for name, v in r.model.state_dict().items()}
+            if report is not None:
+                report(i, p["history"][-1])
+    train_seconds = (time.time() - started) / k
+    results: list[dict[str, Any] | TrainingDiverged] = []
+    for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
+        if i in diverged:
+            results.append(diverged[i])
+            continue
+        r.model.load_state_dict(p["best_state"])
+        results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
+                                  history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
+                                  extra={"fused_k": k}))
+    return results

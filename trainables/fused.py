@@ -162,6 +162,7 @@ class FusedModels:
                        for part in ("backbone", "classifier")}
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.fr = [float(r.cfg["fr"]) for r in runs]
+        self.chunk = chunk_images(dd, self.bs)
         self._batched = vmap(self._forward, in_dims=(0, 0), randomness="error")
 
     def _forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,11 +216,49 @@ class FusedModels:
             p.sub_(buf * self._lr[n])
             p.grad = None
 
+    def epoch(self, augment: bool = True) -> tuple[torch.Tensor, int]:
+        """Train every model one epoch on its own batches: each draws its order and augmentation from
+        its own generator, chunk by chunk, as :meth:`trainables.train.EpochRunner.epoch` does.
+        Returns (the K losses summed over the epoch's images, on the device; their number)."""
+        dd, bs, device = self.dd, self.bs, self.dd.device
+        x_all, y_all = dd.x["train"], dd.y["train"]
+        orders = []
+        for r in self.runs:
+            order = torch.randperm(len(x_all), device=device, generator=r.gen)
+            orders.append(order[:-1] if len(order) % bs == 1 else order)  # no batch of one (BatchNorm)
+        seen = len(orders[0])
+        loss_sum = torch.zeros(self.k, device=device)
+        for start in range(0, seen, self.chunk):
+            idx = [o[start : start + self.chunk] for o in orders]
+            x = torch.stack([dd.prepare(x_all[j], augment, r.gen) for j, r in zip(idx, self.runs, strict=True)])
+            y = torch.stack([y_all[j] for j in idx])
+            for i in range(0, len(idx[0]), bs):
+                yb = y[:, i : i + bs]
+                loss_sum += self.step(x[:, i : i + bs], yb) * yb.shape[1]
+        for r in self.runs:
+            r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the model stepped
+        return loss_sum, seen
+
     @torch.no_grad()
     def unstack(self, i: int) -> None:
         """Write model ``i``'s slice of the stack into its own module."""
         for n, t in self.own[i].items():
             t.copy_(self.stack[n][i])
+
+
+def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
+    """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`): each model
+    built by :func:`build_training` right after seeding the global RNGs with its seed, as
+    :func:`trainables.train.train` builds it. Raises WbsweepError for a convolutional model."""
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
+        np.random.seed(cfg["seed"])
+        runs.append(build_training(cfg, dd, Knobs(False, cfg["precision"], "off")))
+        if has_conv(runs[-1].model):
+            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
+                               f"train these runs alone.")
+    return FusedModels(runs, dd)
 
 
 def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path], report: FusedReporter | None = None,
@@ -245,46 +284,22 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
     if first["threads"]:
         torch.set_num_threads(int(first["threads"]))
     device = pick_device(first["device"])
-    knobs = [Knobs.resolve(c, device) for c in cfgs]  # a knob this device cannot do fails before the data is read
+    for cfg in cfgs:  # a knob this device cannot do fails before the data is read
+        Knobs.resolve(cfg, device)
     if data is None:
         data = config_dataset(first)
     dd = DeviceData(data, device, first["augment"])
     c = data.num_classes
-    runs = []
-    for cfg, kn in zip(cfgs, knobs, strict=True):
-        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
-        np.random.seed(cfg["seed"])
-        runs.append(build_training(cfg, dd, Knobs(False, kn.precision, "off")))
-        if has_conv(runs[-1].model):
-            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
-                               f"train these runs alone.")
-        if cfg["loss"] == "dr" and cfg["classifier"] != "etf":
-            raise WbsweepError("the DR loss needs the fixed ETF classifier (classifier: etf).")
-    fused = FusedModels(runs, dd)
-    k, bs, epochs = len(runs), first["batch_size"], runs[0].epochs
-    x_all, y_all = dd.x["train"], dd.y["train"]
-    n = len(x_all)
-    chunk = chunk_images(dd, bs)
+    fused = build_fused(cfgs, dd)
+    runs = fused.runs
+    k, epochs = len(runs), runs[0].epochs
     progress = [{"best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": []} for _ in runs]
     diverged: dict[int, TrainingDiverged] = {}
     for epoch in range(1, epochs + 1):
         lrs = [lr_at_epoch_start(r.sched, r.cfg["lr_step"]) for r in runs]
         fused.set_lr([float(r.opt.param_groups[0]["lr"]) for r in runs])
-        orders = []
-        for r in runs:  # each model's own order, as EpochRunner.epoch draws it
-            order = torch.randperm(n, device=device, generator=r.gen)
-            orders.append(order[:-1] if len(order) % bs == 1 else order)
-        seen = len(orders[0])
-        loss_sum = torch.zeros(k, device=device)
-        for start in range(0, seen, chunk):
-            idx = [o[start : start + chunk] for o in orders]
-            x = torch.stack([dd.prepare(x_all[j], True, r.gen) for j, r in zip(idx, runs, strict=True)])
-            y = torch.stack([y_all[j] for j in idx])
-            for i in range(0, len(idx[0]), bs):
-                yb = y[:, i : i + bs]
-                loss_sum += fused.step(x[:, i : i + bs], yb) * yb.shape[1]
+        loss_sum, seen = fused.epoch()
         for r in runs:
-            r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the models stepped
             if r.cfg["lr_step"] == "epoch_end":
                 r.sched.step()
         train_losses = [s / seen for s in loss_sum.tolist()]  # the host waits for the device here, once per epoch

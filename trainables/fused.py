@@ -48,12 +48,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
+import torch.nn.functional as F
+from torch import nn
 
 from trainables.config import resolve_config
 from trainables.data import LTDataset
 from trainables.errors import WbsweepError
-from trainables.losses import feature_regularisation
+from trainables.heads import ETFClassifier
+from trainables.models import Network, ResBlock1d
 from trainables.train import (
     DeviceData,
     Knobs,
@@ -108,6 +110,17 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
                                f"steps: use compile {' or '.join(FUSED_COMPILE)}.")
 
 
+def _check_supported(m: nn.Module, name: str = "model") -> None:
+    """Raise WbsweepError for a module the batched forward of :class:`FusedModels` cannot run."""
+    if isinstance(m, (nn.Sequential, Network)):
+        for child, sub in m.named_children():
+            _check_supported(sub, f"{name}.{child}")
+    elif isinstance(m, nn.BatchNorm1d) and (m.momentum is None or not m.track_running_stats):
+        raise WbsweepError(f"fused training needs BatchNorm with a momentum and running statistics ({name}).")
+    elif not isinstance(m, (nn.Flatten, nn.ReLU, nn.Linear, ETFClassifier, nn.BatchNorm1d, ResBlock1d)):
+        raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet: train these runs alone.")
+
+
 def _tensors(run: Training) -> dict[str, torch.Tensor]:
     """A model's parameters and buffers by name (the fixed ETF weight is a buffer)."""
     return {**dict(run.model.named_parameters()), **dict(run.model.named_buffers())}
@@ -155,65 +168,117 @@ class FusedModels:
         self._mask = {n: _per_model([float(x) for x in trains[n]], self.stack[n]) for n in self.trained}
         self._wd = {n: _per_model(decay[n], self.stack[n]) for n in self.trained}
         self._momentum = {n: _per_model([float(r.cfg["momentum"]) for r in runs], self.stack[n]) for n in self.trained}
-        self._buf: dict[str, torch.Tensor] = {}
-        self._lr: dict[str, torch.Tensor] = {}
-        self.template = runs[0].model  # the architecture functional_call runs (its own tensors are not used)
-        self._parts = {part: {n.split(".", 1)[1]: n for n in names if n.startswith(part + ".")}
-                       for part in ("backbone", "classifier")}
-        self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
+        self.template = runs[0].model  # the architecture the batched forward follows (its tensors are not used)
+        _check_supported(self.template)
         self.fr = [float(r.cfg["fr"]) for r in runs]
+        self._zeta = torch.tensor(self.fr, dtype=torch.float32, device=dd.device)
+        self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
+        self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
-        self._batched = vmap(self._forward, in_dims=(0, 0), randomness="error")
+        # the SGD's per-model factors, broadcast to each tensor (views, no memory)
+        self._params = [self.stack[n] for n in self.trained]
+        self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
+        self._mom_full = [self._momentum[n].expand_as(self.stack[n]) for n in self.trained]
+        self._neg_lr: list[torch.Tensor] = []
+        self._bufs: list[torch.Tensor] | None = None
 
-    def _forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model's features and logits (vmapped over the models)."""
-        m = self.template
-        back = {short: tensors[n] for short, n in self._parts["backbone"].items()}
-        head = {short: tensors[n] for short, n in self._parts["classifier"].items()}
-        feats = functional_call(m.backbone, back, (x,))
-        return feats, functional_call(m.classifier, head, (feats,))
+    # --- the batched forward: (K, B, ...) in, (K, B, ...) out, each model with its own tensors ---
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.stack[f"{name}.weight"], self.stack.get(f"{name}.bias")
+        if b is None:
+            return torch.bmm(x, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    def _batch_norm(self, m: nn.BatchNorm1d, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Train-mode BatchNorm of each model over its own batch: the K models' channels side by side
+        as K*C channels of one BatchNorm (the same kernel, per-channel statistics over the batch),
+        the running statistics updated in place in the stacked buffers."""
+        k, b, c = x.shape
+        s = self.stack
+        s[f"{name}.num_batches_tracked"].add_(1)
+        w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
+        out = F.batch_norm(x.transpose(0, 1).reshape(b, k * c), s[f"{name}.running_mean"].view(-1),
+                           s[f"{name}.running_var"].view(-1), None if w is None else w.reshape(-1),
+                           None if bias is None else bias.reshape(-1), True, m.momentum, m.eps)
+        return out.view(b, k, c).transpose(0, 1)
+
+    def _apply(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(m, nn.Sequential):
+            for child, sub in m.named_children():
+                x = self._apply(sub, f"{name}.{child}", x)
+            return x
+        if isinstance(m, nn.Flatten):
+            return x.flatten(2)
+        if isinstance(m, nn.ReLU):
+            return F.relu(x)
+        if isinstance(m, (nn.Linear, ETFClassifier)):
+            return self._linear(name, x)
+        if isinstance(m, nn.BatchNorm1d):
+            return self._batch_norm(m, name, x)
+        if isinstance(m, ResBlock1d):
+            out = F.relu(self._batch_norm(m.bn1, f"{name}.bn1", self._linear(f"{name}.fc1", x)))
+            return F.relu(self._batch_norm(m.bn2, f"{name}.bn2", self._linear(f"{name}.fc2", out)) + x)
+        raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet.")
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         """This epoch's learning rate of each model (0 for the tensors a model does not train)."""
-        for n in self.trained:
-            self._lr[n] = _per_model(lrs, self.stack[n]) * self._mask[n]
+        self._neg_lr = [(-_per_model(lrs, self.stack[n]) * self._mask[n]).expand_as(self.stack[n])
+                        for n in self.trained]
+
+    def losses(self, feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The K models' losses (K,): each its own loss (+ FR), as train()'s step computes it; the
+        models with the CE loss in one call."""
+        k, b, c = logits.shape
+        per: list[torch.Tensor | None] = [None] * k
+        ce = self._ce
+        if ce:
+            zc, yc = (logits, y) if len(ce) == k else (logits[ce], y[ce])
+            ce_loss = F.cross_entropy(zc.reshape(-1, c), yc.reshape(-1), reduction="none").view(len(ce), b).mean(1)
+            if len(ce) == k:
+                per = None  # type: ignore[assignment]
+                loss = ce_loss
+            else:
+                for j, i in enumerate(ce):
+                    per[i] = ce_loss[j]
+        if per is not None:
+            w = self.stack.get("classifier.weight")
+            for i, r in enumerate(self.runs):
+                if per[i] is None:
+                    self._heads[i].classifier.weight = w[i] if w is not None else None  # what the DR loss reads
+                    per[i] = r.loss_fn(feats[i], logits[i], y[i], self._heads[i])
+            loss = torch.stack(per)  # type: ignore[arg-type]
+        if any(self.fr):  # FR: zeta/2 * mean ||g(x)||^2 (losses.feature_regularisation); + 0.0 where zeta is 0
+            loss = loss + 0.5 * self._zeta * feats.pow(2).sum(2).mean(1)
+        return loss
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
         Returns the K losses (detached)."""
-        self.template.train()
         with self.knobs.autocast(self.dd.device):
-            feats, logits = self._batched(self.stack, x)
+            feats = self._apply(self.template.backbone, "backbone", x)
+            logits = self._apply(self.template.classifier, "classifier", feats)
         feats, logits = feats.float(), logits.float()
-        losses = []
-        w = self.stack.get("classifier.weight")
-        for i, r in enumerate(self.runs):
-            self._heads[i].classifier.weight = w[i] if w is not None else None  # what the DR loss reads
-            loss = r.loss_fn(feats[i], logits[i], y[i], self._heads[i])
-            if self.fr[i] > 0:
-                loss = loss + feature_regularisation(feats[i], self.fr[i])
-            losses.append(loss)
-        total = torch.stack(losses)
-        total.sum().backward()
+        loss = self.losses(feats, logits, y)
+        loss.sum().backward()
         self._sgd()
-        return total.detach()
+        return loss.detach()
 
     @torch.no_grad()
     def _sgd(self) -> None:
         """torch.optim.SGD's update (coupled weight decay, momentum without dampening, the first step's
-        buffer the decayed gradient), per model and tensor."""
-        for n in self.trained:
-            p = self.stack[n]
-            g = p.grad
-            if g is None:
-                continue
-            d = g.add_(p * self._wd[n])
-            buf = self._buf.get(n)
-            if buf is None:
-                buf = self._buf[n] = d.clone()
-            else:
-                buf.mul_(self._momentum[n]).add_(d)
-            p.sub_(buf * self._lr[n])
+        buffer the decayed gradient), per model and tensor, a few multi-tensor ops for all tensors:
+        d = g + wd * p; buf = momentum * buf + d (buf = d at the first step); p = p + (-lr) * buf."""
+        params = self._params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        torch._foreach_addcmul_(grads, params, self._wd_full)
+        if self._bufs is None:
+            self._bufs = [g.clone() for g in grads]
+        else:
+            torch._foreach_mul_(self._bufs, self._mom_full)
+            torch._foreach_add_(self._bufs, grads)
+        torch._foreach_addcmul_(params, self._bufs, self._neg_lr)
+        for p in params:
             p.grad = None
 
     def epoch(self, augment: bool = True) -> tuple[torch.Tensor, int]:

@@ -182,34 +182,37 @@ class FusedModels:
         self._neg_lr: list[torch.Tensor] = []
         self._bufs: list[torch.Tensor] | None = None
 
-    # --- the batched forward: (K, B, ...) in, (K, B, ...) out, each model with its own tensors ---
+    # --- the batched forward ---
+    # Activations are laid out (K, C, B): model, channel, image. A linear layer is then one batched
+    # product W (K, out, in) @ h (K, in, B), and a BatchNorm1d of the K models is one BatchNorm of
+    # K*C channels over a contiguous (1, K*C, B) view: no transposed copies forward or backward (and
+    # the small classifier products are 4x faster on a CPU than in the (K, B, C) layout).
 
-    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, name: str, h: torch.Tensor) -> torch.Tensor:
         w, b = self.stack[f"{name}.weight"], self.stack.get(f"{name}.bias")
         if b is None:
-            return torch.bmm(x, w.transpose(1, 2))
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            return torch.bmm(w, h)
+        return torch.baddbmm(b.unsqueeze(2), w, h)
 
-    def _batch_norm(self, m: nn.BatchNorm1d, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Train-mode BatchNorm of each model over its own batch: the K models' channels side by side
-        as K*C channels of one BatchNorm (the same kernel, per-channel statistics over the batch),
-        the running statistics updated in place in the stacked buffers."""
-        k, b, c = x.shape
+    def _batch_norm(self, m: nn.BatchNorm1d, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Train-mode BatchNorm of each model over its own batch (per-channel statistics over the
+        images), the running statistics updated in place in the stacked buffers."""
+        k, c, b = h.shape
         s = self.stack
         s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
-        out = F.batch_norm(x.transpose(0, 1).reshape(b, k * c), s[f"{name}.running_mean"].view(-1),
+        out = F.batch_norm(h.reshape(1, k * c, b), s[f"{name}.running_mean"].view(-1),
                            s[f"{name}.running_var"].view(-1), None if w is None else w.reshape(-1),
                            None if bias is None else bias.reshape(-1), True, m.momentum, m.eps)
-        return out.view(b, k, c).transpose(0, 1)
+        return out.view(k, c, b)
 
     def _apply(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         if isinstance(m, nn.Sequential):
             for child, sub in m.named_children():
                 x = self._apply(sub, f"{name}.{child}", x)
             return x
-        if isinstance(m, nn.Flatten):
-            return x.flatten(2)
+        if isinstance(m, nn.Flatten):  # (K, B, C, H, W) images in, (K, C*H*W, B) out
+            return x.flatten(2).transpose(1, 2)
         if isinstance(m, nn.ReLU):
             return F.relu(x)
         if isinstance(m, (nn.Linear, ETFClassifier)):
@@ -256,8 +259,9 @@ class FusedModels:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
         Returns the K losses (detached)."""
         with self.knobs.autocast(self.dd.device):
-            feats = self._apply(self.template.backbone, "backbone", x)
-            logits = self._apply(self.template.classifier, "classifier", feats)
+            h = self._apply(self.template.backbone, "backbone", x)
+            feats = h.transpose(1, 2)  # (K, B, d) views of the (K, d, B) activations
+            logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
         feats, logits = feats.float(), logits.float()
         loss = self.losses(feats, logits, y)
         loss.sum().backward()

@@ -3,9 +3,13 @@
 A paper table is dozens of trainings of the same small network; at batch 64 one of them leaves the
 device mostly idle. :func:`train_fused` trains K resolved configs that share the architecture and
 the data (see :data:`SHARED_KEYS`) together, in the manner of HFTA (Wang et al., MLSys 2021): the
-K models' tensors are stacked along a new leading dimension and one step is
-``vmap(functional_call)`` of the architecture over the stack, so each operation runs once for all K
-models instead of K times.
+K models' tensors are stacked along a new leading dimension and each operation of a step runs once
+for all K models instead of K times: a linear layer is one batched matrix product (``torch.bmm``),
+the K models' BatchNorm1d one BatchNorm of K x C channels, the K CE losses one call, the SGD update
+a few multi-tensor ops. The batched forward is written for the layers of the MLP family (Flatten,
+Linear, BatchNorm1d, ReLU, ResBlock1d; :class:`FusedModels`), not traced: ``torch.func.vmap`` over
+``functional_call`` (tried first) computes the same but was slower than K separate models on a CPU
+for the cpu preset's MLP (its per-call overhead and transposed products).
 
 Nothing of a model's science is shared. Each model
 
@@ -13,7 +17,7 @@ Nothing of a model's science is shared. Each model
   seed, exactly as :func:`trainables.train.train` builds it (its initialisation, its ETF head);
 * draws its own data order and augmentation from its own generator, in the same chunks
   (:func:`trainables.train.chunk_images`), so it sees exactly the batches it would see alone;
-* has its own BatchNorm batch statistics and running statistics (stacked buffers under ``vmap``);
+* has its own BatchNorm batch statistics and running statistics (its channels of the stacked buffers);
 * has its own loss (CE, CB, DR), FR zeta, learning rate, momentum, cosine schedule and its timing,
   weight decay and its scope, and frozen parameters: the SGD update (PyTorch's coupled weight
   decay + momentum, the update ``torch.optim.SGD`` makes) is applied to the stack with per-model,
@@ -25,15 +29,16 @@ Nothing of a model's science is shared. Each model
 
 The losses are summed over the models before the backward pass; the models share no tensor, so
 each model's gradient is the gradient of its own loss. What differs from K separate runs is only
-floating-point rounding: batched matrix products sum in another order than single ones (about
-1e-7 relative per step; tests/test_fused.py bounds the difference after a few epochs).
+floating-point rounding: batched matrix products and reductions may sum in another order than
+single ones (about 1e-7 relative per step; tests/test_fused.py bounds the difference after a few
+epochs).
 
 A model whose loss becomes NaN or infinite stops being validated and reported; the others go on
 (its slice of the stack cannot affect theirs), and its entry in the returned list is the
 :class:`~trainables.train.TrainingDiverged` error instead of its metrics.
 
-Not yet (issue #14's later steps): convolutional models (BatchNorm2d and channels_last under
-``vmap``), WB's second stage, forgetting tracking, checkpoints and resume of a fused group, the
+Not yet (issue #14's later steps): convolutional models (grouped convolutions or ``vmap``,
+BatchNorm2d, channels_last), WB's second stage, forgetting tracking, checkpoints and resume of a fused group, the
 CUDA-graph and torch.compile step, and running a fused group as one Ray Tune trial.
 """
 
@@ -83,7 +88,7 @@ SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment
 #: Options a fused run cannot do yet, with the value it needs.
 REFUSED = {"stage2": False, "track_forgetting": False}
 
-#: compile modes a fused run accepts: it trains with eager (vmapped) steps; "auto" is eager too.
+#: compile modes a fused run accepts: it trains with eager (batched) steps; "auto" is eager too.
 FUSED_COMPILE = ("auto", "off")
 
 FusedReporter = Callable[[int, dict[str, Any]], None]
@@ -132,7 +137,7 @@ def _per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 class FusedModels:
-    """K models of one architecture as stacked tensors, trained with one vmapped step.
+    """K models of one architecture as stacked tensors, trained with one batched step.
 
     ``runs`` are the models as :func:`build_training` built them (each with its optimizer groups,
     schedule and data generator); their own modules are only written to, after each epoch

@@ -149,3 +149,15 @@ def test_conv_models_and_mismatched_heads_are_refused(tmp_path: Path) -> None:
     with pytest.raises(WbsweepError, match="distinct output folders"):
         train_fused(GROUP[:2], [tmp_path / "e", tmp_path / "e"])
     assert resolve_config(GROUP[0])  # the group itself is valid
+
+
+def test_resblock_with_augmentation_equals_alone(tmp_path: Path) -> None:
+    """The other MLP family (residual blocks) and per-model crop+flip draws from each model's generator."""
+    base = {**BASE, "model": "resblock1", "width": 16, "epochs": 2, "augment": "crop_flip"}
+    group = [{**base, "seed": 4}, {**base, "seed": 5, "wd": 5e-3, "classifier": "etf", "fr": 1e-3}]
+    threads = torch.get_num_threads()
+    train_fused(group, [tmp_path / f"f{i}" for i in range(2)])
+    for i, cfg in enumerate(group):
+        train(cfg, tmp_path / f"a{i}")
+        assert_same_run(tmp_path / f"f{i}", tmp_path / f"a{i}")
+    torch.set_num_threads(threads)

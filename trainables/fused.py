@@ -74,7 +74,6 @@ from trainables.train import (
     has_conv,
     lr_at_epoch_start,
     pick_device,
-    predict,
 )
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
@@ -180,6 +179,7 @@ class FusedModels:
         self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
+        self.training = True  # BatchNorm with batch statistics, updating the running ones
         # the SGD's per-model factors, broadcast to each tensor (views, no memory)
         self._params = [self.stack[n] for n in self.trained]
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
@@ -204,11 +204,12 @@ class FusedModels:
         images), the running statistics updated in place in the stacked buffers."""
         k, c, b = h.shape
         s = self.stack
-        s[f"{name}.num_batches_tracked"].add_(1)
+        if self.training:
+            s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
         out = F.batch_norm(h.reshape(1, k * c, b), s[f"{name}.running_mean"].view(-1),
                            s[f"{name}.running_var"].view(-1), None if w is None else w.reshape(-1),
-                           None if bias is None else bias.reshape(-1), True, m.momentum, m.eps)
+                           None if bias is None else bias.reshape(-1), self.training, m.momentum, m.eps)
         return out.view(k, c, b)
 
     def _apply(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -259,6 +260,22 @@ class FusedModels:
         if any(self.fr):  # FR: zeta/2 * mean ||g(x)||^2 (losses.feature_regularisation); + 0.0 where zeta is 0
             loss = loss + 0.5 * self._zeta * feats.pow(2).sum(2).mean(1)
         return loss
+
+    @torch.no_grad()
+    def predict(self, split: str, batch: int) -> torch.Tensor:
+        """Every model's predicted classes (K, N) of a split, in eval mode (BatchNorm with each model's
+        running statistics), left on the device: :func:`trainables.train.predict` for the K models at once."""
+        self.training = False
+        try:
+            x, preds = self.dd.x[split], []
+            for i in range(0, len(x), batch):
+                xb = self.dd.prepare(x[i : i + batch], False, None)
+                with self.knobs.autocast(self.dd.device):
+                    h = self._apply(self.template.backbone, "backbone", xb.expand(self.k, *xb.shape))
+                    preds.append(self._apply(self.template.classifier, "classifier", h).argmax(1))
+            return torch.cat(preds, dim=1)
+        finally:
+            self.training = True
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
@@ -376,6 +393,7 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
         for r in runs:
             if r.cfg["lr_step"] == "epoch_end":
                 r.sched.step()
+        val_pred = fused.predict("val", first["eval_batch_size"])
         train_losses = [s / seen for s in loss_sum.tolist()]  # the host waits for the device here, once per epoch
         for i, (r, p) in enumerate(zip(runs, progress, strict=True)):
             if i in diverged:
@@ -384,11 +402,11 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                 diverged[i] = TrainingDiverged(f"loss became {train_losses[i]} at epoch {epoch}; "
                                                f"lower lr or regularisation.")
                 continue
-            fused.unstack(i)
-            val_acc = balanced_acc(predict(r.model, dd, "val", r.cfg["eval_batch_size"], r.knobs), dd.y["val"], c)
+            val_acc = balanced_acc(val_pred[i], dd.y["val"], c)
             p["history"].append({"epoch": epoch, "train_loss": train_losses[i], "val_acc": val_acc, "lr": lrs[i]})
             if r.cfg["select"] == "last" or val_acc > p["best_acc"]:
                 p["best_acc"], p["best_epoch"] = val_acc, epoch
+                fused.unstack(i)
                 p["best_state"] = {name: v.detach().clone() for name, v in r.model.state_dict().items()}
             if report is not None:
                 report(i, p["history"][-1])

@@ -161,3 +161,19 @@ def test_resblock_with_augmentation_equals_alone(tmp_path: Path) -> None:
         train(cfg, tmp_path / f"a{i}")
         assert_same_run(tmp_path / f"f{i}", tmp_path / f"a{i}")
     torch.set_num_threads(threads)
+
+
+def test_bench_fused_reports_its_figures() -> None:
+    from orchestrator.bench import fused
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = fused("cpu", "mlp3", k=2, width=16, rounds=1, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["fused_k"] == 2
+    for key in ("fused_img_per_s_per_model", "sequential_img_per_s_per_model", "fused_speedup"):
+        assert result[key] > 0
+    with pytest.raises(WbsweepError, match="convolutional"):
+        fused("cpu", "resnet32", k=2, width=4, rounds=1, log=lambda msg: None)

@@ -177,3 +177,13 @@ def test_bench_fused_reports_its_figures() -> None:
         assert result[key] > 0
     with pytest.raises(WbsweepError, match="convolutional"):
         fused("cpu", "resnet32", k=2, width=4, rounds=1, log=lambda msg: None)
+
+
+def test_a_diverging_run_does_not_stop_the_others(runs: dict[str, Any], tmp_path: Path) -> None:
+    from trainables.train import TrainingDiverged, load_metrics
+
+    group = [GROUP[0], {**GROUP[0], "seed": 9, "lr": 1.0e6}]
+    result = train_fused(group, [tmp_path / "ok", tmp_path / "nan"])
+    assert isinstance(result[1], TrainingDiverged) and "epoch 1" in str(result[1])
+    assert load_metrics(tmp_path / "nan") is None and not (tmp_path / "nan" / "model.pt").exists()
+    assert_same_run(tmp_path / "ok", runs["root"] / "alone0")

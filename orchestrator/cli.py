@@ -425,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--packed", type=int, metavar="N", help="N trial processes on one device vs one alone")
     b.add_argument("--packed-seconds", type=float, default=15.0)
     b.add_argument("--packed-compile", default="auto", help="compile setting(s) of the packed trials, e.g. auto,off")
+    b.add_argument("--fused", type=int, metavar="K", help="K models trained fused vs one after the other "
+                   "(an MLP: --model mlp3 --width 128 is the cpu preset's)")
+    b.add_argument("--fused-dataset", default="digits-lt", choices=["digits-lt", "synthetic"],
+                   help="data of --fused: the cpu preset's digits-lt, or synthetic data of the model's shape")
     b.add_argument("--overhead", action="store_true", help="N short trials through Ray Tune vs called directly")
     b.add_argument("--overhead-trials", type=int, default=4)
     b.add_argument("--overhead-epochs", type=int, default=320, help="epochs (= per-epoch reports) per trial")

@@ -272,6 +272,15 @@ def balanced_acc(logits_or_pred: torch.Tensor, labels: torch.Tensor, num_classes
 
 # --- one training step, one epoch ------------------------------------------------------------
 
+def chunk_images(dd: DeviceData, batch_size: int) -> int:
+    """Training images prepared (gathered, augmented, normalised) at a time: whole batches of float
+    images, few ops per epoch, bounded memory (256 MB on a GPU, 32 MB on a CPU). The augmentation is
+    drawn per chunk, so a trainer that wants another's exact draws uses the same chunks."""
+    budget = (256 if dd.device.type == "cuda" else 32) * 2**20
+    image_bytes = 4 * max(1, dd.x["train"][0].numel())
+    return max(1, budget // (image_bytes * batch_size)) * batch_size
+
+
 #: Eager steps of a CUDA-graph run before the step is captured (PyTorch's recipe: warm up on a side
 #: stream, so the momentum buffers, cuDNN's algorithm choice and the allocator are settled).
 GRAPH_WARMUP_STEPS = 3
@@ -308,10 +317,7 @@ class EpochRunner:
         self.channels_last = knobs.channels_last and has_conv(model)
         self.loss_sum = torch.zeros((), device=self.device)
         self.mode = knobs.compile
-        # Chunks of whole batches of float images: few ops per epoch, bounded memory (256 MB on a GPU).
-        budget = (256 if self.device.type == "cuda" else 32) * 2**20
-        image_bytes = 4 * max(1, dd.x["train"][0].numel())
-        self.chunk = max(1, budget // (image_bytes * self.bs)) * self.bs
+        self.chunk = chunk_images(dd, self.bs)
         self._compiled: Callable | None = None
         self._compiled_ran = False
         if self.mode in ("torch", "cudagraph+torch"):
@@ -735,13 +741,23 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         f = progress["forgetting"]
         np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
                             ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
+    return finish_run(out, cfg, model, dd, knobs, epochs=epochs, best_epoch=best_epoch, history=history,
+                      train_seconds=train_seconds, eval_started=started + train_seconds)
+
+
+def finish_run(out: Path, cfg: dict[str, Any], model: Network, dd: DeviceData, knobs: Knobs | None, *,
+               epochs: int, best_epoch: int, history: list[dict[str, Any]], train_seconds: float,
+               eval_started: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the trained (best-epoch) ``model``, write its artifacts (:func:`save_run`) and return
+    its metrics: the end of :func:`train`, shared with the fused trainer (trainables/fused.py).
+    ``eval_started``: the time from which ``eval_seconds`` counts; ``extra``: further metrics keys."""
     metrics = evaluate(model, dd, cfg, knobs)
     metrics.update(
         config_hash=config_hash(cfg), seed=cfg["seed"], epochs=epochs, best_epoch=best_epoch,
-        data_fingerprint=data_fingerprint(data),
-        train_seconds=train_seconds, eval_seconds=time.time() - started - train_seconds,
-        node=socket.gethostname(), device=str(device), torch_version=torch.__version__,
-        python_version=platform.python_version(), history=history,
+        data_fingerprint=data_fingerprint(dd.data),
+        train_seconds=train_seconds, eval_seconds=time.time() - eval_started,
+        node=socket.gethostname(), device=str(dd.device), torch_version=torch.__version__,
+        python_version=platform.python_version(), history=history, **(extra or {}),
     )
     save_run(out, cfg, model, metrics)
     return metrics

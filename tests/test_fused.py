@@ -1,0 +1,189 @@
+"""Fused training (trainables/fused.py): K runs trained as one vmapped model write what each run
+writes when trained alone by train(), to float32 rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trainables.config import resolve_config
+from trainables.errors import WbsweepError
+from trainables.fused import train_fused
+from trainables.train import train
+
+BASE = {"dataset": "digits-lt", "model": "mlp3", "width": 32, "epochs": 3, "threads": 1, "device": "cpu",
+        "lr": 0.05, "checkpoint_seconds": 1e9}
+#: different seeds, methods, losses, heads, weight-decay scopes, schedules and selections in one group
+GROUP = [
+    {**BASE, "seed": 0},  # naive: CE, linear head, no WD
+    {**BASE, "seed": 1, "wd": 5e-3, "fr": 1e-3, "classifier": "etf", "lr_step": "epoch_start"},  # WD&FR&ETF
+    {**BASE, "seed": 2, "loss": "cb", "wd": 1e-3, "wd_scope": "no_bn_shift", "bn": "fixed", "bn_scale": 0.5,
+     "select": "last", "lr": 0.02, "momentum": 0.8},  # CB, frozen BN, another lr and momentum
+    {**BASE, "seed": 3, "loss": "dr", "classifier": "etf", "wd": 5e-3, "wd_scope": "conv_only"},  # WD&ETF&DR
+]
+
+# Tolerances. The fused step computes the same operations as train()'s, but its matrix products are
+# batched over the models (vmap -> bmm), which sums in another order: each step differs by float32
+# rounding (~1e-7 relative), and a few dozen steps of SGD carry that forward without amplifying it
+# much (measured on this group: weights within 6e-7 absolute, logits within 1.5e-6 absolute, losses
+# and FDR within 1.1e-7 relative). The bounds below are ~7-20x (arrays) and ~10x (scalars) those and far
+# below what another seed changes (order 1e-1). Accuracies, the chosen epoch and the LA parameters come
+# from argmaxes of these logits and are compared as they are (no near-tie here flips).
+WEIGHTS = {"rtol": 1e-5, "atol": 1e-5}
+LOGITS = {"rtol": 1e-5, "atol": 1e-5}
+SCALARS = {"rtol": 1e-5, "atol": 1e-6}
+TIMING = {"train_seconds", "eval_seconds", "node", "fused_k"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("fused")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    fused = train_fused(GROUP, [root / f"fused{i}" for i in range(len(GROUP))],
+                        report=lambda i, row: rows.append((i, row)))
+    alone = [train(cfg, root / f"alone{i}") for i, cfg in enumerate(GROUP)]
+    torch.set_num_threads(threads)
+    return {"root": root, "fused": fused, "alone": alone, "rows": rows}
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", weights_only=True)["model"]
+
+
+def assert_same_run(fused: Path, alone: Path) -> None:
+    a, b = model_state(fused), model_state(alone)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_close(a[name], b[name], **WEIGHTS, msg=lambda m, n=name: f"{n}: {m}")
+    la, lb = np.load(fused / "logits.npz"), np.load(alone / "logits.npz")
+    assert la.files == lb.files
+    for key in la.files:
+        assert_close(torch.from_numpy(la[key]), torch.from_numpy(lb[key]), **LOGITS)
+    assert json.loads((fused / "config.json").read_text()) == json.loads((alone / "config.json").read_text())
+
+
+@pytest.mark.parametrize("i", range(len(GROUP)))
+def test_fused_run_writes_what_it_writes_alone(runs: dict[str, Any], i: int) -> None:
+    fused, alone = runs["root"] / f"fused{i}", runs["root"] / f"alone{i}"
+    assert sorted(p.name for p in fused.iterdir()) == sorted(p.name for p in alone.iterdir())
+    assert_same_run(fused, alone)
+
+
+@pytest.mark.parametrize("i", range(len(GROUP)))
+def test_fused_metrics_equal_alone(runs: dict[str, Any], i: int) -> None:
+    fm, am = runs["fused"][i], runs["alone"][i]
+    assert fm["fused_k"] == len(GROUP)
+    assert set(fm) - TIMING == set(am) - TIMING
+    on_disk = json.loads((runs["root"] / f"fused{i}" / "metrics.json").read_text())
+    assert on_disk["best_epoch"] == fm["best_epoch"]
+    assert fm["best_epoch"] == am["best_epoch"]  # the same epoch chosen
+    assert fm["config_hash"] == am["config_hash"] and fm["seed"] == am["seed"]
+    for h, g in zip(fm["history"], am["history"], strict=True):
+        assert h["epoch"] == g["epoch"] and h["lr"] == g["lr"] and h["val_acc"] == g["val_acc"]
+        assert_close(h["train_loss"], g["train_loss"], **SCALARS)
+    for key in ("fdr_train", "fdr_test", "objective"):
+        assert_close(fm[key], am[key], **SCALARS)
+    # every post-hoc LA variant: the same tau/gamma chosen, the same accuracies
+    assert fm["la"].keys() == am["la"].keys()
+    for la in fm["la"]:
+        for key, value in am["la"][la].items():
+            assert_close(fm["la"][la][key], value, **SCALARS, msg=lambda m, k=key, v=la: f"la {v} {k}: {m}")
+
+
+def test_fused_reports_each_run_every_epoch(runs: dict[str, Any]) -> None:
+    for i, am in enumerate(runs["alone"]):
+        rows = [row for j, row in runs["rows"] if j == i]
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        assert [r["val_acc"] for r in rows] == [h["val_acc"] for h in am["history"]]
+
+
+def test_another_seed_breaks_the_equality(runs: dict[str, Any], tmp_path: Path) -> None:
+    """The comparison can fail: model 1 trained with another seed differs from model 1 alone, and
+    the other models of its group are unaffected by the change."""
+    group = [dict(c) for c in GROUP]
+    group[1]["seed"] = 7
+    outs = [tmp_path / f"f{i}" for i in range(len(group))]
+    train_fused(group, outs)
+    with pytest.raises(AssertionError):
+        assert_same_run(outs[1], runs["root"] / "alone1")
+    for i in (0, 2, 3):
+        assert_same_run(outs[i], runs["root"] / f"alone{i}")
+
+
+def test_one_seed_twice_in_a_group_gives_its_run_twice(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Each model draws from its own generator: two runs of one seed in a group both equal the run
+    trained alone (with a generator shared by the group the second would see other batches)."""
+    group = [GROUP[0], {**GROUP[0], "lr": GROUP[0]["lr"]}]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    train_fused(group, outs)
+    for out in outs:
+        assert_same_run(out, runs["root"] / "alone0")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"width": 16}, "width"),
+    ({"batch_size": 32}, "batch_size"),
+    ({"epochs": 2}, "epochs"),
+    ({"stage2": True, "init_from": "x.pt"}, "stage2"),
+    ({"track_forgetting": True}, "track_forgetting"),
+    ({"compile": "torch"}, "compile"),
+])
+def test_unfusable_groups_are_refused(change: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(WbsweepError, match=message):
+        train_fused([GROUP[0], {**GROUP[0], **change}], [tmp_path / "a", tmp_path / "b"])
+
+
+def test_conv_models_and_mismatched_heads_are_refused(tmp_path: Path) -> None:
+    conv = {**BASE, "model": "resnet32", "width": 4, "epochs": 1}
+    with pytest.raises(WbsweepError, match="convolutional"):
+        train_fused([conv, {**conv, "seed": 1}], [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(WbsweepError, match="other tensors"):
+        train_fused([GROUP[1], {**GROUP[1], "etf_bias": False}], [tmp_path / "c", tmp_path / "d"])
+    with pytest.raises(WbsweepError, match="distinct output folders"):
+        train_fused(GROUP[:2], [tmp_path / "e", tmp_path / "e"])
+    assert resolve_config(GROUP[0])  # the group itself is valid
+
+
+def test_resblock_with_augmentation_equals_alone(tmp_path: Path) -> None:
+    """The other MLP family (residual blocks) and per-model crop+flip draws from each model's generator."""
+    base = {**BASE, "model": "resblock1", "width": 16, "epochs": 2, "augment": "crop_flip"}
+    group = [{**base, "seed": 4}, {**base, "seed": 5, "wd": 5e-3, "classifier": "etf", "fr": 1e-3}]
+    threads = torch.get_num_threads()
+    train_fused(group, [tmp_path / f"f{i}" for i in range(2)])
+    for i, cfg in enumerate(group):
+        train(cfg, tmp_path / f"a{i}")
+        assert_same_run(tmp_path / f"f{i}", tmp_path / f"a{i}")
+    torch.set_num_threads(threads)
+
+
+def test_bench_fused_reports_its_figures() -> None:
+    from orchestrator.bench import fused
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = fused("cpu", "mlp3", k=2, width=16, rounds=1, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["fused_k"] == 2
+    for key in ("fused_img_per_s_per_model", "sequential_img_per_s_per_model", "fused_speedup"):
+        assert result[key] > 0
+    with pytest.raises(WbsweepError, match="convolutional"):
+        fused("cpu", "resnet32", k=2, width=4, rounds=1, log=lambda msg: None)
+
+
+def test_a_diverging_run_does_not_stop_the_others(runs: dict[str, Any], tmp_path: Path) -> None:
+    from trainables.train import TrainingDiverged, load_metrics
+
+    group = [GROUP[0], {**GROUP[0], "seed": 9, "lr": 1.0e6}]
+    result = train_fused(group, [tmp_path / "ok", tmp_path / "nan"])
+    assert isinstance(result[1], TrainingDiverged) and "epoch 1" in str(result[1])
+    assert load_metrics(tmp_path / "nan") is None and not (tmp_path / "nan" / "model.pt").exists()
+    assert_same_run(tmp_path / "ok", runs["root"] / "alone0")

@@ -230,3 +230,24 @@ def test_every_la_kind_is_evaluated_and_a_spec_reports_its_own(stage1: dict[str,
     best = max(metrics["la"]["mult"]["val_acc"], metrics["la"]["add"]["val_acc"])
     assert {r["objective"] for r in both} == {best} == {objective(metrics, ["add", "mult"])}
     assert config_hash(resolve_config({**TINY, "la": ["none"]})) == config_hash(resolve_config(TINY))
+
+
+def test_a_resumed_run_counts_earlier_attempts_in_train_seconds_not_in_eval_seconds(tmp_path: Path) -> None:
+    """An attempt stopped after epoch 2 (its checkpoint saved), said to have trained 1000 s; the
+    resumed run's train_seconds include those, its eval_seconds are its evaluation's alone."""
+    cfg = resolve_config({**TINY, "epochs": 3, "checkpoint_seconds": 0, "la": ["none"]})
+
+    def stop_at_2(row: dict[str, Any]) -> None:
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, report=stop_at_2)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    state["seconds"] = 1000.0
+    torch.save(state, tmp_path / "checkpoint.pt")
+    metrics = train(cfg, tmp_path)
+    assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert 1000.0 < metrics["train_seconds"] < 1000.0 + 60
+    assert 0.0 <= metrics["eval_seconds"] < 60

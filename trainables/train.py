@@ -733,7 +733,8 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         inject_crash(out, epoch)
         if report is not None:
             report(progress["history"][-1])
-    train_seconds = progress["seconds"] + time.time() - started
+    trained_at = time.time()
+    train_seconds = progress["seconds"] + trained_at - started  # with the attempts before a resume
     model.load_state_dict(progress["best_state"])
     best_epoch, history = progress["best_epoch"], progress["history"]
 
@@ -742,7 +743,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
                             ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
     return finish_run(out, cfg, model, dd, knobs, epochs=epochs, best_epoch=best_epoch, history=history,
-                      train_seconds=train_seconds, eval_started=started + train_seconds)
+                      train_seconds=train_seconds, eval_started=trained_at)
 
 
 def finish_run(out: Path, cfg: dict[str, Any], model: Network, dd: DeviceData, knobs: Knobs | None, *,

@@ -53,8 +53,7 @@ def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
     for run_id, hash_, seed in tracker.running_model_runs():
         metrics = finished_metrics(runs, hash_, seed)
         if metrics is None:
-            tracker.client.set_tag(run_id, "wbsweep.error", "interrupted: the driver stopped first")
-            tracker.finish(run_id, "KILLED")
+            tracker.finish(run_id, "KILLED", "interrupted: the driver stopped first")
             continue
         tracker.log_metrics(run_id, final_metrics(metrics), step=int(metrics["epochs"]))
         with storage.local_copy(runs, hash_, seed) as folder:
@@ -238,9 +237,7 @@ class TrialCallback(Callback):
         """End a trial's run that did not finish: ``status`` KILLED or FAILED, the reason in its
         ``wbsweep.error`` tag."""
         tracker = self.sweep.tracker
-        self.for_run(trial_id, "the reason a run ended",
-                     lambda run_id: tracker.client.set_tag(run_id, "wbsweep.error", reason[:5000]))
-        self.for_run(trial_id, "the end of a run", lambda run_id: tracker.finish(run_id, status))
+        self.for_run(trial_id, "the end of a run", lambda run_id: tracker.finish(run_id, status, reason))
         self.open.discard(trial_id)
 
     def close(self, status: str, reason: str) -> None:

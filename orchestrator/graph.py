@@ -78,11 +78,8 @@ class Node:
         tracker = self.sweep.tracker
 
         def end() -> None:
-            if self._parent_run is None:
-                return
-            if reason:
-                tracker.client.set_tag(self._parent_run, "wbsweep.error", reason[:5000])
-            tracker.finish(self._parent_run, status)
+            if self._parent_run is not None:
+                tracker.finish(self._parent_run, status, reason)
 
         self.sweep.outbox(f"the end of the {self.label} run", end)
 

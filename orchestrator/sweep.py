@@ -247,7 +247,7 @@ class Sweep:
             ),
         )
         self.status("running")
-        outcome, reason = "failed", ""
+        outcome, reason, stopped_because = "failed", "", None
         try:
             with pending_limit(pending_trials(self.shape, self.cpus, self.gpus, self.max_concurrent)):
                 tuner.fit()
@@ -266,25 +266,25 @@ class Sweep:
             while (cause.__cause__ or cause.__context__) is not None:  # Ray Tune's TuneError wraps a callback's
                 cause = cause.__cause__ or cause.__context__
             if isinstance(cause, SweepStopped):  # the watchdog: its one line, its exit status
-                problem = str(cause).split(". The sweep stopped")[0]
-                outcome, reason = "stopped", f"stopped by the watchdog: {problem}"
+                outcome, stopped_because = "stopped", cause.problem
+                reason = f"stopped by the watchdog: {cause.problem}"
                 raise cause from None
             reason = f"the sweep stopped on an error: {first_line(cause)}"
             raise
         finally:
             self.state = outcome
             try:
-                self.close(reason)
+                self.close(outcome, reason)
             finally:
-                self.status(outcome, reason.removeprefix("stopped by the watchdog: ") if outcome == "stopped" else None)
+                self.status(outcome, stopped_because)
 
-    def close(self, reason: str) -> None:
+    def close(self, outcome: str, reason: str) -> None:
         """End what this run started, on every way out of it: the MLflow runs of the trials it
-        stopped (KILLED when interrupted, FAILED on an error, with the reason in ``wbsweep.error``),
-        the runs of the stages not done, the Optuna trials in flight (FAIL, as a resume would end
-        them); then the tracking calls still deferred are made, or said to be missing. No trial
-        counts as running or pending any more."""
-        status = "KILLED" if reason.startswith(("interrupted", "stopped by the watchdog")) else "FAILED"
+        stopped (KILLED when interrupted or stopped by the watchdog, FAILED on an error, with the
+        reason in ``wbsweep.error``), the runs of the stages not done, the Optuna trials in flight
+        (FAIL, as a resume would end them); then the tracking calls still deferred are made, or said
+        to be missing. No trial counts as running or pending any more."""
+        status = "KILLED" if outcome in ("interrupted", "stopped") else "FAILED"
         if reason:
             self.callback.close(status, reason)
             for node in self.nodes:

@@ -107,10 +107,13 @@ class Tracker:
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """End a run. A run that finishes after all (re-attached by a resume) loses the reason an
-        earlier stop or failure left in its ``wbsweep.error`` tag."""
-        if status == "FINISHED" and "wbsweep.error" in self.client.get_run(run_id).data.tags:
+    def finish(self, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
+        """End a run ``status``; ``reason`` (why a run did not finish) goes into its ``wbsweep.error``
+        tag. A run that finishes after all (re-attached by a resume) loses the reason an earlier stop
+        or failure left there."""
+        if reason:
+            self.client.set_tag(run_id, "wbsweep.error", reason[:5000])
+        elif status == "FINISHED" and "wbsweep.error" in self.client.get_run(run_id).data.tags:
             self.client.delete_tag(run_id, "wbsweep.error")
         self.client.set_terminated(run_id, status=status)
 

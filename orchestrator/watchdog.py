@@ -54,9 +54,15 @@ EXIT_STOPPED = 3
 
 
 class SweepStopped(WbsweepError):
-    """The watchdog ended the sweep: one line, exit status 3; the same command resumes it."""
+    """The watchdog ended the sweep because of ``problem``: one line, exit status 3; the same
+    command resumes it."""
 
     exit_code = EXIT_STOPPED
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}. The sweep stopped; finished models and trial checkpoints are kept: "
+                         "run the same command again to resume")
+        self.problem = problem
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Limits:
         return cls(stall_s=env_seconds("WBSWEEP_STALL_S", 7200.0 if autoscaling else 1800.0),
                    unschedulable_s=env_seconds("WBSWEEP_UNSCHEDULABLE_S", 600.0),
                    check_s=env_seconds("WBSWEEP_WATCHDOG_CHECK_S", 5.0),
-                   heartbeat_s=max(0.1, env_seconds("WBSWEEP_HEARTBEAT_S", 15.0)))
+                   heartbeat_s=heartbeat_s())
 
 
 def heartbeat_s() -> float:
@@ -224,5 +230,4 @@ class Watchdog(Callback):
     def stop(self, problem: str) -> None:
         """Record the reason in the status file and end ``tuner.fit``."""
         self.sweep.status("stopped", reason=problem)
-        raise SweepStopped(f"{problem}. The sweep stopped; finished models and trial checkpoints are kept: "
-                           "run the same command again to resume")
+        raise SweepStopped(problem)

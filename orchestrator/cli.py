@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.yaml_loader import load as load_yaml
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, exception_chain
 
 DEFAULT_OUT = "wbsweep-out"
 
@@ -469,13 +469,10 @@ def _forget(exc: BaseException) -> None:
     (and of the exceptions it was raised from) keep their locals alive, Arrow tables and torch
     tensors among them, which would otherwise be freed during interpreter shutdown, while the
     native thread pools they belong to are being torn down (an abort, exit status 134)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
+    for e in exception_chain(exc):
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+        e.__traceback__ = None
 
 
 def _release() -> None:

@@ -41,7 +41,7 @@ from orchestrator.spec import Experiment, MethodEntry
 from orchestrator.tracking import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, exception_chain
 from trainables.methods import method_config
 from trainables.readers import DATA_ROOT_ENV, default_data_root
 from trainables.storage import run_location
@@ -262,9 +262,7 @@ class Sweep:
             outcome, reason = "interrupted", "interrupted: the sweep was stopped (Ctrl-C or SIGTERM)"
             raise
         except BaseException as exc:
-            cause = exc
-            while (cause.__cause__ or cause.__context__) is not None:  # Ray Tune's TuneError wraps a callback's
-                cause = cause.__cause__ or cause.__context__
+            cause = list(exception_chain(exc))[-1]  # the innermost: Ray Tune's TuneError wraps a callback's
             if isinstance(cause, SweepStopped):  # the watchdog: its one line, its exit status
                 outcome, stopped_because = "stopped", cause.problem
                 reason = f"stopped by the watchdog: {cause.problem}"

@@ -10,6 +10,7 @@ MLflow would create it step by step in place, and a kill in those seconds broke 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import stores
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, exception_chain
 
 
 def default_tracking_uri(out: Path) -> str:
@@ -133,10 +134,7 @@ def transient(exc: BaseException) -> bool:
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException, RestException
 
-    seen: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in seen and len(seen) < 10:
-        seen.append(e)
+    for e in itertools.islice(exception_chain(exc), 10):
         if isinstance(e, OSError | sqlite3.OperationalError | sqlalchemy.exc.OperationalError):
             return True  # refused or reset connections, timeouts (requests' are OSErrors), a locked database
         if isinstance(e, RestException):
@@ -144,7 +142,6 @@ def transient(exc: BaseException) -> bool:
         if isinstance(e, MlflowException) and e.error_code in (
                 "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED"):
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 

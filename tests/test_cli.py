@@ -179,3 +179,17 @@ def test_version_and_an_unknown_spec_in_report(tmp_path):
     # no rows and no spec of that name: the unknown name, not "run it first"
     (tmp_path / "results").mkdir()
     assert_user_error(wbsweep("report", "fig9", "--out", str(tmp_path)), "unknown spec 'fig9'")
+
+
+def test_the_exception_chain_is_walked_outermost_first_and_each_once():
+    from trainables.errors import exception_chain
+
+    inner = ValueError("inner")
+    middle = RuntimeError("middle")
+    middle.__cause__ = inner
+    outer = KeyError("outer")
+    outer.__context__ = middle
+    assert list(exception_chain(outer)) == [outer, middle, inner]
+    inner.__context__ = outer  # a chain that loops back ends instead of cycling
+    assert list(exception_chain(outer)) == [outer, middle, inner]
+    assert list(exception_chain(None)) == []

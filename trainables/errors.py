@@ -6,7 +6,7 @@ what is wrong and what to do about it. Programming errors stay ordinary exceptio
 
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class WbsweepError(Exception):
@@ -19,3 +19,13 @@ def unknown_name(kind: str, name: str, known: Iterable[str], extra: str = "") ->
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return WbsweepError(f"unknown {kind} '{name}'.{hint} Known {kind}s: {', '.join(known)}{extra}.")
+
+
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (``__cause__``, else
+    ``__context__``), outermost first, each once even if the chain loops back."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -111,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_root=_data_root(args.data_root),
         address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        fuse=args.fuse,
         quiet=args.quiet,
     )
     started = time.time()
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-trial", type=float)
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     r.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
+    r.add_argument("--fuse", metavar="auto|off|K",
+                   help="models trained together in one trial (fused training of the MLP family; default: the "
+                        "spec's resources.fuse, else auto)")
     r.add_argument("--plan", action="store_true", help="print the stages and trial counts, run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)

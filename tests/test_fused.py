@@ -47,7 +47,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fused")
     rows: list[tuple[int, dict[str, Any]]] = []
     fused = train_fused(GROUP, [root / f"fused{i}" for i in range(len(GROUP))],
-                        report=lambda i, row: rows.append((i, row)))
+                        report=lambda epoch_rows: rows.extend(epoch_rows.items()))
     alone = [train(cfg, root / f"alone{i}") for i, cfg in enumerate(GROUP)]
     torch.set_num_threads(threads)
     return {"root": root, "fused": fused, "alone": alone, "rows": rows}
@@ -187,3 +187,64 @@ def test_a_diverging_run_does_not_stop_the_others(runs: dict[str, Any], tmp_path
     assert isinstance(result[1], TrainingDiverged) and "epoch 1" in str(result[1])
     assert load_metrics(tmp_path / "nan") is None and not (tmp_path / "nan" / "model.pt").exists()
     assert_same_run(tmp_path / "ok", runs["root"] / "alone0")
+
+
+def test_a_killed_group_resumes_each_run_from_its_checkpoint(runs: dict[str, Any], tmp_path: Path) -> None:
+    """The process dies at the end of epoch 2 (after every run's checkpoint); one run's checkpoint is
+    then removed (a kill between two checkpoint writes): started again, the group resumes three runs
+    at epoch 2 and trains the fourth from the start, and every run ends as it does trained alone."""
+    import os
+    import subprocess
+    import sys
+
+    group = [{**cfg, "checkpoint_seconds": 0} for cfg in GROUP]
+    outs = [tmp_path / f"seed{cfg['seed']}" for cfg in group]  # inject_crash names runs by their folder
+    script = ("import json, sys; from trainables.fused import train_fused; "
+              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
+    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2", "WBSWEEP_INJECT_CRASH_SEEDS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    for out in outs:
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert state["epoch"] == 2 and not (out / "metrics.json").exists()
+    (outs[2] / "checkpoint.pt").unlink()
+    rows: list[tuple[int, dict[str, Any]]] = []
+    results = train_fused(group, outs, report=lambda epoch_rows: rows.extend(epoch_rows.items()))
+    assert sorted((i, r["epoch"]) for i, r in rows) == sorted([(i, 3) for i in (0, 1, 3)] + [(2, e) for e in (1, 2, 3)])
+    for i, out in enumerate(outs):
+        assert not (out / "checkpoint.pt").exists()
+        alone = runs["root"] / f"alone{i}"
+        a, b = model_state(out), model_state(alone)
+        for name in a:
+            assert_close(a[name], b[name], **WEIGHTS, msg=lambda m, n=name, i=i: f"run {i} {n}: {m}")
+        la, lb = np.load(out / "logits.npz"), np.load(alone / "logits.npz")
+        for key in la.files:
+            assert_close(torch.from_numpy(la[key]), torch.from_numpy(lb[key]), **LOGITS)
+        mine, theirs = results[i], runs["alone"][i]
+        assert mine["best_epoch"] == theirs["best_epoch"]
+        assert [h["epoch"] for h in mine["history"]] == [1, 2, 3]
+        for h, g in zip(mine["history"], theirs["history"], strict=True):
+            assert h["val_acc"] == g["val_acc"]
+            assert h["train_loss"] == pytest.approx(g["train_loss"], rel=1e-5)
+
+
+def test_a_fused_checkpoint_resumes_alone(runs: dict[str, Any], tmp_path: Path) -> None:
+    """A fused run's checkpoint is train()'s: a run killed in a group may be finished alone."""
+    import os
+    import subprocess
+    import sys
+
+    group = [{**cfg, "checkpoint_seconds": 0} for cfg in GROUP[:2]]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    script = ("import json, sys; from trainables.fused import train_fused; "
+              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
+    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    metrics = train(group[1], outs[1])  # momentum buffers and schedule continue where the group left them
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    a, b = model_state(outs[1]), model_state(runs["root"] / "alone1")
+    for name in a:
+        assert_close(a[name], b[name], **WEIGHTS, msg=lambda m, n=name: f"{n}: {m}")

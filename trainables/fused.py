@@ -44,6 +44,7 @@ CUDA-graph and torch.compile step, and running a fused group as one Ray Tune tri
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -72,8 +73,11 @@ from trainables.train import (
     config_dataset,
     finish_run,
     has_conv,
+    inject_crash,
     lr_at_epoch_start,
     pick_device,
+    resume,
+    save_checkpoint,
 )
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
@@ -90,7 +94,10 @@ REFUSED = {"stage2": False, "track_forgetting": False}
 #: compile modes a fused run accepts: it trains with eager (batched) steps; "auto" is eager too.
 FUSED_COMPILE = ("auto", "off")
 
-FusedReporter = Callable[[int, dict[str, Any]], None]
+FusedReporter = Callable[[dict[int, dict[str, Any]]], None]
+
+#: Models whose every layer the batched forward of :class:`FusedModels` runs (the MLP family).
+FUSABLE_MODELS = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2"})
 
 
 def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
@@ -185,7 +192,16 @@ class FusedModels:
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
         self._mom_full = [self._momentum[n].expand_as(self.stack[n]) for n in self.trained]
         self._neg_lr: list[torch.Tensor] = []
+        self._trains = trains
+        # SGD's momentum buffers: a run resumed from its checkpoint brings its own (torch.optim.SGD's
+        # state, zero where it has none); fresh runs have none before their first step.
+        states = [[r.opt.state.get(own[i][n], {}).get("momentum_buffer") for n in self.trained]
+                  for i, r in enumerate(runs)]
         self._bufs: list[torch.Tensor] | None = None
+        if any(b is not None for per in states for b in per):
+            self._bufs = [torch.stack([per[j] if per[j] is not None else torch.zeros_like(self.stack[n][i])
+                                       for i, per in enumerate(states)]).to(self.stack[n])
+                          for j, n in enumerate(self.trained)]
 
     # --- the batched forward ---
     # Activations are laid out (K, C, B): model, channel, image. A linear layer is then one batched
@@ -331,37 +347,63 @@ class FusedModels:
         return loss_sum, seen
 
     @torch.no_grad()
-    def unstack(self, i: int) -> None:
-        """Write model ``i``'s slice of the stack into its own module."""
+    def unstack(self, i: int, with_momentum: bool = False) -> None:
+        """Write model ``i``'s slice of the stack into its own module; ``with_momentum``: also its
+        momentum buffers into its own optimizer's state (as torch.optim.SGD keeps them), for its checkpoint."""
         for n, t in self.own[i].items():
             t.copy_(self.stack[n][i])
+        run = self.runs[i]
+        if not with_momentum or self._bufs is None or not run.cfg["momentum"]:
+            return
+        for j, n in enumerate(self.trained):
+            if self._trains[n][i]:
+                run.opt.state[self.own[i][n]]["momentum_buffer"] = self._bufs[j][i].clone()
 
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
-    """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`): each model
-    built by :func:`build_training` right after seeding the global RNGs with its seed, as
-    :func:`trainables.train.train` builds it. Raises WbsweepError for a convolutional model."""
-    runs = []
-    for cfg in cfgs:
-        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
-        np.random.seed(cfg["seed"])
-        runs.append(build_training(cfg, dd, Knobs(False, cfg["precision"], "off")))
-        if has_conv(runs[-1].model):
-            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
-                               f"train these runs alone.")
-    return FusedModels(runs, dd)
+    """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`), fresh
+    (:func:`build_runs`). Raises WbsweepError for a convolutional model."""
+    return FusedModels(build_runs(cfgs, dd), dd)
+
+
+def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values), or
+    None when it trains alone: a model the batched forward cannot run (not in :data:`FUSABLE_MODELS`),
+    an option of :data:`REFUSED`, a compile mode other than :data:`FUSED_COMPILE`, or a shared key
+    among ``varies`` (the knobs a search changes from trial to trial). The sweep groups runs with
+    equal keys; :func:`check_fusable` holds for any such group."""
+    if cfg_in.get("stage2"):  # before resolving: a second stage resolves only with its parent's model
+        return None
+    cfg = resolve_config(cfg_in)
+    if (cfg["model"] not in FUSABLE_MODELS or any(cfg[k] != v for k, v in REFUSED.items())
+            or cfg["compile"] not in FUSED_COMPILE or set(varies) & set(SHARED_KEYS)):
+        return None
+    return tuple(json.dumps(cfg[k], sort_keys=True, default=str) for k in SHARED_KEYS)
+
+
+def _resume(run: Training, out: Path) -> dict[str, Any]:
+    """A run's progress from its own checkpoint (:func:`trainables.train.resume`: the format train()
+    writes, so a fused run resumes alone or in another group, and a run of train() in a group)."""
+    return resume(out, run.cfg, run.model, run.opt, run.sched, run.gen)
 
 
 def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path], report: FusedReporter | None = None,
-                data: LTDataset | None = None) -> list[dict[str, Any] | TrainingDiverged]:
+                data: LTDataset | None = None, on_checkpoint: Callable[[], None] | None = None,
+                ) -> list[dict[str, Any] | TrainingDiverged]:
     """Train the configs ``cfgs_in`` as one fused group and write each run's artifacts to its
     ``out_dirs`` entry, as :func:`trainables.train.train` would have written them alone.
 
     Returns, per run, its metrics (``train_seconds`` is its 1/K share of the group's training time,
     and ``fused_k`` = K says it was trained in a group), or the :class:`TrainingDiverged` error of a
-    run whose loss became NaN (nothing is written for it). ``report(i, row)`` is called once per
-    epoch and run with the row :func:`train` reports. ``data`` replaces the configured dataset.
-    Raises WbsweepError for configs that cannot be fused (:func:`check_fusable`)."""
+    run whose loss became NaN (nothing is written for it). ``report(rows)`` is called once per epoch
+    with ``{i: row}``, the row :func:`train` reports, for each run i still training. ``data``
+    replaces the configured dataset.
+
+    Checkpoints: every ``checkpoint_seconds`` (the group's smallest), each run's own checkpoint is
+    written in train()'s format to its folder, then ``on_checkpoint()`` is called. A group started
+    again resumes each run from its checkpoint; runs whose checkpoints hold different epochs (a kill
+    between two of them) train as subgroups, one after the other. Raises WbsweepError for configs
+    that cannot be fused (:func:`check_fusable`)."""
     cfgs = [resolve_config(c) for c in cfgs_in]
     check_fusable(cfgs)
     outs = [Path(o) for o in out_dirs]
@@ -370,7 +412,6 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                            f"got {len(outs)} ({len({o.resolve() for o in outs})} distinct).")
     for o in outs:
         o.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     first = cfgs[0]
     if first["threads"]:
         torch.set_num_threads(int(first["threads"]))
@@ -380,13 +421,49 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
     if data is None:
         data = config_dataset(first)
     dd = DeviceData(data, device, first["augment"])
-    c = data.num_classes
-    fused = build_fused(cfgs, dd)
-    runs = fused.runs
-    k, epochs = len(runs), runs[0].epochs
-    progress = [{"best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": []} for _ in runs]
+    runs = build_runs(cfgs, dd)
+    progress = [_resume(r, out) for r, out in zip(runs, outs, strict=True)]
+    results: list[dict[str, Any] | TrainingDiverged | None] = [None] * len(runs)
+    for start in sorted({p["epoch"] for p in progress}):
+        idx = [i for i, p in enumerate(progress) if p["epoch"] == start]
+        def sub_report(rows: dict[int, dict[str, Any]], idx: list[int] = idx) -> None:
+            if report is not None:
+                report({idx[j]: row for j, row in rows.items()})
+
+        sub = _train_epochs([runs[i] for i in idx], [outs[i] for i in idx], [progress[i] for i in idx], dd, start,
+                            sub_report, on_checkpoint, k=len(runs))
+        for i, r in zip(idx, sub, strict=True):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def build_runs(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> list[Training]:
+    """Each run of a group built by :func:`build_training` right after seeding the global RNGs with
+    its seed, as :func:`trainables.train.train` builds it. Raises WbsweepError for a convolutional model."""
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
+        np.random.seed(cfg["seed"])
+        runs.append(build_training(cfg, dd, Knobs(False, cfg["precision"], "off")))
+        if has_conv(runs[-1].model):
+            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
+                               f"train these runs alone.")
+    return runs
+
+
+def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[str, Any]], dd: DeviceData,
+                  start: int, report: FusedReporter | None, on_checkpoint: Callable[[], None] | None,
+                  k: int) -> list[dict[str, Any] | TrainingDiverged]:
+    """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.train.resume`
+    returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
+    started = time.time()
+    fused = FusedModels(runs, dd)
+    first, c = runs[0].cfg, dd.data.num_classes
+    epochs = runs[0].epochs
+    every = min(r.cfg["checkpoint_seconds"] for r in runs)
+    last_save = time.time()
     diverged: dict[int, TrainingDiverged] = {}
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start + 1, epochs + 1):
         lrs = [lr_at_epoch_start(r.sched, r.cfg["lr_step"]) for r in runs]
         fused.set_lr([float(r.opt.param_groups[0]["lr"]) for r in runs])
         loss_sum, seen = fused.epoch()
@@ -395,6 +472,7 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                 r.sched.step()
         val_pred = fused.predict("val", first["eval_batch_size"])
         train_losses = [s / seen for s in loss_sum.tolist()]  # the host waits for the device here, once per epoch
+        rows = {}
         for i, (r, p) in enumerate(zip(runs, progress, strict=True)):
             if i in diverged:
                 continue
@@ -404,19 +482,33 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                 continue
             val_acc = balanced_acc(val_pred[i], dd.y["val"], c)
             p["history"].append({"epoch": epoch, "train_loss": train_losses[i], "val_acc": val_acc, "lr": lrs[i]})
+            p["epoch"] = epoch
             if r.cfg["select"] == "last" or val_acc > p["best_acc"]:
                 p["best_acc"], p["best_epoch"] = val_acc, epoch
                 fused.unstack(i)
                 p["best_state"] = {name: v.detach().clone() for name, v in r.model.state_dict().items()}
-            if report is not None:
-                report(i, p["history"][-1])
-    train_seconds = (time.time() - started) / k
+            rows[i] = p["history"][-1]
+        if epoch < epochs and time.time() - last_save >= every:
+            seconds = (time.time() - started) / k
+            for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
+                if i not in diverged:
+                    fused.unstack(i, with_momentum=True)
+                    save_checkpoint(out, r.cfg, r.model, r.opt, r.sched, r.gen, p, seconds)
+            if on_checkpoint is not None:
+                on_checkpoint()
+            last_save = time.time()
+        for out in outs:
+            inject_crash(out, epoch)
+        if report is not None and rows:
+            report(rows)
+    trained_at = time.time()
     results: list[dict[str, Any] | TrainingDiverged] = []
     for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
         if i in diverged:
             results.append(diverged[i])
             continue
         r.model.load_state_dict(p["best_state"])
+        train_seconds = p["seconds"] + (trained_at - started) / k  # with the attempts before a resume
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
                                   history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
                                   extra={"fused_k": k}))

@@ -497,8 +497,7 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             if on_checkpoint is not None:
                 on_checkpoint()
             last_save = time.time()
-        for out in outs:
-            inject_crash(out, epoch)
+        inject_crash(*outs, epoch=epoch)
         if report is not None and rows:
             report(rows)
     trained_at = time.time()

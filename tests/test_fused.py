@@ -280,6 +280,7 @@ def float64(monkeypatch: pytest.MonkeyPatch):
                         lambda self, *a, **k: self if self.dtype == torch.float64 else to_float(self, *a, **k))
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
@@ -409,3 +410,29 @@ def test_conv_one_step_equals_alone_in_float32(channels_last: bool) -> None:
         assert one_step("resnet32", 4, 1, 8, channels_last) < 2e-4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gpu_fused_check_runs_on_a_cpu() -> None:
+    """bench/gpu_fused_check.py (the GPU script's Python part) at a toy size: every figure it reports."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_fused_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_fused_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = module.main(["--device", "cpu", "--models", "resnet32", "--width", "2", "--ks", "1,2", "--images", "64",
+                           "--layouts", "channels_last"])
+    finally:
+        torch.set_num_threads(threads)
+    assert out["failures"] == []
+    row = out["models"]["resnet32"]
+    assert row["single"]["default_knobs"] > 0 and row["single"]["eager"] > 0
+    rates = row["fused"]["channels_last"]
+    assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())
+    assert row["best"]["k"] in (1, 2) and row["ratio_to_k1"]["channels_last"]["1"] == 1.0
+    best = row["best"]["img_per_s_per_model"]
+    assert row["best"]["table4_gpu_minutes"] == pytest.approx(30 * 320 * 10847 / best / 60, rel=1e-3)
+    json.dumps(out)  # what the shell script prints

@@ -15,7 +15,8 @@ shapes and label profile, nothing to download):
 Each measurement: one warm-up epoch (cuDNN's algorithm choice, the allocator, the graph capture),
 then ``--epochs`` timed epochs of ``--images`` images per model, the device synchronised around them.
 A time budget (``--budget-s``) skips what would not finish; a failure (e.g. out of memory) is
-recorded and the rest goes on. Prints one JSON object on stdout, progress on stderr.
+recorded and the rest goes on; killed by SIGTERM (the shell script's ``timeout``), it still prints
+what it measured. Prints one JSON object on stdout, progress on stderr.
 
     python bench/gpu_fused_check.py                       # the GPU defaults
     python bench/gpu_fused_check.py --device cpu --models resnet32 --width 4 --ks 1,2 --images 128
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -86,7 +88,17 @@ def time_fused(cfgs: list[dict[str, Any]], dd: DeviceData, epochs: int) -> float
     return n / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+class Stopped(BaseException):  # not an Exception: a measurement's failure handler must not catch it
+    """SIGTERM arrived (the time limit of bench/gpu_fused_check.sh)."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+def main(argv: list[str] | None = None, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure as the command line ``argv`` says; ``result`` (filled in place as the figures come,
+    so a caller keeps them when a signal stops the run) is returned."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="resnet32,resnet34")
@@ -103,9 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ks = [int(k) for k in args.ks.split(",")]
-    result: dict[str, Any] = {"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
-                              "batch_size": args.batch_size, "images_per_model_per_epoch": args.images,
-                              "timed_epochs": args.epochs, "ks": ks, "models": {}, "failures": []}
+    result = {} if result is None else result
+    result.update({"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
+                   "batch_size": args.batch_size, "images_per_model_per_epoch": args.images,
+                   "timed_epochs": args.epochs, "ks": ks, "models": {}, "failures": []})
     data = synthetic_dataset("cifar", args.images)
     dd = DeviceData(data, dev, "auto")
     result["images_per_model_per_epoch"] = len(data.y_train)
@@ -137,41 +150,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return bench_config(model, args.device, args.batch_size, args.width, {"seed": seed, **over})
 
         row: dict[str, Any] = {"width": args.width, "single": {}, "fused": {}}
+        result["models"][model] = row
         row["single"]["default_knobs"] = attempt(f"{model} single, default knobs",
                                                  lambda: time_single(cfg(0), dd, args.epochs))
-        row["single"]["eager"] = attempt(f"{model} single, eager", lambda: time_single(cfg(0, compile="off"), dd,
-                                                                                        args.epochs))
-        for layout in args.layouts.split(","):
+        for j, layout in enumerate(args.layouts.split(",")):
+            if j == 1:  # the eager single trainer after the first layout's figures
+                row["single"]["eager"] = attempt(f"{model} single, eager",
+                                                 lambda: time_single(cfg(0, compile="off"), dd, args.epochs))
             rates: dict[str, float | None] = {}
+            row["fused"][layout] = rates
             for k in ks:
                 cfgs = [cfg(s, compile="off", channels_last=layout == "channels_last") for s in range(k)]
                 rates[str(k)] = attempt(f"{model} fused K={k} {layout}", lambda cfgs=cfgs: time_fused(cfgs, dd,
                                                                                                      args.epochs))
-            row["fused"][layout] = rates
-        measured = [(v, k, lay) for lay, rates in row["fused"].items() for k, v in rates.items() if v]
-        singles = [v for v in row["single"].values() if v]
-        if measured:
-            best, k, lay = max(measured)
-            one = row["fused"][lay].get("1")
-            row["best"] = {"k": int(k), "layout": lay, "img_per_s_per_model": best,
-                           "vs_fused_k1": round(best / one, 2) if one else None,
-                           "vs_single_default": round(best / row["single"]["default_knobs"], 2)
-                           if row["single"]["default_knobs"] else None,
-                           "vs_single_eager": round(best / row["single"]["eager"], 2)
-                           if row["single"]["eager"] else None,
-                           "table4_gpu_minutes": round(table4_minutes(best), 1)}
-            row["ratio_to_k1"] = {lay: {k: round(v / rates["1"], 2) if v and rates.get("1") else None
-                                        for k, v in rates.items()} for lay, rates in row["fused"].items()}
-        if singles:
-            row["table4_gpu_minutes_single_trainer"] = round(table4_minutes(max(singles)), 1)
-        result["models"][model] = row
+        if "eager" not in row["single"]:
+            row["single"]["eager"] = attempt(f"{model} single, eager",
+                                             lambda: time_single(cfg(0, compile="off"), dd, args.epochs))
+        summarise(row)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result["table4_formula"] = (f"GPU-minutes = {TABLE4_MODELS} models * {TABLE4_EPOCHS} epochs * "
-                                f"{CIFAR100_LT_TRAIN} images / (per-model img/s) / 60")
     return result
 
 
+def summarise(row: dict[str, Any]) -> None:
+    """A model's best fused figure, its ratios and the Table 4 estimates, from what was measured."""
+    measured = [(v, k, lay) for lay, rates in row["fused"].items() for k, v in rates.items() if v]
+    single = row["single"]
+    if measured:
+        best, k, lay = max(measured)
+        one = row["fused"][lay].get("1")
+        row["best"] = {"k": int(k), "layout": lay, "img_per_s_per_model": best,
+                       "vs_fused_k1": round(best / one, 2) if one else None,
+                       "vs_single_default": round(best / single["default_knobs"], 2)
+                       if single.get("default_knobs") else None,
+                       "vs_single_eager": round(best / single["eager"], 2) if single.get("eager") else None,
+                       "table4_gpu_minutes": round(table4_minutes(best), 1)}
+        row["ratio_to_k1"] = {lay: {k: round(v / rates["1"], 2) if v and rates.get("1") else None
+                                    for k, v in rates.items()} for lay, rates in row["fused"].items()}
+    singles = [v for v in single.values() if v]
+    if singles:
+        row["table4_gpu_minutes_single_trainer"] = round(table4_minutes(max(singles)), 1)
+    row["table4_formula"] = (f"GPU-minutes = {TABLE4_MODELS} models * {TABLE4_EPOCHS} epochs * "
+                             f"{CIFAR100_LT_TRAIN} images / (per-model img/s) / 60")
+
+
 if __name__ == "__main__":
-    out = main()
+    signal.signal(signal.SIGTERM, _stop)
+    out: dict[str, Any] = {}
+    try:
+        main(result=out)
+    except Stopped:
+        out.setdefault("failures", []).append("stopped by SIGTERM (the time limit): the figures so far")
+        for row in out.get("models", {}).values():
+            summarise(row)
     print(json.dumps(out, indent=1))
     sys.exit(1 if out["failures"] else 0)

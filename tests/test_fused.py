@@ -291,12 +291,14 @@ def conv_group(model: str, width: int, **extra: Any) -> list[dict[str, Any]]:
     return [{**cfg, "model": model, "width": width, "epochs": 2, **extra} for cfg in GROUP]
 
 
-@pytest.mark.parametrize(("model", "width"), [("resnet32", 4), ("resnet34", 2)])
-def test_conv_group_equals_alone_in_float64(float64: None, model: str, width: int, tmp_path: Path) -> None:
-    """Whole runs (2 epochs of digits-lt, 8x8 images; per-model data order, BN statistics, SGD with
-    per-model lr/momentum/WD and its scope, frozen BN, schedules, selection, evaluation and LA): resnet32
-    (option-A shortcuts) and resnet34 as NarrowResNet (torchvision's BasicBlock, conv1x1+BN downsample)."""
-    group = conv_group(model, width)
+@pytest.mark.parametrize(("model", "width", "augment"), [("resnet32", 4, "crop_flip"), ("resnet34", 2, "auto")])
+def test_conv_group_equals_alone_in_float64(float64: None, model: str, width: int, augment: str,
+                                            tmp_path: Path) -> None:
+    """Whole runs (2 epochs of digits-lt, 8x8 images; per-model data order and crop+flip draws, BN
+    statistics, SGD with per-model lr/momentum/WD and its scope, frozen BN, schedules, selection,
+    evaluation and LA): resnet32 (option-A shortcuts) and resnet34 as NarrowResNet (torchvision's
+    BasicBlock, conv1x1+BN downsample)."""
+    group = conv_group(model, width, augment=augment)
     fused = train_fused(group, [tmp_path / f"f{i}" for i in range(len(group))])
     for i, cfg in enumerate(group):
         alone = train(cfg, tmp_path / f"a{i}")
@@ -436,3 +438,17 @@ def test_gpu_fused_check_runs_on_a_cpu() -> None:
     best = row["best"]["img_per_s_per_model"]
     assert row["best"]["table4_gpu_minutes"] == pytest.approx(30 * 320 * 10847 / best / 60, rel=1e-3)
     json.dumps(out)  # what the shell script prints
+
+
+def test_conv_runs_are_fused_by_the_sweep() -> None:
+    """fusion_key groups convolutional runs as the MLPs' (their shared keys), and still keeps apart
+    what cannot be fused."""
+    from trainables.fused import fusion_key
+
+    conv = {"dataset": "cifar100-lt", "model": "resnet32", "seed": 0, "wd": 5e-3}
+    assert fusion_key(conv) is not None
+    assert fusion_key(conv) == fusion_key({**conv, "seed": 1, "loss": "cb", "channels_last": False})
+    assert fusion_key(conv) != fusion_key({**conv, "width": 8})
+    assert fusion_key({**conv, "model": "resnext50"}) is not None
+    assert fusion_key({**conv, "track_forgetting": True}) is None
+    assert fusion_key({**conv, "compile": "torch"}) is None

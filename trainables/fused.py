@@ -7,9 +7,23 @@ K models' tensors are stacked along a new leading dimension and each operation o
 for all K models instead of K times: a linear layer is one batched matrix product (``torch.bmm``),
 the K models' BatchNorm1d one BatchNorm of K x C channels, the K CE losses one call, the SGD update
 a few multi-tensor ops. The batched forward is written for the layers of the MLP family (Flatten,
-Linear, BatchNorm1d, ReLU, ResBlock1d; :class:`FusedModels`), not traced: ``torch.func.vmap`` over
-``functional_call`` (tried first) computes the same but was slower than K separate models on a CPU
-for the cpu preset's MLP (its per-call overhead and transposed products).
+Linear, BatchNorm1d, ReLU, ResBlock1d) and of the convolutional models (resnet32's CIFAR ResNet with
+its option-A shortcuts; torchvision's BasicBlock and Bottleneck with their conv1x1 + BN downsample,
+in :class:`~trainables.models.NarrowResNet` or torchvision's own ResNet; the max-pool stem) by
+:class:`FusedModels`, not traced. For a convolutional backbone the activations are laid out
+(B, K*C, H, W) and a convolution of the K models is one convolution with K times the groups (the
+stacked weight (K, out, in/g, kh, kw) viewed as (K*out, in/g, kh, kw)), a BatchNorm2d one BatchNorm
+of K*C channels (each channel's statistics over (B, H, W): each model's own), the option-A zero
+channels padded per model; after the global average pool the (B, K*C) features take the MLP layout
+(K, C, B) for the classifier and the losses.
+
+``torch.func.vmap`` over ``functional_call`` computes the same and was tried for both families. For
+the cpu preset's MLP it was slower than K separate models (its per-call overhead and transposed
+products). For resnet32 at width 4, K = 4, batch 64, one thread, forward + backward (+ SGD for the
+others), measured on this project's 2-core CPU: K separate models 229 img/s per model (channels_last,
+their default) or 146 (NCHW), vmap 489 / 207 (without the SGD), the grouped convolutions 800 / 181:
+the grouped convolutions with channels_last are kept. The layout follows the runs' ``channels_last``
+knob (the group's first run's; the knob changes no arithmetic beyond rounding).
 
 Nothing of a model's science is shared. Each model
 
@@ -37,9 +51,13 @@ A model whose loss becomes NaN or infinite stops being validated and reported; t
 (its slice of the stack cannot affect theirs), and its entry in the returned list is the
 :class:`~trainables.train.TrainingDiverged` error instead of its metrics.
 
-Not yet (issue #14's later steps): convolutional models (grouped convolutions or ``vmap``,
-BatchNorm2d, channels_last), WB's second stage, forgetting tracking, checkpoints and resume of a fused group, the
-CUDA-graph and torch.compile step, and running a fused group as one Ray Tune trial.
+Exactness: tests/test_fused.py compares fused runs with train() alone. For convolutional models in
+float32 a whole run cannot be compared tightly at the tests' sizes (rounding grows chaotically: train()
+alone with channels_last on and off ends 2 epochs of resnet32 0.15 apart), so whole runs are compared
+in float64 (within 1.1e-9) and one step in float32 (within 1e-5 relative).
+
+Not yet (issue #14's later steps): WB's second stage, forgetting tracking, the CUDA-graph and
+torch.compile step (a fused group trains with eager steps), bf16 of the convolutional models (untested).
 """
 
 from __future__ import annotations
@@ -56,12 +74,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from trainables.config import resolve_config
 from trainables.data import LTDataset
 from trainables.errors import WbsweepError
 from trainables.heads import ETFClassifier
-from trainables.models import Network, ResBlock1d
+from trainables.models import BasicBlock, CifarResNet, NarrowResNet, Network, ResBlock1d
 from trainables.train import (
     DeviceData,
     Knobs,
@@ -96,8 +115,15 @@ FUSED_COMPILE = ("auto", "off")
 
 FusedReporter = Callable[[dict[int, dict[str, Any]]], None]
 
-#: Models whose every layer the batched forward of :class:`FusedModels` runs (the MLP family).
-FUSABLE_MODELS = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2"})
+#: Models whose every layer the batched forward of :class:`FusedModels` runs: the MLP family and the
+#: convolutional ResNets (resnet32; resnet34 and resnext50 as NarrowResNet or torchvision's ResNet).
+FUSABLE_MODELS = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2", "resnet32", "resnet34", "resnext50"})
+
+#: Modules the batched forward runs as a whole (their children are checked by :func:`_check_supported`).
+_CONV_CONTAINERS = (CifarResNet, NarrowResNet, tv_resnet.ResNet, BasicBlock, tv_resnet.BasicBlock,
+                    tv_resnet.Bottleneck)
+_LEAVES = (nn.Flatten, nn.ReLU, nn.Linear, ETFClassifier, nn.BatchNorm1d, nn.BatchNorm2d, nn.Conv2d, nn.MaxPool2d,
+           nn.AdaptiveAvgPool2d, nn.Identity)
 
 
 def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
@@ -123,12 +149,18 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
 
 def _check_supported(m: nn.Module, name: str = "model") -> None:
     """Raise WbsweepError for a module the batched forward of :class:`FusedModels` cannot run."""
-    if isinstance(m, (nn.Sequential, Network)):
+    if isinstance(m, (nn.Sequential, Network, ResBlock1d, *_CONV_CONTAINERS)):
+        if isinstance(m, tv_resnet.ResNet) and not isinstance(m.fc, nn.Identity):
+            raise WbsweepError(f"fused training needs torchvision's ResNet without its fc ({name}).")
         for child, sub in m.named_children():
             _check_supported(sub, f"{name}.{child}")
-    elif isinstance(m, nn.BatchNorm1d) and (m.momentum is None or not m.track_running_stats):
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.momentum is None or not m.track_running_stats):
         raise WbsweepError(f"fused training needs BatchNorm with a momentum and running statistics ({name}).")
-    elif not isinstance(m, (nn.Flatten, nn.ReLU, nn.Linear, ETFClassifier, nn.BatchNorm1d, ResBlock1d)):
+    elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        raise WbsweepError(f"fused training cannot batch a convolution with padding_mode {m.padding_mode} ({name}).")
+    elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size not in (1, (1, 1)):
+        raise WbsweepError(f"fused training batches only the global average pool ({name}).")
+    elif not isinstance(m, _LEAVES):
         raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet: train these runs alone.")
 
 
@@ -139,15 +171,19 @@ def _tensors(run: Training) -> dict[str, torch.Tensor]:
 
 def _per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """(K,) numbers as a float32 tensor shaped (K, 1, 1, ...) to broadcast over the stacked ``like``."""
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 class FusedModels:
-    """K models of one architecture as stacked tensors, trained with one batched step.
+    """K models of one architecture as stacked tensors, trained with one batched step (HFTA, Wang et al.,
+    MLSys 2021: horizontally fused training of K models).
 
-    ``runs`` are the models as :func:`build_training` built them (each with its optimizer groups,
-    schedule and data generator); their own modules are only written to, after each epoch
-    (:meth:`unstack`), to validate and evaluate them with train.py's code."""
+    Every tensor of the K models is stacked along a new leading dimension (``stack[name]``: (K, ...)).
+    Activations: (K, C, B) for the linear layers and the classifier, (B, K*C, H, W) inside a
+    convolutional backbone (see the comments of the batched forward). ``runs`` are the models as
+    :func:`build_training` built them (each with its optimizer groups, schedule and data generator);
+    their own modules are only written to, after each epoch (:meth:`unstack`), to validate and
+    evaluate them with train.py's code."""
 
     def __init__(self, runs: list[Training], dd: DeviceData):
         self.runs, self.dd, self.k = runs, dd, len(runs)
@@ -173,7 +209,9 @@ class FusedModels:
                         trains[by_id[id(p)]][i] = True
                         decay[by_id[id(p)]][i] = float(group["weight_decay"])
         self.trained = [n for n in names if any(trains[n])]
-        self.stack = {n: torch.stack([t[n].detach() for t in own]).clone() for n in names}
+        # contiguous (also from channels_last modules), so that a stacked conv weight (K, out, in, kh, kw)
+        # is a (K*out, in, kh, kw) view, and its gradient is laid out alike
+        self.stack = {n: torch.stack([t[n].detach() for t in own]).contiguous() for n in names}
         for n in self.trained:
             self.stack[n].requires_grad_(True)
         self._mask = {n: _per_model([float(x) for x in trains[n]], self.stack[n]) for n in self.trained}
@@ -181,8 +219,9 @@ class FusedModels:
         self._momentum = {n: _per_model([float(r.cfg["momentum"]) for r in runs], self.stack[n]) for n in self.trained}
         self.template = runs[0].model  # the architecture the batched forward follows (its tensors are not used)
         _check_supported(self.template)
+        self.channels_last = self.knobs.channels_last and has_conv(self.template)
         self.fr = [float(r.cfg["fr"]) for r in runs]
-        self._zeta = torch.tensor(self.fr, dtype=torch.float32, device=dd.device)
+        self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
         self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
@@ -244,7 +283,88 @@ class FusedModels:
         if isinstance(m, ResBlock1d):
             out = F.relu(self._batch_norm(m.bn1, f"{name}.bn1", self._linear(f"{name}.fc1", x)))
             return F.relu(self._batch_norm(m.bn2, f"{name}.bn2", self._linear(f"{name}.fc2", out)) + x)
+        if isinstance(m, (CifarResNet, NarrowResNet, tv_resnet.ResNet)):
+            return self._resnet(m, name, x)
         raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet.")
+
+    # --- the batched forward of the convolutional models ---
+    # The backbone's activations are laid out (B, K*C, H, W): image, then model-major channels. A
+    # convolution of the K models is then one convolution with K times the groups: the stacked weight
+    # (K, out, in/g, kh, kw) is a (K*out, in/g, kh, kw) view, and group j of model i only sees model
+    # i's input channels. A BatchNorm2d of the K models is one BatchNorm of K*C channels, each
+    # channel's statistics over (B, H, W) -- exactly each model's own. ReLU, max-pool, the residual
+    # sums and the global average pool act per channel. After the pool, the (B, K*C) features become
+    # the MLP layout (K, C, B) for the classifier and the losses.
+
+    def _to_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, Cin, H, W) images, each model its own batch -> (B, K*Cin, H, W)."""
+        k, b, c, h, w = x.shape
+        out = x.transpose(0, 1).reshape(b, k * c, h, w)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def _conv(self, m: nn.Conv2d, name: str, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.stack[f"{name}.weight"], self.stack.get(f"{name}.bias")
+        return F.conv2d(x, w.view(-1, *w.shape[2:]), None if b is None else b.view(-1), m.stride, m.padding,
+                        m.dilation, m.groups * self.k)
+
+    def _bn2d(self, m: nn.BatchNorm2d, name: str, x: torch.Tensor) -> torch.Tensor:
+        s = self.stack
+        if self.training:
+            s[f"{name}.num_batches_tracked"].add_(1)
+        w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
+        return F.batch_norm(x, s[f"{name}.running_mean"].view(-1), s[f"{name}.running_var"].view(-1),
+                            None if w is None else w.view(-1), None if bias is None else bias.view(-1),
+                            self.training, m.momentum, m.eps)
+
+    def _conv_bn(self, block: nn.Module, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._bn2d(getattr(block, f"bn{i}"), f"{name}.bn{i}", self._conv(getattr(block, f"conv{i}"),
+                                                                                  f"{name}.conv{i}", x))
+
+    def _conv_module(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A module of a convolutional backbone on (B, K*C, H, W) activations."""
+        if isinstance(m, nn.Sequential):
+            for child, sub in m.named_children():
+                x = self._conv_module(sub, f"{name}.{child}", x)
+            return x
+        if isinstance(m, nn.Conv2d):
+            return self._conv(m, name, x)
+        if isinstance(m, nn.BatchNorm2d):
+            return self._bn2d(m, name, x)
+        if isinstance(m, nn.ReLU):
+            return F.relu(x)
+        if isinstance(m, nn.Identity):
+            return x
+        if isinstance(m, nn.MaxPool2d):
+            return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, BasicBlock):  # trainables.models' CIFAR block: option-A shortcut
+            out = F.relu(self._conv_bn(m, name, 1, x))
+            out = self._conv_bn(m, name, 2, out)
+            identity = x
+            if m.stride != 1 or m.pad:
+                identity = x[:, :, :: m.stride, :: m.stride]
+                b, _, h, w = identity.shape
+                # zero channels padded per model: (B, K, C, H, W), the C dimension
+                identity = F.pad(identity.reshape(b, self.k, -1, h, w),
+                                 (0, 0, 0, 0, m.pad // 2, m.pad - m.pad // 2)).reshape(b, -1, h, w)
+            return F.relu(out + identity)
+        if isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):  # torchvision's blocks' forward
+            out = F.relu(self._conv_bn(m, name, 1, x))
+            out = self._conv_bn(m, name, 2, out)
+            if isinstance(m, tv_resnet.Bottleneck):
+                out = self._conv_bn(m, name, 3, F.relu(out))
+            identity = x if m.downsample is None else self._conv_module(m.downsample, f"{name}.downsample", x)
+            return F.relu(out + identity)
+        raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet.")
+
+    def _resnet(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional backbones: (K, B, Cin, H, W) images in, (K, d, B) features out."""
+        x = self._to_conv(x)
+        if isinstance(m, CifarResNet):
+            x = self._conv_module(m.layers, f"{name}.layers", self._conv_module(m.stem, f"{name}.stem", x))
+        else:  # NarrowResNet, torchvision's ResNet: conv1, bn1, relu, maxpool, layer1..layer4
+            for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+                x = self._conv_module(getattr(m, child), f"{name}.{child}", x)
+        return F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], self.k, -1).permute(1, 2, 0)
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         """This epoch's learning rate of each model (0 for the tensors a model does not train)."""
@@ -274,7 +394,7 @@ class FusedModels:
                     per[i] = r.loss_fn(feats[i], logits[i], y[i], self._heads[i])
             loss = torch.stack(per)  # type: ignore[arg-type]
         if any(self.fr):  # FR: zeta/2 * mean ||g(x)||^2 (losses.feature_regularisation); + 0.0 where zeta is 0
-            loss = loss + 0.5 * self._zeta * feats.pow(2).sum(2).mean(1)
+            loss = loss + 0.5 * self._zeta.to(feats.dtype) * feats.pow(2).sum(2).mean(1)
         return loss
 
     @torch.no_grad()
@@ -293,14 +413,20 @@ class FusedModels:
         finally:
             self.training = True
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
-        Returns the K losses (detached)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K models on their batches ``x`` (K, B, ...) of normalised images, in the current mode
+        (:attr:`training`: batch statistics, running statistics updated): features (K, B, d) and
+        logits (K, B, classes), float32 as train()'s step has them (its loss is always float32)."""
         with self.knobs.autocast(self.dd.device):
             h = self._apply(self.template.backbone, "backbone", x)
             feats = h.transpose(1, 2)  # (K, B, d) views of the (K, d, B) activations
             logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
-        feats, logits = feats.float(), logits.float()
+        return feats.float(), logits.float()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
+        Returns the K losses (detached)."""
+        feats, logits = self.forward(x)
         loss = self.losses(feats, logits, y)
         loss.sum().backward()
         self._sgd()
@@ -362,7 +488,7 @@ class FusedModels:
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
     """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`), fresh
-    (:func:`build_runs`). Raises WbsweepError for a convolutional model."""
+    (:func:`build_runs`). Raises WbsweepError for a model the batched forward cannot run."""
     return FusedModels(build_runs(cfgs, dd), dd)
 
 
@@ -439,15 +565,13 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
 
 def build_runs(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> list[Training]:
     """Each run of a group built by :func:`build_training` right after seeding the global RNGs with
-    its seed, as :func:`trainables.train.train` builds it. Raises WbsweepError for a convolutional model."""
+    its seed, as :func:`trainables.train.train` builds it."""
     runs = []
     for cfg in cfgs:
         torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
         np.random.seed(cfg["seed"])
-        runs.append(build_training(cfg, dd, Knobs(False, cfg["precision"], "off")))
-        if has_conv(runs[-1].model):
-            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
-                               f"train these runs alone.")
+        # the knobs train() resolves, but eager (the fused step is): its evaluation uses the same layout
+        runs.append(build_training(cfg, dd, Knobs(bool(cfg["channels_last"]), cfg["precision"], "off")))
     return runs
 
 

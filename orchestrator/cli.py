@@ -3,6 +3,7 @@
     wbsweep run table4 [--preset P] [--out DIR] [--storage DIR|s3://...] [--data-root DIR] [--address ADDR]
                        [--tracking-uri URI]
     wbsweep report table4 [--out DIR] [--storage DIR|s3://...] [--format table|markdown|csv|latex]
+                          [--claims [PATH]] [--paper]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
     wbsweep list
     wbsweep bench [--device cpu|cuda] [--model resnet32|mlp3] [--json]
@@ -159,6 +160,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise
         spec, unknown = args.spec, exc  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
+    if args.claims is not None or args.paper:
+        return _report_claims(args, out, spec, table, unknown)
     try:
         text = report(out, spec, args.preset, args.format, table, order, title, layout=layout, analyses=analyses,
                       store=_storage(args.storage, out, spec))
@@ -167,6 +170,30 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise unknown from None
         raise
     sys.stdout.write(text)
+    return 0
+
+
+def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
+                   unknown: WbsweepError | None) -> int:
+    """`report SPEC --claims [PATH] [--paper]`: the claims file (default: claims/<spec>.yaml beside
+    the spec) tested on the results and on the paper's numbers (orchestrator/claims.py)."""
+    from orchestrator.claims import claims_report, default_path
+    from orchestrator.spec import find_spec
+    from orchestrator.tracking import default_tracking_uri
+
+    path = args.claims
+    if not path:
+        if unknown is not None:
+            raise unknown
+        path = default_path(find_spec(args.spec), spec)
+        if not path.is_file():
+            raise WbsweepError(f"spec '{spec}' has no claims file ({path}); write one (docs/claims.md) and give it "
+                               "with --claims PATH.")
+    paper = args.paper
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    store = None if paper else _storage(args.storage, out, spec)
+    sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
+                                   paper_only=paper, tracking_uri=uri))
     return 0
 
 
@@ -346,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--storage", help="the run's --storage (default: the one recorded in --out, else --out)")
     rep.add_argument("--preset", help="default: the most recent preset with results")
     rep.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
+    rep.add_argument("--claims", nargs="?", const="", metavar="PATH",
+                     help="test the paper's claims (default: the spec's claims file; or your own PATH) on the "
+                          "results and on the paper's numbers: Welch's t-test, 95%% CI, a verdict per claim")
+    rep.add_argument("--paper", action="store_true", help="with --claims: the paper's own numbers only")
+    rep.add_argument("--tracking-uri", help="with --claims: MLflow store to log them to "
+                                            "(default sqlite:///OUT/mlflow.db where it exists)")
     rep.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")

@@ -5,6 +5,7 @@
     wbsweep report table4 [--out DIR] [--storage DIR|s3://...] [--format table|markdown|csv|latex]
                           [--claims [PATH]] [--paper]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
+    wbsweep train --config DIR/runs/<hash>/seed<k>/config.json [--out DIR]
     wbsweep list
     wbsweep bench [--device cpu|cuda] [--model resnet32|mlp3] [--json]
 
@@ -218,15 +219,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.methods import get_method, method_config
     from trainables.train import CHECKPOINT, load_metrics, train
 
-    exp = load_experiment(args.spec, args.preset)
-    method = get_method(args.method)
-    cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed, "device": args.device}
+    saved = None
+    if args.config:
+        if args.method:
+            raise WbsweepError("give either --config (a saved run's config.json) or --method, not both.")
+        saved, cfg = _saved_config(args.config)
+        for key, value in (("seed", args.seed), ("device", args.device)):
+            if value is not None:
+                cfg[key] = value
+    elif not args.method:
+        raise WbsweepError("say what to train: --method M (wbsweep list), or --config PATH/config.json to train a "
+                           "saved run again.")
+    else:
+        exp = load_experiment(args.spec, args.preset)
+        method = get_method(args.method)
+        cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed or 0,
+               "device": args.device or "auto"}
     if args.data_root:
         cfg["data_root"] = _data_root(args.data_root)
     cfg.update(_parse_set(args.set or []))
     full = resolve_config(cfg)
-    cfg["data_fingerprint"] = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"],
-                                                  full["val_per_class"], full["split"])
+    fingerprint = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"], full["val_per_class"],
+                                      full["split"])
+    if saved is not None and cfg.get("data_fingerprint") not in (None, fingerprint):
+        raise WbsweepError(f"the data here differ from the saved run's ({full['dataset']} fingerprint {fingerprint}, "
+                           f"the run's {cfg['data_fingerprint']}); point --data-root at the data it was trained on.")
+    if saved is not None and cfg.get("init_from") and not Path(str(cfg["init_from"])).is_file():
+        raise WbsweepError(f"the saved run starts from {cfg['init_from']} (its stage-1 model), which does not exist "
+                           "here; copy that model.pt there, or --set init_from=PATH.")
+    cfg["data_fingerprint"] = fingerprint
+    args.seed = int(full["seed"])
     # one folder per config and seed, as a sweep's runs/<hash>/seed<k>: another method or seed never
     # overwrites (or resumes) this one's files, and the same command again continues a cut-short run
     out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"
@@ -244,12 +266,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         def show(m: dict) -> None:
             print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
 
-        metrics = train(cfg, out, report=show)
+        # numpy's BLAS on as many threads as torch (a Ray trial's OMP_NUM_THREADS): float64 sums in the
+        # same order as in the sweep, so a saved run's FDR is reproduced to the last bit
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(int(full["threads"])) if full["threads"] else contextlib.nullcontext():
+            metrics = train(cfg, out, report=show)
     summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}
     print(json.dumps(summary, indent=2))
+    if saved is not None:
+        from trainables.train import load_metrics as saved_metrics
+
+        before = saved_metrics(saved.parent)
+        if before is not None:
+            diff = metric_differences(before, metrics)
+            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): "
+                  + ("reproduced exactly" if not diff else f"differ in {', '.join(diff[:8])}"
+                     + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")), file=sys.stderr)
     return 0
+
+
+#: The numbers of a model that a re-run must reproduce (not its timings or where it ran).
+REPRODUCED = ("fdr_train", "fdr_test", "objective", "best_epoch", "epochs", "config_hash")
+
+
+def metric_differences(before: dict, after: dict) -> list[str]:
+    """The metrics (``REPRODUCED`` and every LA variant's numbers) that differ between two runs of one config."""
+    diff = [k for k in REPRODUCED if before.get(k) != after.get(k)]
+    for la, r in before.get("la", {}).items():
+        other = after.get("la", {}).get(la, {})
+        diff += [f"{la}.{k}" for k in ("param", "val_acc", "many", "medium", "few", "avg", "acc_per_class")
+                 if r.get(k) != other.get(k)]
+    return diff
+
+
+def _saved_config(path: str) -> tuple[Path, dict]:
+    """(the config.json, its config) of a saved run: ``PATH/config.json`` or its folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise WbsweepError(f"--config {path}: no such file; give a run's config.json (DIR/runs/<hash>/seed<k>/"
+                           "config.json) or its folder.")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WbsweepError(f"--config {p} is not readable JSON ({exc}); give a run's config.json.") from None
+    if not isinstance(cfg, dict) or "dataset" not in cfg or "seed" not in cfg:
+        raise WbsweepError(f"--config {p} is not a wbsweep run's config (a JSON object with dataset, seed, ...).")
+    return p, cfg
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -382,11 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")
-    t.add_argument("--method", required=True, help="a method name (wbsweep list)")
+    t.add_argument("--method", help="a method name (wbsweep list)")
+    t.add_argument("--config", metavar="PATH", help="train a saved run again, exactly: its config.json (or its "
+                                                    "folder); says whether its metrics are reproduced")
     t.add_argument("--spec", default="table4", help="the spec whose preset gives the training options")
     t.add_argument("--preset", help="the spec's preset (default: its default preset)")
-    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    t.add_argument("--seed", type=int, help="training seed (default 0, or the saved run's)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto, or the saved "
+                                                                     "run's)")
     t.add_argument("--data-root", help="folder holding the datasets (default $WBSWEEP_DATA_ROOT)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
     t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"),

@@ -437,15 +437,16 @@ def _pyplot():
 
 def plain_log_formatter() -> Any:
     """Tick labels of a log axis as plain numbers (``0.5``, ``9``, ``2,000``), not ``9×10^0``:
-    matplotlib's ``LogFormatter`` (which labels minor ticks 2, 3, 5, ... only where the axis spans
-    about a decade or less) with its numbers printed by :func:`format_plain`."""
+    matplotlib's ``LogFormatter`` (which labels some minor ticks, 2, 3, 5, ..., where the axis spans
+    two decades or less, and all of them below half a decade) with its numbers printed by
+    :func:`format_plain`."""
     from matplotlib.ticker import LogFormatter
 
     class PlainLogFormatter(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):  # matplotlib's hook for the text of a label
             return format_plain(x)
 
-    return PlainLogFormatter(labelOnlyBase=False)
+    return PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
 
 
 def format_plain(x: float) -> str:

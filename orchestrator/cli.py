@@ -281,11 +281,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         before = saved_metrics(saved.parent)
         if before is not None:
-            diff = metric_differences(before, metrics)
-            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): "
-                  + ("reproduced exactly" if not diff else f"differ in {', '.join(diff[:8])}"
-                     + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")), file=sys.stderr)
+            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): {reproduction(before, metrics)}",
+                  file=sys.stderr)
     return 0
+
+
+def reproduction(before: dict, after: dict) -> str:
+    """Whether a re-run reproduced a saved run's metrics: "reproduced exactly", or which numbers
+    differ, by how much, and why they may (a run trained fused with others rounds differently)."""
+    diff = metric_differences(before, after)
+    if not diff:
+        return "reproduced exactly"
+    text = f"differ in {', '.join(diff[:8])}" + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+    rel = largest_relative_difference(before, after)
+    if rel is not None:
+        text += f" (largest relative difference {rel:.2g})"
+    k = int(before.get("fused_k") or 1)
+    if k > 1:
+        text += (f"; it was trained fused with {k - 1} other model(s) (trainables/fused.py), whose batched "
+                 "arithmetic rounds differently: a run trained alone (resources fuse: off) re-runs bit for bit")
+    return text
 
 
 #: The numbers of a model that a re-run must reproduce (not its timings or where it ran).
@@ -300,6 +315,18 @@ def metric_differences(before: dict, after: dict) -> list[str]:
         diff += [f"{la}.{k}" for k in ("param", "val_acc", "many", "medium", "few", "avg", "acc_per_class")
                  if r.get(k) != other.get(k)]
     return diff
+
+
+def largest_relative_difference(before: dict, after: dict) -> float | None:
+    """max |a − b| / max(|a|, |b|) over the numbers :func:`metric_differences` compares."""
+    pairs = [(before.get(k), after.get(k)) for k in ("fdr_train", "fdr_test", "objective")]
+    for la, r in before.get("la", {}).items():
+        other = after.get("la", {}).get(la, {})
+        pairs += [(r.get(k), other.get(k)) for k in ("param", "val_acc", "many", "medium", "few", "avg")]
+        pairs += list(zip(r.get("acc_per_class") or [], other.get("acc_per_class") or [], strict=False))
+    rel = [abs(a - b) / max(abs(a), abs(b)) for a, b in pairs
+           if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a != b]
+    return max(rel) if rel else None
 
 
 def _saved_config(path: str) -> tuple[Path, dict]:

@@ -4,6 +4,7 @@ versions read with nulls, and `wbsweep train --config` training a saved run agai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -120,7 +121,13 @@ def test_a_sweeps_rows_name_the_commit_and_train_config_reproduces_its_runs(smok
     stage2 = next(c for c in configs if json.loads(c.read_text())["stage2"])  # WB: from its stage-1 model
     for config in (configs[0], stage2):
         assert main(["train", "--config", str(config), "--out", str(tmp_path)]) == 0
-        assert "reproduced exactly" in capsys.readouterr().err, config
+        err = capsys.readouterr().err
+        if int(json.loads((config.parent / "metrics.json").read_text()).get("fused_k") or 1) == 1:
+            assert "reproduced exactly" in err, (config, err)
+        else:  # trained in a fused group: the same up to the batched arithmetic's rounding
+            assert "reproduced exactly" in err or "trained fused" in err, (config, err)
+            rel = re.search(r"largest relative difference (\S+)\)", err)
+            assert rel is None or float(rel.group(1)) < 1e-3, err
 
 
 def test_train_config_errors_are_one_line(tmp_path, capsys):

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +106,10 @@ def fuse_size(value: Any) -> int:
 
 
 def versions() -> dict[str, str]:
-    import ray
-    import torch
+    """The code and package versions every row records (orchestrator/provenance.py)."""
+    from orchestrator.provenance import versions as provenance
 
-    try:
-        own = metadata.version("wbsweep")
-    except metadata.PackageNotFoundError:
-        own = "0+unknown"
-    return {"wbsweep": own, "torch": torch.__version__, "ray": ray.__version__}
+    return provenance()
 
 
 @contextmanager

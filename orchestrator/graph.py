@@ -23,7 +23,6 @@ from ray.tune.search import Searcher
 
 from orchestrator.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
-from trainables.fused import fusion_key
 from trainables.trial import finished_metrics, group_members, training_config
 
 if TYPE_CHECKING:
@@ -263,7 +262,7 @@ class TuneNode(Node):
 
     def fusion_key(self) -> tuple[str, ...] | None:
         if not hasattr(self, "_fusion_key"):
-            self._fusion_key = fusion_key(self.base, varies=tuple(self.search))
+            self._fusion_key = self.sweep.fusion_key(self.base, varies=tuple(self.search))
         return self._fusion_key
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
@@ -344,7 +343,7 @@ class RepeatNode(Node):
 
     def fusion_key(self) -> tuple[str, ...] | None:
         if not hasattr(self, "_fusion_key"):
-            self._fusion_key = fusion_key(self.cfg)
+            self._fusion_key = self.sweep.fusion_key(self.cfg)
         return self._fusion_key
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:

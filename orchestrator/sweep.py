@@ -105,6 +105,8 @@ def fuse_size(value: Any) -> int:
     resource: ``off`` (1: a model per trial), ``auto`` (:data:`AUTO_FUSE`), or a whole number K from 1.
     Only models that can be fused are grouped; the others train one per trial whatever K is.
     Raises WbsweepError for anything else."""
+    if value is False:  # YAML 1.1 reads an unquoted `fuse: off` as false
+        return 1
     if isinstance(value, str) and value.strip().lower() in ("off", "auto"):
         return 1 if value.strip().lower() == "off" else AUTO_FUSE
     try:

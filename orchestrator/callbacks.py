@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from trainables import storage
 from trainables.config import config_hash
@@ -192,6 +193,10 @@ class TrialCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = (trial.last_result or {}).get("final")
+        pruned_at = early_stop.pruned_epoch(self.sweep, trial.trial_id)
+        if final is None and pruned_at is not None:  # stopped early by the tune stage's ASHA: pruned, not failed
+            early_stop.record_pruned(self, trial, pruned_at)
+            return
         if final is None:  # ended without its final report (a diverged loss): a failure with its reason
             self.on_trial_error(iteration, trials, trial, reason=(trial.last_result or {}).get("diverged"))
             return

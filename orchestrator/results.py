@@ -38,12 +38,12 @@ SCHEMA = pa.schema(
         ("node", pa.string()), ("ray_node_id", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
         ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
-        ("data_fingerprint", pa.string()),
+        ("data_fingerprint", pa.string()), ("pruned", pa.bool_()),
     ]
 )
 COLUMNS = SCHEMA.names
 #: Columns added after results files existed: a file without them is read with nulls there.
-ADDED_LATER = frozenset({"data_fingerprint"})
+ADDED_LATER = frozenset({"data_fingerprint", "pruned"})
 
 
 def rows_for_run(
@@ -74,7 +74,7 @@ def rows_for_run(
             "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
             "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,
             "config": json.dumps(cfg, sort_keys=True, default=str),
-            "data_fingerprint": metrics.get("data_fingerprint"),
+            "data_fingerprint": metrics.get("data_fingerprint"), "pruned": False,
         })
     return rows
 

@@ -259,7 +259,7 @@ def stage_costs(exp, speed: Speed, store: str | None = None) -> list[StageCost]:
         epochs = early_stop.stage_epochs(cfg)
         if s.kind == "tune":
             left = 0 if repeated.get(name) else max(0, s.trials - tuned.get(name, 0))
-            es_epochs = early_stop.expected_epochs(es, epochs)
+            es_epochs = early_stop.expected_epochs(es, epochs, s.trials)
         else:
             has_tune = any(t.kind == "tune" and t.entry is s.entry for t in plan(exp))
             # the first seed's model is the chosen tune trial's own (reused, not trained again)
@@ -298,9 +298,16 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
     costs_all: list[StageCost] = []
     dev_h = [0.0, 0.0]  # device-hours (GPU-hours: times gpus_per_trial) without / with early stopping
     wall = [0.0, 0.0]
-    gpu = False
+    gpu, missing = False, []
     for e in exps:
-        speed = speed_for(e)
+        try:
+            speed = speed_for(e)
+        except WbsweepError as exc:
+            if len(exps) == 1:
+                raise
+            lines.append(f"  variant {e.variant}: no estimate: {exc}")
+            missing.append(str(e.variant))
+            continue
         costs = stage_costs(e, speed, store)
         costs_all += costs
         share = float(e.resources.get("gpus_per_trial", 0) or 1) if speed.gpu else 1.0
@@ -324,11 +331,14 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
         log(line)
     on = early_stop.settings(exp) is not None
     unit = "GPU-hours" if gpu else "device-hours"
-    log(f"  estimate: {dev_h[0]:.2f} {unit} without early stopping, {dev_h[1]:.2f} with it "
-        f"({'the spec' + chr(39) + 's search_scheduler' if on else 'search_scheduler: asha, defaults'}: the nominal "
-        "ASHA budget, Li et al. 2020)" + ("" if on else "; this preset runs every search trial in full"))
+    if missing:
+        log(f"  the totals leave out variant(s) {', '.join(missing)} (no figures)")
+    which = "the spec's search_scheduler" if on else "search_scheduler: asha, defaults"
+    log(f"  estimate: {dev_h[0]:.2f} {unit} without early stopping, {dev_h[1]:.2f} with it ({which}: ASHA, "
+        "Li et al. 2020, as its asynchronous promotion works out on this many trials)"
+        + ("" if on else "; this preset runs every search trial in full"))
     if not gpu:
-        log(f"  estimated wall time on this machine ({slots(exp, speed_for(exp))} trial(s) at once): "
+        log(f"  estimated wall time on this machine ({slots(exp, speed)} trial(s) at once): "
             f"~{hours(wall[1] if on else wall[0])}" + (f" (~{hours(wall[0])} without early stopping)" if on else ""))
     if price is not None:
         log(f"  estimated cost at {price:g} per GPU-hour: {dev_h[0] * price:,.2f} without early stopping, "

@@ -82,6 +82,11 @@ def test_scheduler_settings_and_rungs(tmp_path):
     assert early_stop.early_stopping(exp)
     assert not early_stop.early_stopping(load_experiment(str(write_spec(tmp_path, "none")), "smoke"))
     assert not early_stop.early_stopping(load_experiment("table4", "paper"))
+    # tuned stays a full search (ASHA changed the choice on digits-LT); tuned_asha is the opt-in
+    assert not early_stop.early_stopping(load_experiment("table4", "tuned"))
+    asha = load_experiment("table4", "tuned_asha")
+    assert early_stop.early_stopping(asha) and early_stop.rungs(early_stop.settings(asha), 320) == [40, 120]
+    assert early_stop.rungs(early_stop.settings(asha), 10) == [2, 6]  # WB's second stage
     defaults = early_stop.parse("asha", "x")
     assert early_stop.rungs(defaults, 40) == [5, 15]  # grace 40/8, reduction factor 3, none at the last epoch
     assert early_stop.rungs(defaults, 320) == [40, 120]
@@ -89,6 +94,8 @@ def test_scheduler_settings_and_rungs(tmp_path):
     assert early_stop.rungs({"grace_period": 5, "reduction_factor": 3}, 5) == []  # no rung: never pruned
     # all trials to epoch 5, a third on to 15, a ninth to 40: 5 + 10/3 + 25/9
     assert early_stop.expected_epochs(defaults, 40) == pytest.approx(5 + 10 / 3 + 25 / 9)
+    # asynchronous: the first trials at a rung always go on, so 8 trials train more than nominal
+    assert early_stop.expected_epochs(defaults, 40) < early_stop.expected_epochs(defaults, 40, 8) < 40
 
 
 def test_repeat_trials_always_continue_and_tune_trials_stop_below_the_cutoff():

@@ -50,6 +50,10 @@ ORIGINAL_TRAIN = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "mnist": (
                   "fashion-mnist": (60_000, 10)}
 
 
+class NoEstimate(WbsweepError):
+    """No device-time estimate for this experiment (the plan is printed without one)."""
+
+
 @dataclass
 class Speed:
     """Seconds of one model: ``setup_s`` once, ``epoch_s`` per epoch (with validation), ``final_s``."""
@@ -110,6 +114,9 @@ def train_images(exp) -> int | None:
     return sum(lt_counts(n // c - val, c, float(rho)))
 
 
+_MEASURED: dict[tuple, Speed] = {}
+
+
 def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
     """Train the spec's model for ``epochs`` epochs on this machine (as one trial runs: the spec's
     ``cpus_per_trial`` threads) and split the time as :func:`orchestrator.bench.full_run` does."""
@@ -123,6 +130,11 @@ def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
 
     dev = pick_device(device)
     first = next((m.method for m in exp.methods if not m.method.parent), exp.methods[0].method)
+    epochs = max(2, min(epochs, int(exp.train.get("epochs", DEFAULTS["epochs"]))))
+    cached = (json.dumps(exp.train, sort_keys=True, default=str), first.name, dev.type, epochs,
+              exp.resources.get("cpus_per_trial"))
+    if cached in _MEASURED:  # the same measurement in this process (a spec's variants, several plans)
+        return _MEASURED[cached]
     cfg = {**exp.train, **method_config(first, exp.hyper), "device": dev.type, "epochs": epochs, "seed": 0,
            "checkpoint_seconds": 1e9, "la": ["none", "add", "mult"], "analyses": [], "select": "last"}
     if dev.type == "cpu":  # a compilation would take most of a short measurement
@@ -153,6 +165,7 @@ def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
     steady = statistics.median([b - a for a, b in zip(stamps, stamps[1:], strict=False)] or [stamps[0] - t0])
     speed = Speed(max(0.0, stamps[0] - t0 - steady), steady * scale, t_end - stamps[-1],
                   f"measured here ({dev.type}): {epochs} epochs of {cfg['model']} on {what}", dev.type == "cuda")
+    _MEASURED[cached] = speed
     if log:
         log(f"{speed.source}: {speed.epoch_s * 1000:.0f} ms per epoch, setup {speed.setup_s:.1f} s, "
             f"final evaluation {speed.final_s:.1f} s")
@@ -298,23 +311,34 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
     costs_all: list[StageCost] = []
     dev_h = [0.0, 0.0]  # device-hours (GPU-hours: times gpus_per_trial) without / with early stopping
     wall = [0.0, 0.0]
-    gpu, missing = False, []
+    gpu, missing, n_stages, n_models, n_left = False, [], 0, 0, 0
     for e in exps:
-        try:
-            speed = speed_for(e)
-        except WbsweepError as exc:
-            if len(exps) == 1:
-                raise
-            lines.append(f"  variant {e.variant}: no estimate: {exc}")
-            missing.append(str(e.variant))
-            continue
-        costs = stage_costs(e, speed, store)
-        costs_all += costs
-        share = float(e.resources.get("gpus_per_trial", 0) or 1) if speed.gpu else 1.0
-        gpu = gpu or speed.gpu
         if len(exps) > 1:
             lines.append(f"  variant {e.variant}: {e.train.get('dataset', 'digits-lt')}, "
                          f"{e.train.get('model', 'mlp3')}")
+        try:
+            speed = speed_for(e)
+        except WbsweepError as exc:
+            if len(exps) == 1 and not isinstance(exc, NoEstimate):
+                raise
+            lines.append(f"  no estimate: {exc}")
+            missing.append(str(e.variant))
+            costs = stage_costs(e, Speed(0.0, 0.0, 0.0, "none", False), store)
+            for i, c in enumerate(costs, 1):
+                extra = f" searching {', '.join(c.searched)}" if c.searched else ""
+                lines.append(f"  {i:2d}. {c.label:<22} {c.models:3d} model(s), {c.left:3d} to train x {c.epochs:4d} "
+                             f"epochs{extra}")
+            n_stages += len(costs)
+            n_models += sum(c.models for c in costs)
+            n_left += sum(c.left for c in costs)
+            continue
+        costs = stage_costs(e, speed, store)
+        costs_all += costs
+        n_stages += len(costs)
+        n_models += sum(c.models for c in costs)
+        n_left += sum(c.left for c in costs)
+        share = float(e.resources.get("gpus_per_trial", 0) or 1) if speed.gpu else 1.0
+        gpu = gpu or speed.gpu
         lines.append(f"  figures: {speed.source}")
         for i, c in enumerate(costs, 1):
             extra = f" searching {', '.join(c.searched)}" if c.searched else ""
@@ -325,13 +349,15 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
             dev_h[k] += sum(c.es_seconds if early and c.kind == "tune" else c.seconds for c in costs) * share / 3600
             wall[k] += wall_seconds(costs, e, speed, early)
     n_var = f"{len(exps)} variants, " if len(exps) > 1 else ""
-    log(f"{exp.name} preset {exp.preset}: {n_var}{len(costs_all)} stages, {sum(c.models for c in costs_all)} "
-        f"trials at most, {sum(c.left for c in costs_all)} models to train (finished work is subtracted)")
+    log(f"{exp.name} preset {exp.preset}: {n_var}{n_stages} stages, {n_models} trials at most, "
+        f"{n_left} models to train (finished work is subtracted)")
     for line in lines:
         log(line)
+    if not costs_all:
+        return costs_all
     on = early_stop.settings(exp) is not None
     unit = "GPU-hours" if gpu else "device-hours"
-    if missing:
+    if missing and len(exps) > 1:
         log(f"  the totals leave out variant(s) {', '.join(missing)} (no figures)")
     which = "the spec's search_scheduler" if on else "search_scheduler: asha, defaults"
     log(f"  estimate: {dev_h[0]:.2f} {unit} without early stopping, {dev_h[1]:.2f} with it ({which}: ASHA, "
@@ -344,6 +370,16 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
         log(f"  estimated cost at {price:g} per GPU-hour: {dev_h[0] * price:,.2f} without early stopping, "
             f"{dev_h[1] * price:,.2f} with it" + ("" if gpu else " (no GPU in these figures: device-hours priced)"))
     return costs_all
+
+
+def wants_gpu(exp) -> bool:
+    return float(exp.resources.get("gpus_per_trial", 0) or 0) > 0
+
+
+def gpu_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def plan_command(exps: list, args) -> int:
@@ -361,6 +397,9 @@ def plan_command(exps: list, args) -> int:
     def speed_for(e) -> Speed:
         key = (e.train.get("dataset"), e.train.get("model"), e.train.get("width"))
         if key not in speeds:
+            if device == "here" and wants_gpu(e) and args.device != "cpu" and not gpu_here():
+                raise NoEstimate("the preset trains on GPUs (gpus_per_trial) and this machine has none: "
+                                   "--plan-device h200 (or another GPU recorded in bench/) estimates it")
             if device in ("here", "cpu"):
                 speeds[key] = measure_here(e, "cpu" if device == "cpu" else args.device)
             else:

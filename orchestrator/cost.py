@@ -176,14 +176,17 @@ def recorded_figures(device: str) -> dict[str, dict[str, Any]]:
     """model -> its ``full_run_<model>`` figures recorded for ``device`` (a name matched against the
     JSON files' device_name in bench/, or a JSON file); the first file that has a model wins."""
     files = [Path(device)] if device.endswith(".json") else sorted(BENCH_DIR.glob("results-*.json"))
-    out: dict[str, dict[str, Any]] = {}
+    docs = []
     for f in files:
         try:
-            doc = json.loads(f.read_text())
+            docs.append((f, json.loads(f.read_text())))
         except (OSError, ValueError) as exc:
             if device.endswith(".json"):
                 raise WbsweepError(f"--plan-device {f}: not a readable `wbsweep bench --json` file ({exc}).") from None
-            continue
+    # figures of the default knobs first (a run with another --set compile=... only where nothing else has it)
+    docs.sort(key=lambda d: isinstance(d[1], dict) and d[1].get("compile") not in (None, "auto", "cudagraph"))
+    out: dict[str, dict[str, Any]] = {}
+    for f, doc in docs:
         if not isinstance(doc, dict):
             continue
         name = str(doc.get("device_name") or doc.get("device") or "").lower()

@@ -296,7 +296,8 @@ def record_pruned(callback, trial, epoch: int) -> None:
     metrics = {"config_hash": hash_, "la": {la: {**blank, "val_acc": val} for la in cfg["la"]},
                "fdr_train": None, "fdr_test": None, "epochs": int(epoch), "best_epoch": None,
                "train_seconds": last.get("time_total_s"), "node": last.get("hostname"), "device": cfg["device"],
-               "data_fingerprint": cfg.get("data_fingerprint"), "ray_node_id": last.get("node_ip")}
+               "data_fingerprint": cfg.get("data_fingerprint"),
+               "ray_node_id": sweep.run_file(hash_, cfg["seed"], "ray_node_id")}
     rows = rows_for_run(metrics, cfg, spec=sweep.exp.name, preset=sweep.exp.preset, method=node.method,
                         stage=node.kind, mlflow_run_id=callback.run_ids.get(trial.trial_id), versions=sweep.versions,
                         created_at=pd.Timestamp.now(tz="UTC").floor("s"))

@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
+from orchestrator.graph import member_id, trial_members
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -69,9 +70,10 @@ class TrialCallback(Callback):
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
-        self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run (set once the run exists)
-        self.open: set[str] = set()  # trials started and not yet ended
-        self.logged_epochs: dict[str, set[int]] = {}  # trial id -> epochs logged live
+        # Keyed by member id (orchestrator.graph.member_id): a trial's own id, or one per model of a fused group.
+        self.run_ids: dict[str, str] = {}  # member id -> its MLflow run (set once the run exists)
+        self.open: set[str] = set()  # models started and not yet ended
+        self.logged_epochs: dict[str, set[int]] = {}  # member id -> epochs logged live
         self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
         self.next_wait_note: float | None = None
         self.warnings: dict[str, list[str]] = {}  # trial id -> warnings it reported
@@ -113,55 +115,73 @@ class TrialCallback(Callback):
             text += "; no autoscaler: they start when running trials end or a node that fits joins"
         return text
 
+    def members(self, trial) -> list[tuple[str, dict[str, Any]]]:
+        """(member id, trial config) of each model the trial trains (one, or a fused group's)."""
+        return trial_members(trial.trial_id, trial.config)
+
+    def label(self, config: dict[str, Any]) -> str:
+        return f"{self.sweep.graph.node_of(config).label} seed {config['seed']}"
+
     def note_warnings(self, trial, text: str) -> None:
-        """Print a trial's new warnings and keep all of them in its MLflow run's wbsweep.warnings tag."""
+        """Print a trial's new warnings and keep all of them in its MLflow runs' wbsweep.warnings tag
+        (every model's of a fused group: they share the process that raised them)."""
         new = [w for w in text.splitlines() if w.strip()]
         if not new:
             return
         seen = self.warnings.setdefault(trial.trial_id, [])
         seen += new
-        label = self.sweep.graph.node_of(trial.config).label
+        members = self.members(trial)
+        label = self.label(members[0][1]) + (f" (+{len(members) - 1} fused)" if len(members) > 1 else "")
         for w in new:
-            self.sweep.progress.note(f"WARNING {label} seed {trial.config['seed']}: {w}")
+            self.sweep.progress.note(f"WARNING {label}: {w}")
         tag = "\n".join(seen)[-5000:]
-        self.for_run(trial.trial_id, "a warnings tag",
-                     lambda run_id: self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", tag))
+        for mid, _ in members:
+            self.for_run(mid, "a warnings tag",
+                         lambda run_id: self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", tag))
 
-    def for_run(self, trial_id: str, what: str, call) -> None:
-        """``call(run_id)`` on the trial's MLflow run, through the outbox: now, or after the calls
-        deferred before it (which may be the one that creates the run)."""
+    def for_run(self, mid: str, what: str, call) -> None:
+        """``call(run_id)`` on the MLflow run of model ``mid`` (a member id: :func:`member_id`), through
+        the outbox: now, or after the calls deferred before it (which may be the one that creates the run)."""
         def on_run() -> None:
-            run_id = self.run_ids.get(trial_id)
+            run_id = self.run_ids.get(mid)
             if run_id is not None:  # None: its creation failed for good (said in a warning)
                 call(run_id)
 
         self.sweep.outbox(what, on_run)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        node = self.sweep.graph.node_of(trial.config)
-        cfg = training_config(trial.config)
+        members = self.members(trial)
+        for mid, config in members:
+            self.start_run(mid, trial.trial_id if len(members) > 1 else None, config)
+
+    def start_run(self, mid: str, fused_trial: str | None, config: dict[str, Any]) -> None:
+        """The MLflow run of model ``mid`` (of the fused group trial ``fused_trial``), made or re-attached."""
+        node = self.sweep.graph.node_of(config)
+        cfg = training_config(config)
         hash_ = config_hash(cfg)
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
-        name = f"{node.method} seed{cfg['seed']}" + (f" {trial.trial_id}" if node.kind == "tune" else "")
+        name = f"{node.method} seed{cfg['seed']}" + (f" {mid}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
-        trial_id = trial.trial_id
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
             run_id = tracker.run(name, tags, parent=node.parent_run())
             tracker.client.set_tag(run_id, "wbsweep.method", node.method)
             tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
+            if fused_trial is not None:  # trained with others in one process (trainables/fused.py)
+                tracker.client.set_tag(run_id, "wbsweep.fused_trial", fused_trial)
             tracker.log_params(run_id, flat_params(cfg))
             storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
                                 run_id.encode())
-            self.run_ids[trial_id] = run_id
+            self.run_ids[mid] = run_id
 
-        self.open.add(trial_id)
+        self.open.add(mid)
         self.sweep.outbox(f"the run of {node.label} seed {cfg['seed']}", start)
-        self.sweep.progress.started(trial_id)
+        self.sweep.progress.started(mid)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        node = self.sweep.graph.node_of(trial.config)
-        self.sweep.progress.retrying(trial.trial_id, f"{node.label} seed {trial.config['seed']}")
+        members = self.members(trial)
+        what = self.label(members[0][1]) + (f" and {len(members) - 1} fused with it" if len(members) > 1 else "")
+        self.sweep.progress.retrying(trial.trial_id, what)
 
     EPOCH_KEYS = ("train_loss", "val_acc", "lr")
 
@@ -169,16 +189,20 @@ class TrialCallback(Callback):
         if result.get("warnings"):
             self.note_warnings(trial, str(result["warnings"]))
         if "epoch" in result:
-            epoch = int(result["epoch"])
-            metrics = {k: result[k] for k in self.EPOCH_KEYS}
-            self.for_run(trial.trial_id, f"epoch {epoch}",
-                         lambda run_id: self.sweep.tracker.log_metrics(run_id, metrics, step=epoch))
-            self.logged_epochs.setdefault(trial.trial_id, set()).add(epoch)
+            self.log_epoch(trial.trial_id, result)
+        for i, row in (result.get("models") or {}).items():  # a fused group's epoch: a row per model
+            self.log_epoch(member_id(trial.trial_id, int(i)), row)
 
-    def log_history(self, trial, history: list[dict]) -> None:
-        """The epochs the throttled live reports skipped, once the trial has finished. Only for a
+    def log_epoch(self, mid: str, row: dict[str, Any]) -> None:
+        epoch = int(row["epoch"])
+        metrics = {k: row[k] for k in self.EPOCH_KEYS}
+        self.for_run(mid, f"epoch {epoch}", lambda run_id: self.sweep.tracker.log_metrics(run_id, metrics, step=epoch))
+        self.logged_epochs.setdefault(mid, set()).add(epoch)
+
+    def log_history(self, mid: str, history: list[dict]) -> None:
+        """The epochs the throttled live reports skipped, once the model has finished. Only for a
         model trained in this run (one reused from disk already has its history in MLflow)."""
-        seen = self.logged_epochs.pop(trial.trial_id, None)
+        seen = self.logged_epochs.pop(mid, None)
         if not seen:
             return
         from mlflow.entities import Metric
@@ -188,27 +212,44 @@ class TrialCallback(Callback):
                  for k in self.EPOCH_KEYS]
         for i in range(0, len(batch), 900):
             chunk = batch[i : i + 900]
-            self.for_run(trial.trial_id, "the epochs' metrics",
+            self.for_run(mid, "the epochs' metrics",
                          lambda run_id, chunk=chunk: self.sweep.tracker.client.log_batch(run_id, metrics=chunk))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        final = (trial.last_result or {}).get("final")
+        last = trial.last_result or {}
+        members = self.members(trial)
         pruned_at = early_stop.pruned_epoch(self.sweep, trial.trial_id)
-        if final is None and pruned_at is not None:  # stopped early by the tune stage's ASHA: pruned, not failed
-            early_stop.record_pruned(self, trial, pruned_at)
+        if len(members) == 1 and last.get("final") is None and pruned_at is not None:
+            early_stop.record_pruned(self, trial, pruned_at)  # stopped early by its tune stage's ASHA: not failed
             return
-        if final is None:  # ended without its final report (a diverged loss): a failure with its reason
-            self.on_trial_error(iteration, trials, trial, reason=(trial.last_result or {}).get("diverged"))
+        if len(members) == 1:
+            self.model_done(members[0][0], members[0][1], last.get("final"), last.get("diverged"))
+            return
+        group = last.get("group") or {}
+        for i, (mid, config) in enumerate(members):
+            final = group.get(str(i))
+            if final is None:
+                self.model_failed(mid, config, "the fused trial ended without this model's result")
+            elif "diverged" in final:
+                self.model_failed(mid, config, final["diverged"])
+            else:
+                self.model_done(mid, config, final, None)
+
+    def model_done(self, mid: str, config: dict[str, Any], final: dict[str, Any] | None, reason: str | None) -> None:
+        """A model's trial ended: its rows, analyses and MLflow run (metrics, files), or, without its
+        final report (a diverged loss), a failure with its reason."""
+        if final is None:
+            self.model_failed(mid, config, reason)
             return
         tracker = self.sweep.tracker
         from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
 
-        node = self.sweep.graph.node_of(trial.config)
-        cfg = training_config(trial.config)
+        node = self.sweep.graph.node_of(config)
+        cfg = training_config(config)
         hash_, seed, runs = config_hash(cfg), cfg["seed"], self.sweep.runs
         # The rows first: they never wait for MLflow (whose run id they carry when the run exists)
         with storage.local_copy(runs, hash_, seed) as folder:
-            self.sweep.record(node, trial.config, final, self.run_ids.get(trial.trial_id))
+            self.sweep.record(node, config, final, self.run_ids.get(mid))
             record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
                                 method=node.method)
 
@@ -216,34 +257,38 @@ class TrialCallback(Callback):
             with storage.local_copy(runs, hash_, seed) as folder:
                 tracker.log_artifacts(run_id, folder)
 
-        self.log_history(trial, final.get("history", []))
+        self.log_history(mid, final.get("history", []))
         metrics = final_metrics(final)
-        self.for_run(trial.trial_id, "the final metrics",
-                     lambda run_id: tracker.log_metrics(run_id, metrics, step=int(final["epochs"])))
-        self.for_run(trial.trial_id, "the model's files", log_files)
-        self.for_run(trial.trial_id, "the end of a run", tracker.finish)
-        self.open.discard(trial.trial_id)
-        self.sweep.progress.done(trial.trial_id)
+        self.for_run(mid, "the final metrics", lambda run_id: tracker.log_metrics(run_id, metrics,
+                                                                                  step=int(final["epochs"])))
+        self.for_run(mid, "the model's files", log_files)
+        self.for_run(mid, "the end of a run", tracker.finish)
+        self.open.discard(mid)
+        self.sweep.progress.done(mid)
 
-    def on_trial_error(self, iteration, trials, trial, reason: str | None = None, **info):
+    def model_failed(self, mid: str, config: dict[str, Any], reason: str | None) -> None:
         reason = reason or "unknown error"
-        if reason == "unknown error" and trial.error_file:
+        self.end_run(mid, "FAILED", reason)
+        self.sweep.progress.failed(f"{self.sweep.graph.node_of(config).label} trial {mid}: {reason}", mid)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason = "unknown error"
+        if trial.error_file:
             try:
                 with open(trial.error_file) as fh:
                     lines = [ln for ln in fh.read().strip().splitlines() if ln.strip()]
                 reason = lines[-1] if lines else reason
             except OSError:
                 pass
-        self.end_run(trial.trial_id, "FAILED", reason)
-        label = self.sweep.graph.node_of(trial.config).label
-        self.sweep.progress.failed(f"{label} trial {trial.trial_id}: {reason}", trial.trial_id)
+        for mid, config in self.members(trial):
+            self.model_failed(mid, config, reason)
 
-    def end_run(self, trial_id: str, status: str, reason: str) -> None:
-        """End a trial's run that did not finish: ``status`` KILLED or FAILED, the reason in its
+    def end_run(self, mid: str, status: str, reason: str) -> None:
+        """End a model's run that did not finish: ``status`` KILLED or FAILED, the reason in its
         ``wbsweep.error`` tag."""
         tracker = self.sweep.tracker
-        self.for_run(trial_id, "the end of a run", lambda run_id: tracker.finish(run_id, status, reason))
-        self.open.discard(trial_id)
+        self.for_run(mid, "the end of a run", lambda run_id: tracker.finish(run_id, status, reason))
+        self.open.discard(mid)
 
     def close(self, status: str, reason: str) -> None:
         """The sweep stops: the runs of the trials it stopped end ``status`` with the ``reason``."""

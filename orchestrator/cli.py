@@ -3,7 +3,9 @@
     wbsweep run table4 [--preset P] [--out DIR] [--storage DIR|s3://...] [--data-root DIR] [--address ADDR]
                        [--tracking-uri URI]
     wbsweep report table4 [--out DIR] [--storage DIR|s3://...] [--format table|markdown|csv|latex]
+                          [--claims [PATH]] [--paper]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
+    wbsweep train --config DIR/runs/<hash>/seed<k>/config.json [--out DIR]
     wbsweep list
     wbsweep bench [--device cpu|cuda] [--model resnet32|mlp3] [--json]
 
@@ -102,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_root=_data_root(args.data_root),
         address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        fuse=args.fuse,
         quiet=args.quiet,
     )
     started = time.time()
@@ -150,6 +153,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise
         spec, unknown = args.spec, exc  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
+    if args.claims is not None or args.paper:
+        return _report_claims(args, out, spec, table, unknown)
     try:
         text = report(out, spec, args.preset, args.format, table, order, title, layout=layout, analyses=analyses,
                       store=_storage(args.storage, out, spec))
@@ -158,6 +163,30 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise unknown from None
         raise
     sys.stdout.write(text)
+    return 0
+
+
+def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
+                   unknown: WbsweepError | None) -> int:
+    """`report SPEC --claims [PATH] [--paper]`: the claims file (default: claims/<spec>.yaml beside
+    the spec) tested on the results and on the paper's numbers (orchestrator/claims.py)."""
+    from orchestrator.claims import claims_report, default_path
+    from orchestrator.spec import find_spec
+    from orchestrator.tracking import default_tracking_uri
+
+    path = args.claims
+    if not path:
+        if unknown is not None:
+            raise unknown
+        path = default_path(find_spec(args.spec), spec)
+        if not path.is_file():
+            raise WbsweepError(f"spec '{spec}' has no claims file ({path}); write one (docs/claims.md) and give it "
+                               "with --claims PATH.")
+    paper = args.paper
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    store = None if paper else _storage(args.storage, out, spec)
+    sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
+                                   paper_only=paper, tracking_uri=uri))
     return 0
 
 
@@ -182,15 +211,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.methods import get_method, method_config
     from trainables.train import CHECKPOINT, load_metrics, train
 
-    exp = load_experiment(args.spec, args.preset)
-    method = get_method(args.method)
-    cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed, "device": args.device}
+    saved = None
+    if args.config:
+        if args.method:
+            raise WbsweepError("give either --config (a saved run's config.json) or --method, not both.")
+        saved, cfg = _saved_config(args.config)
+        for key, value in (("seed", args.seed), ("device", args.device)):
+            if value is not None:
+                cfg[key] = value
+    elif not args.method:
+        raise WbsweepError("say what to train: --method M (wbsweep list), or --config PATH/config.json to train a "
+                           "saved run again.")
+    else:
+        exp = load_experiment(args.spec, args.preset)
+        method = get_method(args.method)
+        cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed or 0,
+               "device": args.device or "auto"}
     if args.data_root:
         cfg["data_root"] = _data_root(args.data_root)
     cfg.update(_parse_set(args.set or []))
     full = resolve_config(cfg)
-    cfg["data_fingerprint"] = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"],
-                                                  full["val_per_class"], full["split"])
+    fingerprint = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"], full["val_per_class"],
+                                      full["split"])
+    if saved is not None and cfg.get("data_fingerprint") not in (None, fingerprint):
+        raise WbsweepError(f"the data here differ from the saved run's ({full['dataset']} fingerprint {fingerprint}, "
+                           f"the run's {cfg['data_fingerprint']}); point --data-root at the data it was trained on.")
+    if saved is not None and cfg.get("init_from") and not Path(str(cfg["init_from"])).is_file():
+        raise WbsweepError(f"the saved run starts from {cfg['init_from']} (its stage-1 model), which does not exist "
+                           "here; copy that model.pt there, or --set init_from=PATH.")
+    cfg["data_fingerprint"] = fingerprint
+    args.seed = int(full["seed"])
     # one folder per config and seed, as a sweep's runs/<hash>/seed<k>: another method or seed never
     # overwrites (or resumes) this one's files, and the same command again continues a cut-short run
     out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"
@@ -208,12 +258,84 @@ def cmd_train(args: argparse.Namespace) -> int:
         def show(m: dict) -> None:
             print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
 
-        metrics = train(cfg, out, report=show)
+        # numpy's BLAS on as many threads as torch (a Ray trial's OMP_NUM_THREADS): float64 sums in the
+        # same order as in the sweep, so a saved run's FDR is reproduced to the last bit
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(int(full["threads"])) if full["threads"] else contextlib.nullcontext():
+            metrics = train(cfg, out, report=show)
     summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}
     print(json.dumps(summary, indent=2))
+    if saved is not None:
+        from trainables.train import load_metrics as saved_metrics
+
+        before = saved_metrics(saved.parent)
+        if before is not None:
+            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): {reproduction(before, metrics)}",
+                  file=sys.stderr)
     return 0
+
+
+def reproduction(before: dict, after: dict) -> str:
+    """Whether a re-run reproduced a saved run's metrics: "reproduced exactly", or which numbers
+    differ, by how much, and why they may (a run trained fused with others rounds differently)."""
+    diff = metric_differences(before, after)
+    if not diff:
+        return "reproduced exactly"
+    text = f"differ in {', '.join(diff[:8])}" + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+    rel = largest_relative_difference(before, after)
+    if rel is not None:
+        text += f" (largest relative difference {rel:.2g})"
+    k = int(before.get("fused_k") or 1)
+    if k > 1:
+        text += (f"; it was trained fused with {k - 1} other model(s) (trainables/fused.py), whose batched "
+                 "arithmetic rounds differently: a run trained alone (resources fuse: off) re-runs bit for bit")
+    return text
+
+
+#: The numbers of a model that a re-run must reproduce (not its timings or where it ran).
+REPRODUCED = ("fdr_train", "fdr_test", "objective", "best_epoch", "epochs", "config_hash")
+
+
+def metric_differences(before: dict, after: dict) -> list[str]:
+    """The metrics (``REPRODUCED`` and every LA variant's numbers) that differ between two runs of one config."""
+    diff = [k for k in REPRODUCED if before.get(k) != after.get(k)]
+    for la, r in before.get("la", {}).items():
+        other = after.get("la", {}).get(la, {})
+        diff += [f"{la}.{k}" for k in ("param", "val_acc", "many", "medium", "few", "avg", "acc_per_class")
+                 if r.get(k) != other.get(k)]
+    return diff
+
+
+def largest_relative_difference(before: dict, after: dict) -> float | None:
+    """max |a − b| / max(|a|, |b|) over the numbers :func:`metric_differences` compares."""
+    pairs = [(before.get(k), after.get(k)) for k in ("fdr_train", "fdr_test", "objective")]
+    for la, r in before.get("la", {}).items():
+        other = after.get("la", {}).get(la, {})
+        pairs += [(r.get(k), other.get(k)) for k in ("param", "val_acc", "many", "medium", "few", "avg")]
+        pairs += list(zip(r.get("acc_per_class") or [], other.get("acc_per_class") or [], strict=False))
+    rel = [abs(a - b) / max(abs(a), abs(b)) for a, b in pairs
+           if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a != b]
+    return max(rel) if rel else None
+
+
+def _saved_config(path: str) -> tuple[Path, dict]:
+    """(the config.json, its config) of a saved run: ``PATH/config.json`` or its folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise WbsweepError(f"--config {path}: no such file; give a run's config.json (DIR/runs/<hash>/seed<k>/"
+                           "config.json) or its folder.")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WbsweepError(f"--config {p} is not readable JSON ({exc}); give a run's config.json.") from None
+    if not isinstance(cfg, dict) or "dataset" not in cfg or "seed" not in cfg:
+        raise WbsweepError(f"--config {p} is not a wbsweep run's config (a JSON object with dataset, seed, ...).")
+    return p, cfg
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -327,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-trial", type=float)
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     r.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
+    r.add_argument("--fuse", metavar="auto|off|K",
+                   help="models trained together in one trial (fused training of the MLP family; default: the "
+                        "spec's resources.fuse, else auto)")
     r.add_argument("--plan", action="store_true", help="print the stages, models, epochs and the estimated device "
                                                        "time and cost, run nothing")
     r.add_argument("--plan-device", default="here", help="--plan's figures: here (measure on this machine), or a "
@@ -341,14 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--storage", help="the run's --storage (default: the one recorded in --out, else --out)")
     rep.add_argument("--preset", help="default: the most recent preset with results")
     rep.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
+    rep.add_argument("--claims", nargs="?", const="", metavar="PATH",
+                     help="test the paper's claims (default: the spec's claims file; or your own PATH) on the "
+                          "results and on the paper's numbers: Welch's t-test, 95%% CI, a verdict per claim")
+    rep.add_argument("--paper", action="store_true", help="with --claims: the paper's own numbers only")
+    rep.add_argument("--tracking-uri", help="with --claims: MLflow store to log them to "
+                                            "(default sqlite:///OUT/mlflow.db where it exists)")
     rep.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train one model without Ray (for debugging a config)")
-    t.add_argument("--method", required=True, help="a method name (wbsweep list)")
+    t.add_argument("--method", help="a method name (wbsweep list)")
+    t.add_argument("--config", metavar="PATH", help="train a saved run again, exactly: its config.json (or its "
+                                                    "folder); says whether its metrics are reproduced")
     t.add_argument("--spec", default="table4", help="the spec whose preset gives the training options")
     t.add_argument("--preset", help="the spec's preset (default: its default preset)")
-    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    t.add_argument("--seed", type=int, help="training seed (default 0, or the saved run's)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto, or the saved "
+                                                                     "run's)")
     t.add_argument("--data-root", help="folder holding the datasets (default $WBSWEEP_DATA_ROOT)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
     t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"),

@@ -24,7 +24,8 @@ from ray.tune.search import Searcher
 from orchestrator import early_stop
 from orchestrator.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
-from trainables.trial import finished_metrics, training_config
+from trainables.fused import fusion_key
+from trainables.trial import finished_metrics, group_members, training_config
 
 if TYPE_CHECKING:
     from orchestrator.spec import MethodEntry
@@ -35,6 +36,35 @@ def finished(result: dict | None) -> bool:
     """Whether a trial's last result is its final report (Tune flattens it to ``final/...`` keys
     before the searcher sees it)."""
     return bool(result) and ("final" in result or any(k.startswith("final/") for k in result))
+
+
+def member_id(trial_id: str, i: int) -> str:
+    """The id of the ``i``-th model of a trial: the trial's own id for the first (a trial of one
+    model is the plain case), ``<trial id>/<i>`` for the others of a fused group."""
+    return trial_id if i == 0 else f"{trial_id}/{i}"
+
+
+def trial_members(trial_id: str, config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(member id, trial config) of each model a Ray Tune trial trains (one, or a fused group's K)."""
+    return [(member_id(trial_id, i), c) for i, c in enumerate(group_members(config))]
+
+
+def member_result(result: dict | None, i: int) -> dict[str, Any] | None:
+    """What model ``i`` of a fused group's trial reported at its end, in a single trial's form
+    (``objective`` and ``final``), or None when it did not finish (it diverged, the trial failed).
+    Reads the nested result the callbacks get and the flattened one (``group/<i>/...``) the searcher gets."""
+    if not result:
+        return None
+    group = result.get("group")
+    if isinstance(group, dict):
+        final = group.get(str(i))
+        objective_ = None if not isinstance(final, dict) else final.get("objective")
+    else:
+        objective_ = result.get(f"group/{i}/objective")
+        final = True
+    if objective_ is None or "diverged" in (final if isinstance(final, dict) else {}):
+        return None
+    return {"objective": objective_, "final": final}
 
 
 def end_open_trials(storage, study_id: int) -> None:
@@ -108,6 +138,11 @@ class Node:
         config = {**self.sweep.trial_config(cfg, seed), "_stage": self.key}
         self.in_flight[trial_id] = config
         return config
+
+    def fusion_key(self) -> tuple[str, ...] | None:
+        """What this stage's models share with those they may be fused with (see
+        :func:`trainables.fused.fusion_key`); None: they train alone. Only asked while running."""
+        return None
 
     # -- per kind ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -232,6 +267,13 @@ class TuneNode(Node):
             storage = self.sweep.optuna_storage()
             end_open_trials(storage, storage.get_study_id_from_name(self.study_name))
 
+    def fusion_key(self) -> tuple[str, ...] | None:
+        if early_stop.early_stopping(self.sweep.exp):  # ASHA stops a Ray trial as a whole: one model per trial
+            return None
+        if not hasattr(self, "_fusion_key"):
+            self._fusion_key = fusion_key(self.base, varies=tuple(self.search))
+        return self._fusion_key
+
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running" or self.issued >= self.planned:
             return None
@@ -314,6 +356,11 @@ class RepeatNode(Node):
                     self.sweep.progress.failed(f"{self.label} seed {seed}: its first-stage model failed")
             self._maybe_finish()
 
+    def fusion_key(self) -> tuple[str, ...] | None:
+        if not hasattr(self, "_fusion_key"):
+            self._fusion_key = fusion_key(self.cfg)
+        return self._fusion_key
+
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running":
             return None
@@ -350,14 +397,15 @@ class RepeatNode(Node):
 class StageGraph(Searcher):
     """Ray Tune searcher over the nodes of a sweep (see the module docstring)."""
 
-    def __init__(self, nodes: list[Node]):
+    def __init__(self, nodes: list[Node], fuse: int = 1):
         super().__init__(metric="objective", mode="max")
-        self.nodes = nodes
+        self.nodes, self.fuse = nodes, fuse
         self.by_key = {n.key: n for n in nodes}
-        self.owner: dict[str, Node] = {}
+        self.owner: dict[str, list[tuple[str, Node]]] = {}  # trial id -> (member id, node) of each of its models
         self.error: Exception | None = None  # a bug in the graph: the sweep stops and raises it
 
     def node_of(self, trial_config: dict[str, Any]) -> Node:
+        """The stage of a model's trial config (a member of a group: see :func:`trial_members`)."""
         return self.by_key[trial_config["_stage"]]
 
     def advance(self) -> None:
@@ -375,11 +423,12 @@ class StageGraph(Searcher):
         if self.error is not None:
             return Searcher.FINISHED
         self.advance()
-        for node in self.nodes:
-            config = node.next_config(trial_id)
-            if config is not None:
-                self.owner[trial_id] = node
-                return config
+        members = self._next_models(trial_id)
+        if members:
+            self.owner[trial_id] = [(mid, node) for mid, node, _ in members]
+            if len(members) == 1:
+                return members[0][2]
+            return {"_group": [config for _, _, config in members], "_runs": members[0][2]["_runs"]}
         if not any(n.in_flight for n in self.nodes):
             # Nothing runs and nothing could start: whatever still waits can never be ready.
             for n in self.nodes:
@@ -388,11 +437,40 @@ class StageGraph(Searcher):
             return Searcher.FINISHED
         return None
 
+    def _next_models(self, trial_id: str) -> list[tuple[str, Node, dict[str, Any]]]:
+        """The models of the next trial, as (member id, stage, trial config): the first model any
+        stage has ready, and, with ``fuse`` K > 1, up to K - 1 more from any stage whose models have
+        the same fusion key (the seeds of a repeat, a search's concurrent trials, other methods on
+        the same backbone), in the stages' order."""
+        members: list[tuple[str, Node, dict[str, Any]]] = []
+        key = None
+        for node in self.nodes:
+            if node.state != "running":
+                continue
+            node_key = node.fusion_key() if self.fuse > 1 else None
+            if members and (node_key is None or node_key != key):
+                continue
+            limit = self.fuse if node_key is not None else 1
+            while len(members) < limit:
+                mid = member_id(trial_id, len(members))
+                config = node.next_config(mid)
+                if config is None:
+                    break
+                members.append((mid, node, config))
+                key = node_key
+            if members and (key is None or len(members) >= self.fuse):
+                break
+        return members
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         try:
-            node = self.owner.pop(trial_id, None)
-            if node is not None:
-                node.complete(trial_id, result, error)
+            members = self.owner.pop(trial_id, [])
+            for i, (mid, node) in enumerate(members):
+                if len(members) == 1:
+                    node.complete(mid, result, error)
+                else:
+                    mine = member_result(result, i)
+                    node.complete(mid, mine, error or mine is None)
             self.advance()
         except Exception as exc:
             self.error = exc

@@ -376,6 +376,8 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
             methods = sorted(dict.fromkeys(sub["method"]), key=lambda m: order.get(m, len(order)))
             path = figdir / f"{spec}-{preset}-{analysis}-{dataset}-{model}.png"
             head = f"{TITLES[analysis]}: {dataset}, {model}, mean over seeds"
+            if analysis != "class_cosine":  # the heatmaps are means; their table gives the spread
+                head += " (band: ± std)"
             agg = (sub.groupby(["method", "key", "i", "j", "label"], dropna=False)["value"]
                    .agg(["mean", "std", "count"]).reset_index())
             agg.insert(0, "model", model)
@@ -407,13 +409,15 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
             elif analysis == "relu_fdr":
                 fig, ax = plt.subplots(figsize=(7, 4.5))
                 layers = (sub[sub["key"] == "trained"].drop_duplicates("i").sort_values("i")["label"].tolist())
-                series, lines = {}, []
+                series, spread, lines = {}, {}, []
                 for m in methods:
-                    v = sub[(sub["method"] == m) & (sub["key"] == "trained")].groupby("i")["value"].mean()
-                    series[_label(m)] = v.sort_index().to_numpy()
-                un = sub[(sub["method"] == methods[0]) & (sub["key"] == "untrained")].groupby("i")["value"].mean()
-                series["untrained"] = un.sort_index().to_numpy()
-                plot_layers(ax, layers, series, head)
+                    v = sub[(sub["method"] == m) & (sub["key"] == "trained")].groupby("i")["value"]
+                    series[_label(m)] = v.mean().sort_index().to_numpy()
+                    spread[_label(m)] = v.std().sort_index().to_numpy()
+                un = sub[(sub["method"] == methods[0]) & (sub["key"] == "untrained")].groupby("i")["value"]
+                series["untrained"] = un.mean().sort_index().to_numpy()
+                spread["untrained"] = un.std().sort_index().to_numpy()
+                plot_layers(ax, layers, series, head, spread=spread)
                 headers = ["Layer", *series]
                 for k, layer in enumerate(layers):
                     lines.append([layer, *(_num(series[s][k]) if k < len(series[s]) else "-" for s in series)])
@@ -422,7 +426,7 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                                "forgetting": ("mean", "forgetting score (mean over learned images)"),
                                "weight_norms": ("ratio", "||w_k|| / ||w_largest class||")}[analysis]
                 fig, ax = plt.subplots(figsize=(7, 4.5))
-                series = {}
+                series, spread = {}, {}
                 headers = ["Method", "Many", "Medium", "Few", "all", "seeds"]
                 if analysis == "forgetting":
                     headers.insert(5, "never learned")
@@ -432,6 +436,7 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                     pc = _per_class(sub[sub["method"] == m], key).sort_values("i")
                     vals = pc["mean"].to_numpy()
                     series[_label(m)] = vals
+                    spread[_label(m)] = pc["std"].to_numpy()
                     cells = [_label(m)]
                     for gname in ("many", "medium", "few"):
                         sel = grp == gname if grp is not None and len(grp) == len(vals) else np.zeros(len(vals), bool)
@@ -443,7 +448,7 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                     cells.append(str(sub[sub["method"] == m]["seed"].nunique()))
                     lines.append(cells)
                 plot_per_class(ax, counts if counts is not None else np.zeros(0), series, ylabel, head,
-                               log=analysis == "feature_norms")
+                               log=analysis == "feature_norms", spread=spread)
             fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             sections.append((head, headers, lines, path))

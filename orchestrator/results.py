@@ -2,7 +2,8 @@
 
 Each finished model writes its rows as one file, named by what it holds, to a temporary name that
 is then renamed: a reader never sees a partial file and two writers never touch the same file, so
-no row is lost. ``pandas.read_parquet(DIR / "results")`` reads the whole dataset. Tune-stage trials
+no row is lost. ``read_results(DIR / "results")`` (or ``pandas.read_parquet(DIR / "results",
+schema=SCHEMA)``) reads the whole dataset, files of earlier versions with nulls in newer columns. Tune-stage trials
 go to a sibling dataset ``DIR / "trials"`` with the same columns, so the results stay one row per
 seed while every Optuna trial can still be queried.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from trainables import storage
@@ -38,12 +40,13 @@ SCHEMA = pa.schema(
         ("node", pa.string()), ("ray_node_id", pa.string()), ("device", pa.string()), ("mlflow_run_id", pa.string()),
         ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
-        ("data_fingerprint", pa.string()), ("pruned", pa.bool_()),
+        ("data_fingerprint", pa.string()),
+        ("git_commit", pa.string()), ("git_dirty", pa.bool_()), ("packages", pa.string()), ("pruned", pa.bool_()),
     ]
 )
 COLUMNS = SCHEMA.names
 #: Columns added after results files existed: a file without them is read with nulls there.
-ADDED_LATER = frozenset({"data_fingerprint", "pruned"})
+ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned"})
 
 
 def rows_for_run(
@@ -51,7 +54,8 @@ def rows_for_run(
     stage: str, mlflow_run_id: str | None, versions: dict[str, str], created_at: pd.Timestamp,
 ) -> list[dict[str, Any]]:
     """One row per LA variant the config reports (``cfg["la"]``; the model's metrics hold them all).
-    FDR is a property of the features, so it is the same on every LA row of a model."""
+    FDR is a property of the features, so it is the same on every LA row of a model. ``versions``
+    is :func:`orchestrator.provenance.versions` (the code and package versions of the row)."""
     rows = []
     best = objective(metrics, cfg["la"])
     for la in cfg["la"]:
@@ -74,7 +78,9 @@ def rows_for_run(
             "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
             "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,
             "config": json.dumps(cfg, sort_keys=True, default=str),
-            "data_fingerprint": metrics.get("data_fingerprint"), "pruned": False,
+            "data_fingerprint": metrics.get("data_fingerprint"),
+            "git_commit": versions.get("git_commit"), "git_dirty": versions.get("git_dirty"),
+            "packages": versions.get("packages"), "pruned": False,
         })
     return rows
 
@@ -90,15 +96,36 @@ def write_rows(folder: str | Path, name: str, rows: list[dict[str, Any]], schema
     return final
 
 
+def read_results(folder: str | Path, schema: pa.Schema = SCHEMA) -> pd.DataFrame:
+    """Every row of a results folder (``DIR/results`` or ``DIR/trials``; a local folder or a storage
+    URI) with every column of ``schema``, whichever version wrote each file: a column a file lacks
+    (one added later) reads as nulls. The same as ``pandas.read_parquet(folder, schema=SCHEMA)``,
+    which pyarrow reads as one ``pyarrow.dataset`` with that schema; without ``schema=``, pyarrow
+    takes the columns of the first file it lists and drops the others from every row."""
+    return read_rows(folder, schema)
+
+
 def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "results") -> pd.DataFrame:
     """Every row under ``folder`` (a local folder or a storage URI); an empty frame with the
     schema's columns when there are none.
 
-    A file that is not a readable Parquet file of this schema is named in a one-line error rather
-    than surfacing as an Arrow traceback."""
+    The files are read as one ``pyarrow.dataset`` with ``schema``: a column a file lacks
+    (``ADDED_LATER``) reads as nulls. A file that is not a readable Parquet file of this schema is
+    named in a one-line error rather than surfacing as an Arrow traceback."""
     names = storage.list_files(folder, ".parquet")
     if not names:
         return schema.empty_table().to_pandas()
+    fs, root = storage.filesystem(folder)
+    try:
+        dataset = ds.dataset([f"{root}/{name}" for name in names], schema=schema, format="parquet", filesystem=fs)
+        for fragment, name in zip(dataset.get_fragments(), names, strict=True):
+            missing = set(schema.names) - set(fragment.physical_schema.names) - ADDED_LATER
+            if missing:
+                raise WbsweepError(f"{storage.join(folder, name)} is not a wbsweep {kind} file (missing "
+                                   f"{', '.join(sorted(missing))}); move it out of {folder}.")
+        return dataset.to_table().to_pandas()
+    except (pa.ArrowException, OSError):
+        pass  # a file that does not read or whose columns do not convert: read one by one to name it
     tables = []
     for name in names:
         f = storage.join(folder, name)

@@ -31,7 +31,7 @@ VARIANT_KEYS = {"name", "train", "hyper", "search", "trials", "seeds", "search_s
 #: How ``wbsweep report`` lays a spec out: Table 4's accuracy table, Table 2's FDR per dataset,
 #: Table 3's FDR before/after a random layer, or the figures of the analyses (trainables/analysis.py).
 LAYOUTS = ("accuracy", "fdr", "fdr_random_layer", "figure")
-RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
+RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "fuse"}
 SPEC_KEYS = ("name", "title", "layout", "paper_table", "paper_figure", "default_preset", "methods", "presets")
 #: Spec, preset and variant names become parts of file names (status files, figures).
 TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,7 @@ class SweepOptions:
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
     max_failures: int | None = None  # retries of a crashed trial (from its checkpoint); spec default 2
+    fuse: str | int | None = None  # models per trial (fused training): "auto", "off" or K; spec default auto
     quiet: bool = False
 
 
@@ -84,15 +84,32 @@ def plan(exp: Experiment) -> list[Stage]:
     return stages
 
 
-def versions() -> dict[str, str]:
-    import ray
-    import torch
+#: The group size ``fuse: auto`` gives: the models of one trial when they can be fused (the MLP family;
+#: trainables.fused.fusion_key). Measured on the cpu preset (docs/performance.md): see ``wbsweep bench --fused``.
+AUTO_FUSE = 8
 
+
+def fuse_size(value: Any) -> int:
+    """The most models one trial trains (fused training, trainables/fused.py) for the ``fuse``
+    resource: ``off`` (1: a model per trial), ``auto`` (:data:`AUTO_FUSE`), or a whole number K from 1.
+    Only models that can be fused are grouped; the others train one per trial whatever K is.
+    Raises WbsweepError for anything else."""
+    if isinstance(value, str) and value.strip().lower() in ("off", "auto"):
+        return 1 if value.strip().lower() == "off" else AUTO_FUSE
     try:
-        own = metadata.version("wbsweep")
-    except metadata.PackageNotFoundError:
-        own = "0+unknown"
-    return {"wbsweep": own, "torch": torch.__version__, "ray": ray.__version__}
+        k = int(value)
+    except (TypeError, ValueError):
+        k = None
+    if k is None or isinstance(value, bool) or k < 1 or str(value).strip() != str(k):
+        raise WbsweepError(f"fuse must be auto, off or a whole number of models per trial from 1, got {value!r}.")
+    return k
+
+
+def versions() -> dict[str, str]:
+    """The code and package versions every row records (orchestrator/provenance.py)."""
+    from orchestrator.provenance import versions as provenance
+
+    return provenance()
 
 
 @contextmanager
@@ -131,6 +148,7 @@ class Sweep:
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
+        self.fuse = fuse_size(opts.fuse if opts.fuse is not None else res.get("fuse", "auto"))
         self.check_resources()
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
@@ -147,7 +165,7 @@ class Sweep:
                 node = RepeatNode(self, s.entry, s.trials, tune_nodes.get(s.entry.method.name))
                 self.repeat_nodes[s.entry.method.name] = node
                 self.nodes.append(node)
-        self.graph = StageGraph(self.nodes)
+        self.graph = StageGraph(self.nodes, fuse=self.fuse)
         self.state = "running"  # in the status file: running -> finished | failed | interrupted
         self.status_error = False  # a status file that could not be written has been reported
         self.progress.listener = lambda: self.status(self.state)

@@ -116,11 +116,11 @@ def two_node_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def long_trials_spec(name: str, epochs: int) -> str:
+def long_trials_spec(name: str, epochs: int, fuse: str = "off") -> str:
     """A spec whose trials last seconds (``epochs`` of the digits MLP, a checkpoint every epoch): a
-    tune stage (real Optuna, two trials) and repeats over three seeds. With sub-second trials (the
-    smoke preset) every trial can run, one after another, on the first node's reused trial actor
-    before a second actor has started (seen on a loaded 2-core CI machine)."""
+    tune stage (real Optuna, two trials) and repeats over three seeds, ``fuse`` models per trial at
+    most. With sub-second trials (the smoke preset) every trial can run, one after another, on the
+    first node's reused trial actor before a second actor has started (seen on a loaded 2-core CI machine)."""
     return f"""\
 name: {name}
 methods:
@@ -133,6 +133,7 @@ presets:
     search: {{wd: {{loguniform: [1.0e-4, 1.0e-2]}}}}
     trials: 2
     seeds: [0, 1, 2]
+    resources: {{fuse: {fuse}}}
 """
 
 
@@ -142,7 +143,8 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
     out = tmp_path / "driver"  # the driver's own files: status, Optuna's study, MLflow's store
     shared = tmp_path / "shared"  # stands in for the filesystem every node mounts (--storage)
     spec = tmp_path / "twonode.yaml"
-    spec.write_text(long_trials_spec("twonode", 300))  # two trials at once: one per node
+    # two trials at once, one per node, of up to two fused models each (groups over a shared storage)
+    spec.write_text(long_trials_spec("twonode", 300, fuse="2"))
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--address", address,
                            "--out", str(out), "--storage", str(shared), "--device", "cpu"], env=env,
                           capture_output=True, text=True, timeout=900)

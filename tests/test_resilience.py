@@ -111,7 +111,10 @@ def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference):
     markers = list((tmp_path / "runs").glob("*/seed*/.crash-injected"))
     assert len(markers) >= 5 and all(m.parent.name == "seed1" for m in markers)  # every seed-1 model crashed
     attempts = trained(tmp_path)
-    assert all(n == (2 if s == "seed1" else 1) for (h, s), n in attempts.items()), attempts
+    # a crashed model trained twice; a seed-0 model once, or twice when it was fused with a seed-1
+    # model (one process: the group died with it, and every model of it resumed from its checkpoint)
+    assert all(n == 2 if s == "seed1" else n in (1, 2) for (h, s), n in attempts.items()), attempts
+    assert any(n == 1 for n in attempts.values())
     assert_same_rows(tmp_path, reference)
     assert all(r.info.status == "FINISHED" for r in mlflow_children(tmp_path))
 

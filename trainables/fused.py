@@ -7,9 +7,23 @@ K models' tensors are stacked along a new leading dimension and each operation o
 for all K models instead of K times: a linear layer is one batched matrix product (``torch.bmm``),
 the K models' BatchNorm1d one BatchNorm of K x C channels, the K CE losses one call, the SGD update
 a few multi-tensor ops. The batched forward is written for the layers of the MLP family (Flatten,
-Linear, BatchNorm1d, ReLU, ResBlock1d; :class:`FusedModels`), not traced: ``torch.func.vmap`` over
-``functional_call`` (tried first) computes the same but was slower than K separate models on a CPU
-for the cpu preset's MLP (its per-call overhead and transposed products).
+Linear, BatchNorm1d, ReLU, ResBlock1d) and of the convolutional models (resnet32's CIFAR ResNet with
+its option-A shortcuts; torchvision's BasicBlock and Bottleneck with their conv1x1 + BN downsample,
+in :class:`~trainables.models.NarrowResNet` or torchvision's own ResNet; the max-pool stem) by
+:class:`FusedModels`, not traced. For a convolutional backbone the activations are laid out
+(B, K*C, H, W) and a convolution of the K models is one convolution with K times the groups (the
+stacked weight (K, out, in/g, kh, kw) viewed as (K*out, in/g, kh, kw)), a BatchNorm2d one BatchNorm
+of K*C channels (each channel's statistics over (B, H, W): each model's own), the option-A zero
+channels padded per model; after the global average pool the (B, K*C) features take the MLP layout
+(K, C, B) for the classifier and the losses.
+
+``torch.func.vmap`` over ``functional_call`` computes the same and was tried for both families. For
+the cpu preset's MLP it was slower than K separate models (its per-call overhead and transposed
+products). For resnet32 at width 4, K = 4, batch 64, one thread, forward + backward (+ SGD for the
+others), measured on this project's 2-core CPU: K separate models 229 img/s per model (channels_last,
+their default) or 146 (NCHW), vmap 489 / 207 (without the SGD), the grouped convolutions 800 / 181:
+the grouped convolutions with channels_last are kept. The layout follows the runs' ``channels_last``
+knob (the group's first run's; the knob changes no arithmetic beyond rounding).
 
 Nothing of a model's science is shared. Each model
 
@@ -37,13 +51,18 @@ A model whose loss becomes NaN or infinite stops being validated and reported; t
 (its slice of the stack cannot affect theirs), and its entry in the returned list is the
 :class:`~trainables.train.TrainingDiverged` error instead of its metrics.
 
-Not yet (issue #14's later steps): convolutional models (grouped convolutions or ``vmap``,
-BatchNorm2d, channels_last), WB's second stage, forgetting tracking, checkpoints and resume of a fused group, the
-CUDA-graph and torch.compile step, and running a fused group as one Ray Tune trial.
+Exactness: tests/test_fused.py compares fused runs with train() alone. For convolutional models in
+float32 a whole run cannot be compared tightly at the tests' sizes (rounding grows chaotically: train()
+alone with channels_last on and off ends 2 epochs of resnet32 0.15 apart), so whole runs are compared
+in float64 (within 1.1e-9) and one step in float32 (within 1e-5 relative).
+
+Not yet (issue #14's later steps): WB's second stage, forgetting tracking, the CUDA-graph and
+torch.compile step (a fused group trains with eager steps), bf16 of the convolutional models (untested).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,12 +74,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from trainables.config import resolve_config
 from trainables.data import LTDataset
 from trainables.errors import WbsweepError
 from trainables.heads import ETFClassifier
-from trainables.models import Network, ResBlock1d
+from trainables.models import BasicBlock, CifarResNet, NarrowResNet, Network, ResBlock1d
 from trainables.train import (
     DeviceData,
     Knobs,
@@ -72,8 +92,11 @@ from trainables.train import (
     config_dataset,
     finish_run,
     has_conv,
+    inject_crash,
     lr_at_epoch_start,
     pick_device,
+    resume,
+    save_checkpoint,
 )
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
@@ -90,7 +113,17 @@ REFUSED = {"stage2": False, "track_forgetting": False}
 #: compile modes a fused run accepts: it trains with eager (batched) steps; "auto" is eager too.
 FUSED_COMPILE = ("auto", "off")
 
-FusedReporter = Callable[[int, dict[str, Any]], None]
+FusedReporter = Callable[[dict[int, dict[str, Any]]], None]
+
+#: Models whose every layer the batched forward of :class:`FusedModels` runs: the MLP family and the
+#: convolutional ResNets (resnet32; resnet34 and resnext50 as NarrowResNet or torchvision's ResNet).
+FUSABLE_MODELS = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2", "resnet32", "resnet34", "resnext50"})
+
+#: Modules the batched forward runs as a whole (their children are checked by :func:`_check_supported`).
+_CONV_CONTAINERS = (CifarResNet, NarrowResNet, tv_resnet.ResNet, BasicBlock, tv_resnet.BasicBlock,
+                    tv_resnet.Bottleneck)
+_LEAVES = (nn.Flatten, nn.ReLU, nn.Linear, ETFClassifier, nn.BatchNorm1d, nn.BatchNorm2d, nn.Conv2d, nn.MaxPool2d,
+           nn.AdaptiveAvgPool2d, nn.Identity)
 
 
 def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
@@ -116,12 +149,18 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
 
 def _check_supported(m: nn.Module, name: str = "model") -> None:
     """Raise WbsweepError for a module the batched forward of :class:`FusedModels` cannot run."""
-    if isinstance(m, (nn.Sequential, Network)):
+    if isinstance(m, (nn.Sequential, Network, ResBlock1d, *_CONV_CONTAINERS)):
+        if isinstance(m, tv_resnet.ResNet) and not isinstance(m.fc, nn.Identity):
+            raise WbsweepError(f"fused training needs torchvision's ResNet without its fc ({name}).")
         for child, sub in m.named_children():
             _check_supported(sub, f"{name}.{child}")
-    elif isinstance(m, nn.BatchNorm1d) and (m.momentum is None or not m.track_running_stats):
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.momentum is None or not m.track_running_stats):
         raise WbsweepError(f"fused training needs BatchNorm with a momentum and running statistics ({name}).")
-    elif not isinstance(m, (nn.Flatten, nn.ReLU, nn.Linear, ETFClassifier, nn.BatchNorm1d, ResBlock1d)):
+    elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        raise WbsweepError(f"fused training cannot batch a convolution with padding_mode {m.padding_mode} ({name}).")
+    elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size not in (1, (1, 1)):
+        raise WbsweepError(f"fused training batches only the global average pool ({name}).")
+    elif not isinstance(m, _LEAVES):
         raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet: train these runs alone.")
 
 
@@ -132,15 +171,19 @@ def _tensors(run: Training) -> dict[str, torch.Tensor]:
 
 def _per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """(K,) numbers as a float32 tensor shaped (K, 1, 1, ...) to broadcast over the stacked ``like``."""
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 class FusedModels:
-    """K models of one architecture as stacked tensors, trained with one batched step.
+    """K models of one architecture as stacked tensors, trained with one batched step (HFTA, Wang et al.,
+    MLSys 2021: horizontally fused training of K models).
 
-    ``runs`` are the models as :func:`build_training` built them (each with its optimizer groups,
-    schedule and data generator); their own modules are only written to, after each epoch
-    (:meth:`unstack`), to validate and evaluate them with train.py's code."""
+    Every tensor of the K models is stacked along a new leading dimension (``stack[name]``: (K, ...)).
+    Activations: (K, C, B) for the linear layers and the classifier, (B, K*C, H, W) inside a
+    convolutional backbone (see the comments of the batched forward). ``runs`` are the models as
+    :func:`build_training` built them (each with its optimizer groups, schedule and data generator);
+    their own modules are only written to, after each epoch (:meth:`unstack`), to validate and
+    evaluate them with train.py's code."""
 
     def __init__(self, runs: list[Training], dd: DeviceData):
         self.runs, self.dd, self.k = runs, dd, len(runs)
@@ -166,7 +209,9 @@ class FusedModels:
                         trains[by_id[id(p)]][i] = True
                         decay[by_id[id(p)]][i] = float(group["weight_decay"])
         self.trained = [n for n in names if any(trains[n])]
-        self.stack = {n: torch.stack([t[n].detach() for t in own]).clone() for n in names}
+        # contiguous (also from channels_last modules), so that a stacked conv weight (K, out, in, kh, kw)
+        # is a (K*out, in, kh, kw) view, and its gradient is laid out alike
+        self.stack = {n: torch.stack([t[n].detach() for t in own]).contiguous() for n in names}
         for n in self.trained:
             self.stack[n].requires_grad_(True)
         self._mask = {n: _per_model([float(x) for x in trains[n]], self.stack[n]) for n in self.trained}
@@ -174,8 +219,9 @@ class FusedModels:
         self._momentum = {n: _per_model([float(r.cfg["momentum"]) for r in runs], self.stack[n]) for n in self.trained}
         self.template = runs[0].model  # the architecture the batched forward follows (its tensors are not used)
         _check_supported(self.template)
+        self.channels_last = self.knobs.channels_last and has_conv(self.template)
         self.fr = [float(r.cfg["fr"]) for r in runs]
-        self._zeta = torch.tensor(self.fr, dtype=torch.float32, device=dd.device)
+        self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
         self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
@@ -185,7 +231,16 @@ class FusedModels:
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
         self._mom_full = [self._momentum[n].expand_as(self.stack[n]) for n in self.trained]
         self._neg_lr: list[torch.Tensor] = []
+        self._trains = trains
+        # SGD's momentum buffers: a run resumed from its checkpoint brings its own (torch.optim.SGD's
+        # state, zero where it has none); fresh runs have none before their first step.
+        states = [[r.opt.state.get(own[i][n], {}).get("momentum_buffer") for n in self.trained]
+                  for i, r in enumerate(runs)]
         self._bufs: list[torch.Tensor] | None = None
+        if any(b is not None for per in states for b in per):
+            self._bufs = [torch.stack([per[j] if per[j] is not None else torch.zeros_like(self.stack[n][i])
+                                       for i, per in enumerate(states)]).to(self.stack[n])
+                          for j, n in enumerate(self.trained)]
 
     # --- the batched forward ---
     # Activations are laid out (K, C, B): model, channel, image. A linear layer is then one batched
@@ -228,7 +283,88 @@ class FusedModels:
         if isinstance(m, ResBlock1d):
             out = F.relu(self._batch_norm(m.bn1, f"{name}.bn1", self._linear(f"{name}.fc1", x)))
             return F.relu(self._batch_norm(m.bn2, f"{name}.bn2", self._linear(f"{name}.fc2", out)) + x)
+        if isinstance(m, (CifarResNet, NarrowResNet, tv_resnet.ResNet)):
+            return self._resnet(m, name, x)
         raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet.")
+
+    # --- the batched forward of the convolutional models ---
+    # The backbone's activations are laid out (B, K*C, H, W): image, then model-major channels. A
+    # convolution of the K models is then one convolution with K times the groups: the stacked weight
+    # (K, out, in/g, kh, kw) is a (K*out, in/g, kh, kw) view, and group j of model i only sees model
+    # i's input channels. A BatchNorm2d of the K models is one BatchNorm of K*C channels, each
+    # channel's statistics over (B, H, W) -- exactly each model's own. ReLU, max-pool, the residual
+    # sums and the global average pool act per channel. After the pool, the (B, K*C) features become
+    # the MLP layout (K, C, B) for the classifier and the losses.
+
+    def _to_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, Cin, H, W) images, each model its own batch -> (B, K*Cin, H, W)."""
+        k, b, c, h, w = x.shape
+        out = x.transpose(0, 1).reshape(b, k * c, h, w)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def _conv(self, m: nn.Conv2d, name: str, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.stack[f"{name}.weight"], self.stack.get(f"{name}.bias")
+        return F.conv2d(x, w.view(-1, *w.shape[2:]), None if b is None else b.view(-1), m.stride, m.padding,
+                        m.dilation, m.groups * self.k)
+
+    def _bn2d(self, m: nn.BatchNorm2d, name: str, x: torch.Tensor) -> torch.Tensor:
+        s = self.stack
+        if self.training:
+            s[f"{name}.num_batches_tracked"].add_(1)
+        w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
+        return F.batch_norm(x, s[f"{name}.running_mean"].view(-1), s[f"{name}.running_var"].view(-1),
+                            None if w is None else w.view(-1), None if bias is None else bias.view(-1),
+                            self.training, m.momentum, m.eps)
+
+    def _conv_bn(self, block: nn.Module, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._bn2d(getattr(block, f"bn{i}"), f"{name}.bn{i}", self._conv(getattr(block, f"conv{i}"),
+                                                                                  f"{name}.conv{i}", x))
+
+    def _conv_module(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A module of a convolutional backbone on (B, K*C, H, W) activations."""
+        if isinstance(m, nn.Sequential):
+            for child, sub in m.named_children():
+                x = self._conv_module(sub, f"{name}.{child}", x)
+            return x
+        if isinstance(m, nn.Conv2d):
+            return self._conv(m, name, x)
+        if isinstance(m, nn.BatchNorm2d):
+            return self._bn2d(m, name, x)
+        if isinstance(m, nn.ReLU):
+            return F.relu(x)
+        if isinstance(m, nn.Identity):
+            return x
+        if isinstance(m, nn.MaxPool2d):
+            return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, BasicBlock):  # trainables.models' CIFAR block: option-A shortcut
+            out = F.relu(self._conv_bn(m, name, 1, x))
+            out = self._conv_bn(m, name, 2, out)
+            identity = x
+            if m.stride != 1 or m.pad:
+                identity = x[:, :, :: m.stride, :: m.stride]
+                b, _, h, w = identity.shape
+                # zero channels padded per model: (B, K, C, H, W), the C dimension
+                identity = F.pad(identity.reshape(b, self.k, -1, h, w),
+                                 (0, 0, 0, 0, m.pad // 2, m.pad - m.pad // 2)).reshape(b, -1, h, w)
+            return F.relu(out + identity)
+        if isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):  # torchvision's blocks' forward
+            out = F.relu(self._conv_bn(m, name, 1, x))
+            out = self._conv_bn(m, name, 2, out)
+            if isinstance(m, tv_resnet.Bottleneck):
+                out = self._conv_bn(m, name, 3, F.relu(out))
+            identity = x if m.downsample is None else self._conv_module(m.downsample, f"{name}.downsample", x)
+            return F.relu(out + identity)
+        raise WbsweepError(f"fused training cannot batch {type(m).__name__} ({name}) yet.")
+
+    def _resnet(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional backbones: (K, B, Cin, H, W) images in, (K, d, B) features out."""
+        x = self._to_conv(x)
+        if isinstance(m, CifarResNet):
+            x = self._conv_module(m.layers, f"{name}.layers", self._conv_module(m.stem, f"{name}.stem", x))
+        else:  # NarrowResNet, torchvision's ResNet: conv1, bn1, relu, maxpool, layer1..layer4
+            for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+                x = self._conv_module(getattr(m, child), f"{name}.{child}", x)
+        return F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], self.k, -1).permute(1, 2, 0)
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         """This epoch's learning rate of each model (0 for the tensors a model does not train)."""
@@ -258,7 +394,7 @@ class FusedModels:
                     per[i] = r.loss_fn(feats[i], logits[i], y[i], self._heads[i])
             loss = torch.stack(per)  # type: ignore[arg-type]
         if any(self.fr):  # FR: zeta/2 * mean ||g(x)||^2 (losses.feature_regularisation); + 0.0 where zeta is 0
-            loss = loss + 0.5 * self._zeta * feats.pow(2).sum(2).mean(1)
+            loss = loss + 0.5 * self._zeta.to(feats.dtype) * feats.pow(2).sum(2).mean(1)
         return loss
 
     @torch.no_grad()
@@ -277,14 +413,20 @@ class FusedModels:
         finally:
             self.training = True
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
-        Returns the K losses (detached)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K models on their batches ``x`` (K, B, ...) of normalised images, in the current mode
+        (:attr:`training`: batch statistics, running statistics updated): features (K, B, d) and
+        logits (K, B, classes), float32 as train()'s step has them (its loss is always float32)."""
         with self.knobs.autocast(self.dd.device):
             h = self._apply(self.template.backbone, "backbone", x)
             feats = h.transpose(1, 2)  # (K, B, d) views of the (K, d, B) activations
             logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
-        feats, logits = feats.float(), logits.float()
+        return feats.float(), logits.float()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
+        Returns the K losses (detached)."""
+        feats, logits = self.forward(x)
         loss = self.losses(feats, logits, y)
         loss.sum().backward()
         self._sgd()
@@ -331,37 +473,63 @@ class FusedModels:
         return loss_sum, seen
 
     @torch.no_grad()
-    def unstack(self, i: int) -> None:
-        """Write model ``i``'s slice of the stack into its own module."""
+    def unstack(self, i: int, with_momentum: bool = False) -> None:
+        """Write model ``i``'s slice of the stack into its own module; ``with_momentum``: also its
+        momentum buffers into its own optimizer's state (as torch.optim.SGD keeps them), for its checkpoint."""
         for n, t in self.own[i].items():
             t.copy_(self.stack[n][i])
+        run = self.runs[i]
+        if not with_momentum or self._bufs is None or not run.cfg["momentum"]:
+            return
+        for j, n in enumerate(self.trained):
+            if self._trains[n][i]:
+                run.opt.state[self.own[i][n]]["momentum_buffer"] = self._bufs[j][i].clone()
 
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
-    """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`): each model
-    built by :func:`build_training` right after seeding the global RNGs with its seed, as
-    :func:`trainables.train.train` builds it. Raises WbsweepError for a convolutional model."""
-    runs = []
-    for cfg in cfgs:
-        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
-        np.random.seed(cfg["seed"])
-        runs.append(build_training(cfg, dd, Knobs(False, cfg["precision"], "off")))
-        if has_conv(runs[-1].model):
-            raise WbsweepError(f"fused training does not do convolutional models yet ({cfg['model']}): "
-                               f"train these runs alone.")
-    return FusedModels(runs, dd)
+    """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`), fresh
+    (:func:`build_runs`). Raises WbsweepError for a model the batched forward cannot run."""
+    return FusedModels(build_runs(cfgs, dd), dd)
+
+
+def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values), or
+    None when it trains alone: a model the batched forward cannot run (not in :data:`FUSABLE_MODELS`),
+    an option of :data:`REFUSED`, a compile mode other than :data:`FUSED_COMPILE`, or a shared key
+    among ``varies`` (the knobs a search changes from trial to trial). The sweep groups runs with
+    equal keys; :func:`check_fusable` holds for any such group."""
+    if cfg_in.get("stage2"):  # before resolving: a second stage resolves only with its parent's model
+        return None
+    cfg = resolve_config(cfg_in)
+    if (cfg["model"] not in FUSABLE_MODELS or any(cfg[k] != v for k, v in REFUSED.items())
+            or cfg["compile"] not in FUSED_COMPILE or set(varies) & set(SHARED_KEYS)):
+        return None
+    return tuple(json.dumps(cfg[k], sort_keys=True, default=str) for k in SHARED_KEYS)
+
+
+def _resume(run: Training, out: Path) -> dict[str, Any]:
+    """A run's progress from its own checkpoint (:func:`trainables.train.resume`: the format train()
+    writes, so a fused run resumes alone or in another group, and a run of train() in a group)."""
+    return resume(out, run.cfg, run.model, run.opt, run.sched, run.gen)
 
 
 def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path], report: FusedReporter | None = None,
-                data: LTDataset | None = None) -> list[dict[str, Any] | TrainingDiverged]:
+                data: LTDataset | None = None, on_checkpoint: Callable[[], None] | None = None,
+                ) -> list[dict[str, Any] | TrainingDiverged]:
     """Train the configs ``cfgs_in`` as one fused group and write each run's artifacts to its
     ``out_dirs`` entry, as :func:`trainables.train.train` would have written them alone.
 
     Returns, per run, its metrics (``train_seconds`` is its 1/K share of the group's training time,
     and ``fused_k`` = K says it was trained in a group), or the :class:`TrainingDiverged` error of a
-    run whose loss became NaN (nothing is written for it). ``report(i, row)`` is called once per
-    epoch and run with the row :func:`train` reports. ``data`` replaces the configured dataset.
-    Raises WbsweepError for configs that cannot be fused (:func:`check_fusable`)."""
+    run whose loss became NaN (nothing is written for it). ``report(rows)`` is called once per epoch
+    with ``{i: row}``, the row :func:`train` reports, for each run i still training. ``data``
+    replaces the configured dataset.
+
+    Checkpoints: every ``checkpoint_seconds`` (the group's smallest), each run's own checkpoint is
+    written in train()'s format to its folder, then ``on_checkpoint()`` is called. A group started
+    again resumes each run from its checkpoint; runs whose checkpoints hold different epochs (a kill
+    between two of them) train as subgroups, one after the other. Raises WbsweepError for configs
+    that cannot be fused (:func:`check_fusable`)."""
     cfgs = [resolve_config(c) for c in cfgs_in]
     check_fusable(cfgs)
     outs = [Path(o) for o in out_dirs]
@@ -370,7 +538,6 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                            f"got {len(outs)} ({len({o.resolve() for o in outs})} distinct).")
     for o in outs:
         o.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     first = cfgs[0]
     if first["threads"]:
         torch.set_num_threads(int(first["threads"]))
@@ -380,13 +547,47 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
     if data is None:
         data = config_dataset(first)
     dd = DeviceData(data, device, first["augment"])
-    c = data.num_classes
-    fused = build_fused(cfgs, dd)
-    runs = fused.runs
-    k, epochs = len(runs), runs[0].epochs
-    progress = [{"best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": []} for _ in runs]
+    runs = build_runs(cfgs, dd)
+    progress = [_resume(r, out) for r, out in zip(runs, outs, strict=True)]
+    results: list[dict[str, Any] | TrainingDiverged | None] = [None] * len(runs)
+    for start in sorted({p["epoch"] for p in progress}):
+        idx = [i for i, p in enumerate(progress) if p["epoch"] == start]
+        def sub_report(rows: dict[int, dict[str, Any]], idx: list[int] = idx) -> None:
+            if report is not None:
+                report({idx[j]: row for j, row in rows.items()})
+
+        sub = _train_epochs([runs[i] for i in idx], [outs[i] for i in idx], [progress[i] for i in idx], dd, start,
+                            sub_report, on_checkpoint, k=len(runs))
+        for i, r in zip(idx, sub, strict=True):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def build_runs(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> list[Training]:
+    """Each run of a group built by :func:`build_training` right after seeding the global RNGs with
+    its seed, as :func:`trainables.train.train` builds it."""
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
+        np.random.seed(cfg["seed"])
+        # the knobs train() resolves, but eager (the fused step is): its evaluation uses the same layout
+        runs.append(build_training(cfg, dd, Knobs(bool(cfg["channels_last"]), cfg["precision"], "off")))
+    return runs
+
+
+def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[str, Any]], dd: DeviceData,
+                  start: int, report: FusedReporter | None, on_checkpoint: Callable[[], None] | None,
+                  k: int) -> list[dict[str, Any] | TrainingDiverged]:
+    """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.train.resume`
+    returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
+    started = time.time()
+    fused = FusedModels(runs, dd)
+    first, c = runs[0].cfg, dd.data.num_classes
+    epochs = runs[0].epochs
+    every = min(r.cfg["checkpoint_seconds"] for r in runs)
+    last_save = time.time()
     diverged: dict[int, TrainingDiverged] = {}
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start + 1, epochs + 1):
         lrs = [lr_at_epoch_start(r.sched, r.cfg["lr_step"]) for r in runs]
         fused.set_lr([float(r.opt.param_groups[0]["lr"]) for r in runs])
         loss_sum, seen = fused.epoch()
@@ -395,6 +596,7 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                 r.sched.step()
         val_pred = fused.predict("val", first["eval_batch_size"])
         train_losses = [s / seen for s in loss_sum.tolist()]  # the host waits for the device here, once per epoch
+        rows = {}
         for i, (r, p) in enumerate(zip(runs, progress, strict=True)):
             if i in diverged:
                 continue
@@ -404,19 +606,32 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
                 continue
             val_acc = balanced_acc(val_pred[i], dd.y["val"], c)
             p["history"].append({"epoch": epoch, "train_loss": train_losses[i], "val_acc": val_acc, "lr": lrs[i]})
+            p["epoch"] = epoch
             if r.cfg["select"] == "last" or val_acc > p["best_acc"]:
                 p["best_acc"], p["best_epoch"] = val_acc, epoch
                 fused.unstack(i)
                 p["best_state"] = {name: v.detach().clone() for name, v in r.model.state_dict().items()}
-            if report is not None:
-                report(i, p["history"][-1])
-    train_seconds = (time.time() - started) / k
+            rows[i] = p["history"][-1]
+        if epoch < epochs and time.time() - last_save >= every:
+            seconds = (time.time() - started) / k
+            for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
+                if i not in diverged:
+                    fused.unstack(i, with_momentum=True)
+                    save_checkpoint(out, r.cfg, r.model, r.opt, r.sched, r.gen, p, seconds)
+            if on_checkpoint is not None:
+                on_checkpoint()
+            last_save = time.time()
+        inject_crash(*outs, epoch=epoch)
+        if report is not None and rows:
+            report(rows)
+    trained_at = time.time()
     results: list[dict[str, Any] | TrainingDiverged] = []
     for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
         if i in diverged:
             results.append(diverged[i])
             continue
         r.model.load_state_dict(p["best_state"])
+        train_seconds = p["seconds"] + (trained_at - started) / k  # with the attempts before a resume
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
                                   history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
                                   extra={"fused_k": k}))

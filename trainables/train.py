@@ -730,7 +730,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
             if on_checkpoint is not None:
                 on_checkpoint()
             last_save = time.time()
-        inject_crash(out, epoch)
+        inject_crash(out, epoch=epoch)
         if report is not None:
             report(progress["history"][-1])
     trained_at = time.time()
@@ -812,17 +812,21 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
     return progress
 
 
-def inject_crash(out: Path, epoch: int) -> None:
+def inject_crash(*outs: Path, epoch: int) -> None:
     """Fault injection for tests: with WBSWEEP_INJECT_CRASH=N the process dies at the end of epoch
     N, once per run (a marker file stops the retried trial from dying again); with
-    WBSWEEP_INJECT_CRASH_SEEDS=1,2 only the runs of those seeds (fewer restarts, a shorter test)."""
+    WBSWEEP_INJECT_CRASH_SEEDS=1,2 only the runs of those seeds (fewer restarts, a shorter test).
+    ``outs``: the run folders of the process (a fused group's several); every run due to crash is
+    marked before the process dies."""
     at = os.environ.get("WBSWEEP_INJECT_CRASH")
-    seeds = os.environ.get("WBSWEEP_INJECT_CRASH_SEEDS")
-    if seeds and out.name not in {f"seed{s.strip()}" for s in seeds.split(",")}:
+    if not at or int(at) != epoch:
         return
-    marker = out / ".crash-injected"
-    if at and int(at) == epoch and not marker.exists():
-        marker.write_text(str(epoch))
+    seeds = os.environ.get("WBSWEEP_INJECT_CRASH_SEEDS")
+    due = [out for out in outs if not (out / ".crash-injected").exists()
+           and not (seeds and out.name not in {f"seed{s.strip()}" for s in seeds.split(",")})]
+    for out in due:
+        (out / ".crash-injected").write_text(str(epoch))
+    if due:
         os._exit(17)
 
 

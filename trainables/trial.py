@@ -122,62 +122,149 @@ class TrialWarnings:
         return text
 
 
+class Member:
+    """One model of a trial: its resolved config, where its run folder lives (``home``, maybe an
+    object store) and where it trains (``out``, a local folder)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.cfg = training_config(config)
+        self.runs, self.hash, self.seed = config["_runs"], config_hash(self.cfg), self.cfg["seed"]
+        self.out, self.home = run_dir(self.runs, self.hash, self.seed), run_location(self.runs, self.hash, self.seed)
+
+    def open(self) -> dict[str, Any] | None:
+        """Bring the run folder here (an object store: a retry, on any node, resumes from its
+        checkpoint); the metrics when the model is finished already, else None after noting this
+        training attempt (``attempts.log``) and the Ray node (``ray_node_id``)."""
+        import ray
+
+        storage.download(self.home, self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = load_metrics(self.out)
+        if metrics is not None:
+            return metrics
+        with open(self.out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
+            fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
+        # Which Ray node trained it (hostnames can repeat: several nodes per machine, containers).
+        (self.out / "ray_node_id").write_text(ray.get_runtime_context().get_node_id())
+        storage.upload(self.out, self.home, ["attempts.log", "ray_node_id"])
+        return None
+
+    def checkpointed(self) -> None:
+        storage.upload(self.out, self.home, PROGRESS_FILES)
+
+    def final(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The final report of the finished model: its analyses (repeat stages), its objective, its
+        node; the folder uploaded (metrics.json last)."""
+        cfg = self.cfg
+        # Analyses before the final report, so the driver logs their files with the run's artifacts; not
+        # for tune-stage trials: only the chosen config's models are analysed (`wbsweep run` fills in
+        # the chosen trial's own model at the end, from its checkpoint).
+        if cfg["analyses"] and not str(self.config.get("_stage", "")).startswith("tune"):
+            from trainables.analysis import ensure_run_analyses
+
+            ensure_run_analyses(self.out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])
+        # A model trained for another spec holds every LA variant; this trial's objective is its own list's.
+        final = {**metrics, "objective": objective(metrics, cfg["la"])}  # with the per-epoch history, for MLflow
+        node_file = self.out / "ray_node_id"
+        final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
+        storage.finish_upload(self.out, self.home)  # object store: the finished folder, scratch removed
+        return final
+
+
 def tune_trainable(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: per-epoch reports, then one final report with every metric."""
+    """Ray Tune function trainable: per-epoch reports, then one final report with every metric.
+    A config with ``_group`` is a fused group (:func:`train_group`)."""
     import ray
 
-    cfg = training_config(config)
-    check_gpu_usable(cfg["device"], ray.get_gpu_ids())
-    runs, hash_, seed = config["_runs"], config_hash(cfg), cfg["seed"]
-    out, home = run_dir(runs, hash_, seed), run_location(runs, hash_, seed)
-    storage.download(home, out)  # object store: a retry (on any node) resumes from its checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    with TrialWarnings(out) as caught:
-        _train_and_report(config, cfg, runs, hash_, seed, out, home, caught)
+    if "_group" in config:
+        return train_group(config)
+    member = Member(config)
+    check_gpu_usable(member.cfg["device"], ray.get_gpu_ids())
+    member.out.mkdir(parents=True, exist_ok=True)
+    with TrialWarnings(member.out) as caught:
+        _train_and_report(member, caught)
 
 
-def _train_and_report(config: dict[str, Any], cfg: dict[str, Any], runs: str, hash_: str, seed: int, out: Path,
-                      home: str, caught: TrialWarnings) -> None:
-    import ray
+def reporter(caught: TrialWarnings) -> Callable[[dict[str, Any]], None]:
+    """Ray Tune's report, with the warnings raised since the last one."""
     from ray import tune
 
     def report(metrics: dict[str, Any]) -> None:
         news = caught.take()
         tune.report({**metrics, "warnings": news} if news else metrics)
 
-    metrics = load_metrics(out)
+    return report
+
+
+def _train_and_report(member: Member, caught: TrialWarnings) -> None:
+    report = reporter(caught)
+    cfg, out, seed = member.cfg, member.out, member.seed
+    metrics = member.open()
     if metrics is None:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.get("stage2") and storage.is_remote(runs):  # the first stage's model, from the object store
-            parent = storage.read_bytes(storage.join(run_location(runs, cfg["parent_hash"], seed), "model.pt"))
+        if cfg.get("stage2") and storage.is_remote(member.runs):  # the first stage's model, from the object store
+            parent = storage.read_bytes(storage.join(run_location(member.runs, cfg["parent_hash"], seed), "model.pt"))
             if parent is None:
-                raise FileNotFoundError(f"the first stage's model of seed {seed} is not in {runs}")
+                raise FileNotFoundError(f"the first stage's model of seed {seed} is not in {member.runs}")
             (out / PARENT_MODEL).write_bytes(parent)  # init_from is not hashed: where it lies is ours to say
             cfg["init_from"] = str(out / PARENT_MODEL)
-        with open(out / "attempts.log", "a") as fh:  # one line per training attempt (retries, resumes)
-            fh.write(f"{time.time():.3f} pid {os.getpid()}\n")
-        # Which Ray node trained it (hostnames can repeat: several nodes per machine, containers).
-        (out / "ray_node_id").write_text(ray.get_runtime_context().get_node_id())
-        storage.upload(out, home, ["attempts.log", "ray_node_id"])
         try:
-            metrics = train(cfg, out, report=ThrottledReport(report, always=config.get("_report_epochs", ())),
-                            on_checkpoint=lambda: storage.upload(out, home, PROGRESS_FILES))
+            metrics = train(cfg, out, report=ThrottledReport(report, always=member.config.get("_report_epochs", ())),
+                            on_checkpoint=member.checkpointed)
         except TrainingDiverged as exc:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             report({"objective": float("nan"), "diverged": str(exc)})
             return
         finally:
             (out / PARENT_MODEL).unlink(missing_ok=True)  # a copy: the parent's folder has the original
-    # Analyses before the final report, so the driver logs their files with the run's artifacts; not
-    # for tune-stage trials: only the chosen config's models are analysed (`wbsweep run` fills in
-    # the chosen trial's own model at the end, from its checkpoint).
-    if cfg["analyses"] and not str(config.get("_stage", "")).startswith("tune"):
-        from trainables.analysis import ensure_run_analyses
-
-        ensure_run_analyses(out, cfg["analyses"], device=cfg["device"], data_root=cfg["data_root"])
-    # A model trained for another spec holds every LA variant; this trial's objective is its own list's.
-    final = {**metrics, "objective": objective(metrics, cfg["la"])}  # with the per-epoch history, for MLflow
-    node_file = out / "ray_node_id"
-    final["ray_node_id"] = node_file.read_text() if node_file.exists() else None
-    storage.finish_upload(out, home)  # object store: the finished folder (metrics.json last), scratch removed
+    final = member.final(metrics)
     report({"objective": final["objective"], "final": final})
+
+
+def group_members(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trial configs of the models a trial trains: those of its fused group, else its own."""
+    return list(config["_group"]) if "_group" in config else [config]
+
+
+def train_group(config: dict[str, Any]) -> None:
+    """A fused group (``config["_group"]``: the trial configs of K models that
+    :func:`trainables.fused.fusion_key` says share everything a fused step needs) as one trial:
+    models finished already (before a crash, or by another sweep) are re-reported, the others are
+    trained together by :func:`trainables.fused.train_fused`, each resuming from its own checkpoint.
+
+    Reports: per epoch ``{"objective", "models": {"i": row}}`` (i: the position in the group, at most
+    one report a second), then ``{"objective", "group": {"i": final}}`` where ``final`` is what a
+    single trial reports as ``final``, or ``{"diverged": reason}`` for a model whose loss became NaN
+    (the others end normally). ``objective`` is the best of the group's (Ray Tune wants one)."""
+    import ray
+
+    from trainables.fused import train_fused
+
+    members = [Member(m) for m in config["_group"]]
+    check_gpu_usable(members[0].cfg["device"], ray.get_gpu_ids())
+    members[0].out.mkdir(parents=True, exist_ok=True)
+    with TrialWarnings(members[0].out) as caught:
+        report = reporter(caught)
+        done = {i: m.open() for i, m in enumerate(members)}
+        todo = [i for i, metrics in done.items() if metrics is None]
+        results: dict[int, Any] = {i: done[i] for i in done if done[i] is not None}
+        if todo:
+            throttled = ThrottledReport(lambda row: report(row))
+
+            def per_epoch(rows: dict[int, dict[str, Any]]) -> None:
+                throttled({"val_acc": max(r["val_acc"] for r in rows.values()),
+                           "models": {str(todo[j]): r for j, r in rows.items()}})
+
+            def checkpointed() -> None:
+                for i in todo:
+                    members[i].checkpointed()
+
+            trained = train_fused([members[i].cfg for i in todo], [members[i].out for i in todo],
+                                  report=per_epoch, on_checkpoint=checkpointed)
+            results.update(zip(todo, trained, strict=True))
+        group: dict[str, dict[str, Any]] = {}
+        for i, m in enumerate(members):
+            res = results[i]
+            group[str(i)] = {"diverged": str(res)} if isinstance(res, TrainingDiverged) else m.final(res)
+        objectives = [g["objective"] for g in group.values() if "objective" in g]
+        report({"objective": max(objectives) if objectives else float("nan"), "group": group})

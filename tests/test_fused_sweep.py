@@ -1,0 +1,131 @@
+"""Fused groups in the sweep (issue #14): the stage graph hands out up to K models that share a
+fusion key as one Ray Tune trial; each model still gets its own rows, MLflow run and progress count,
+and the results are those of the models trained one per trial."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.graph import member_id, member_result, trial_members
+from orchestrator.spec import load_experiment
+from orchestrator.sweep import AUTO_FUSE, Sweep, SweepOptions, fuse_size
+from trainables.errors import WbsweepError
+from trainables.fused import fusion_key
+from trainables.trial import training_config
+
+
+def sweep_for(tmp_path: Path, fuse: int | str) -> Sweep:
+    out = tmp_path / "out"
+    return Sweep(load_experiment("table4", "smoke"),
+                 SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse=fuse, quiet=True))
+
+
+def test_the_graph_groups_models_that_share_a_fusion_key(tmp_path: Path) -> None:
+    """table4 smoke, K = 3: every model ready at the start (the seeds of naive and cb, the searches of
+    wd, wd_etf and wd_fr_etf) is handed out once, in groups of at most 3 whose members share one
+    fusion key, seeds of one stage and methods of several stages mixed; WB (a second stage) waits."""
+    sweep = sweep_for(tmp_path, 3)
+    handed: list[list[dict]] = []
+    for i in range(20):
+        config = sweep.graph.suggest(f"t{i}")
+        if config is None:
+            break
+        handed.append([c for _, c in trial_members(f"t{i}", config)])
+    sizes = [len(g) for g in handed]
+    assert sizes == [3, 3, 3, 1], sizes  # 2 + 2 repeat seeds and 2 + 2 + 2 search trials = 10 models
+    for group in handed:
+        keys = {fusion_key(training_config(c)) for c in group}
+        assert len(keys) == 1 and None not in keys
+    stages = [c["_stage"] for g in handed for c in g]
+    assert stages.count("repeat:naive") == 2 and stages.count("repeat:cb") == 2
+    assert {s for s in stages if s.startswith("tune")} == {"tune:wd", "tune:wd_etf", "tune:wd_fr_etf"}
+    assert not any("wb" in s for s in stages)
+    assert {c["_stage"] for c in handed[0]} == {"repeat:naive", "repeat:cb"}  # one trial, two methods
+    # searched knobs differ inside a group: two Optuna trials of wd in one fused trial
+    wd = [c for c in handed[1] if c["_stage"] == "tune:wd"]
+    assert len(wd) == 2 and wd[0]["wd"] != wd[1]["wd"]
+
+
+def test_fuse_off_hands_out_one_model_per_trial(tmp_path: Path) -> None:
+    sweep = sweep_for(tmp_path, "off")
+    config = sweep.graph.suggest("t0")
+    assert "_group" not in config and config["_stage"] == "repeat:naive"
+
+
+def test_models_that_cannot_be_fused_get_no_key() -> None:
+    base = {"dataset": "digits-lt", "model": "mlp3", "width": 16}
+    assert fusion_key(base) is not None
+    assert fusion_key({**base, "seed": 3, "wd": 1e-3, "loss": "cb", "lr": 0.1}) == fusion_key(base)
+    assert fusion_key({**base, "width": 32}) != fusion_key(base)
+    assert fusion_key({**base, "stage2": True, "parent_hash": "x"}) is None  # WB's second stage
+    assert fusion_key({**base, "track_forgetting": True}) is None
+    assert fusion_key({**base, "compile": "torch"}) is None
+    assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
+
+
+@pytest.mark.parametrize("value, k", [("auto", AUTO_FUSE), ("off", 1), ("OFF", 1), (4, 4), ("4", 4), (1, 1)])
+def test_fuse_size(value, k) -> None:
+    assert fuse_size(value) == k
+
+
+@pytest.mark.parametrize("value", [0, -2, "x", 2.5, "2.5", True, None, ""])
+def test_fuse_size_refuses_nonsense_in_one_line(value) -> None:
+    with pytest.raises(WbsweepError, match="fuse must be auto, off or a whole number"):
+        fuse_size(value)
+
+
+def test_member_result_reads_nested_and_flattened_reports() -> None:
+    final = {"objective": 80.0, "la": {}}
+    nested = {"objective": 80.0, "group": {"0": final, "1": {"diverged": "loss became nan at epoch 2"}}}
+    assert member_result(nested, 0) == {"objective": 80.0, "final": final}
+    assert member_result(nested, 1) is None and member_result(nested, 2) is None
+    flat = {"objective": 80.0, "group/0/objective": 80.0, "group/1/diverged": "loss became nan"}
+    assert member_result(flat, 0)["objective"] == 80.0
+    assert member_result(flat, 1) is None and member_result(None, 0) is None
+    assert [member_id("abc", i) for i in range(3)] == ["abc", "abc/1", "abc/2"]
+
+
+@pytest.mark.slow  # a second smoke sweep through Ray (~25 s on 2 cores) to compare with the shared fused one
+def test_a_fused_sweep_gives_the_results_of_one_model_per_trial(smoke_sweep, tmp_path: Path) -> None:
+    """The shared smoke sweep runs with the default fuse (auto); the same sweep with --fuse off trains
+    every model in a trial of its own. Same models (config hashes), same chosen configs, the same
+    accuracies (argmaxes of logits equal to float32 rounding) and FDR to 1e-3 relative (a ratio of
+    scatter matrices amplifies the ~1e-6 feature differences); an MLflow run per model either way,
+    tagged with its fused trial only when fused."""
+    from mlflow import MlflowClient
+
+    fused_out, fused_proc = smoke_sweep
+    out = tmp_path / "alone"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
+                           "--out", str(out), "--fuse", "off"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    key = ["method", "la", "seed"]
+    fused = pd.read_parquet(fused_out / "results").sort_values(key).reset_index(drop=True)
+    alone = pd.read_parquet(out / "results").sort_values(key).reset_index(drop=True)
+    assert len(fused) == len(alone) == 24
+    assert (fused["config_hash"] == alone["config_hash"]).all()
+    for col in ("acc_many", "acc_medium", "acc_few", "acc_avg", "tau", "gamma", "best_epoch"):
+        assert fused[col].to_numpy() == pytest.approx(alone[col].to_numpy(), abs=1e-9, nan_ok=True), col
+    for col in ("fdr_train", "fdr_test"):
+        assert fused[col].to_numpy() == pytest.approx(alone[col].to_numpy(), rel=1e-3), col
+    assert "trials 20/20 done" in fused_proc.stderr and "trials 20/20 done" in proc.stderr
+
+    def model_runs(folder: Path) -> list:
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+        exp = client.get_experiment_by_name("table4")
+        return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+                if "wbsweep.config_hash" in r.data.tags]
+
+    fused_runs, alone_runs = model_runs(fused_out), model_runs(out)
+    assert len(fused_runs) == len(alone_runs) == 16  # 2 seeds x 6 methods + 2 search trials x 4 stages - 4 reused
+    assert all(r.info.status == "FINISHED" for r in fused_runs + alone_runs)
+    assert not any("wbsweep.fused_trial" in r.data.tags for r in alone_runs)
+    tagged = [r for r in fused_runs if "wbsweep.fused_trial" in r.data.tags]
+    assert tagged and all(r.data.tags["wbsweep.stage"] != "tune" or r.data.params["stage2"] == "False"
+                          for r in tagged)
+    assert not any(r.data.params.get("stage2") == "True" for r in tagged)  # WB trains alone

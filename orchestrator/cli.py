@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     r.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
     r.add_argument("--fuse", metavar="auto|off|K",
-                   help="models trained together in one trial (fused training of the MLP family; default: the "
-                        "spec's resources.fuse, else auto)")
+                   help="models trained together in one trial, as one batched model (fused training; default: the "
+                        "spec's resources.fuse, else auto: 8 where it was measured to pay)")
     r.add_argument("--plan", action="store_true", help="print the stages, models, epochs and the estimated device "
                                                        "time and cost, run nothing")
     r.add_argument("--plan-device", default="here", help="--plan's figures: here (measure on this machine), or a "

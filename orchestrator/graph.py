@@ -24,7 +24,6 @@ from ray.tune.search import Searcher
 from orchestrator import early_stop
 from orchestrator.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
-from trainables.fused import fusion_key
 from trainables.trial import finished_metrics, group_members, training_config
 
 if TYPE_CHECKING:
@@ -271,7 +270,7 @@ class TuneNode(Node):
         if early_stop.early_stopping(self.sweep.exp):  # ASHA stops a Ray trial as a whole: one model per trial
             return None
         if not hasattr(self, "_fusion_key"):
-            self._fusion_key = fusion_key(self.base, varies=tuple(self.search))
+            self._fusion_key = self.sweep.fusion_key(self.base, varies=tuple(self.search))
         return self._fusion_key
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
@@ -358,7 +357,7 @@ class RepeatNode(Node):
 
     def fusion_key(self) -> tuple[str, ...] | None:
         if not hasattr(self, "_fusion_key"):
-            self._fusion_key = fusion_key(self.cfg)
+            self._fusion_key = self.sweep.fusion_key(self.cfg)
         return self._fusion_key
 
     def next_config(self, trial_id: str) -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ from orchestrator.tracking import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError, exception_chain
+from trainables.fused import fusion_key
 from trainables.methods import method_config
 from trainables.readers import DATA_ROOT_ENV, default_data_root
 from trainables.storage import run_location
@@ -84,9 +85,19 @@ def plan(exp: Experiment) -> list[Stage]:
     return stages
 
 
-#: The group size ``fuse: auto`` gives: the models of one trial when they can be fused (the MLP family;
-#: trainables.fused.fusion_key). Measured on the cpu preset (docs/performance.md): see ``wbsweep bench --fused``.
+#: The group size ``fuse: auto`` gives: the models of one trial when they can be fused
+#: (trainables.fused.fusion_key) and fusing was measured to pay (:func:`auto_fuses`; docs/performance.md).
 AUTO_FUSE = 8
+#: Models ``fuse: auto`` fuses on any device: the MLP family (fused 1.6-1.8x the per-model throughput
+#: of one model per process on a CPU). The convolutional models are fused by ``auto`` on CPUs only:
+#: on a GPU the single-model trainer replays its step as a CUDA graph, the fused step is eager, and
+#: which is faster at which K is for bench/gpu_fused_check.sh to say (set ``fuse: K`` after it has).
+AUTO_FUSED_ANYWHERE = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2"})
+
+
+def auto_fuses(model: str, on_gpu: bool) -> bool:
+    """Whether ``fuse: auto`` fuses runs of ``model`` (see :data:`AUTO_FUSED_ANYWHERE`)."""
+    return model in AUTO_FUSED_ANYWHERE or not on_gpu
 
 
 def fuse_size(value: Any) -> int:
@@ -148,7 +159,9 @@ class Sweep:
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
-        self.fuse = fuse_size(opts.fuse if opts.fuse is not None else res.get("fuse", "auto"))
+        fuse = opts.fuse if opts.fuse is not None else res.get("fuse", "auto")
+        self.fuse = fuse_size(fuse)
+        self.fuse_auto = str(fuse).strip().lower() == "auto"
         self.check_resources()
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
@@ -202,6 +215,17 @@ class Sweep:
         if root:
             return str(Path(root).expanduser().resolve())
         return str(default_data_root()) if os.environ.get(DATA_ROOT_ENV, "").strip() else None
+
+    def fusion_key(self, cfg: dict[str, Any], varies: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+        """The fusion key of a stage's models (:func:`trainables.fused.fusion_key`), or None when this
+        sweep trains them one per trial: ``fuse: off``, or ``auto`` where fusing was not measured to pay."""
+        if self.fuse == 1:
+            return None
+        key = fusion_key(cfg, varies)
+        on_gpu = self.gpus > 0 and self.opts.device != "cpu"
+        if key is None or (self.fuse_auto and not auto_fuses(str(cfg.get("model", DEFAULTS["model"])), on_gpu)):
+            return None
+        return key
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         return {**cfg, "seed": seed, "_runs": self.runs}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import stores
+from orchestrator.provenance import mlflow_tags
 from trainables.errors import WbsweepError, exception_chain
 
 
@@ -76,7 +77,7 @@ class Tracker:
             # a resumed stage, or a model whose training was interrupted, is running again
             self.client.update_run(found, status="RUNNING")
             return found
-        all_tags = dict(tags)
+        all_tags = {**mlflow_tags(), **tags}  # MLflow's source tags: the code that made the run
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id

@@ -13,16 +13,16 @@ import pytest
 
 from orchestrator.graph import member_id, member_result, trial_members
 from orchestrator.spec import load_experiment
-from orchestrator.sweep import AUTO_FUSE, Sweep, SweepOptions, fuse_size
+from orchestrator.sweep import AUTO_FUSE, Sweep, SweepOptions, auto_fuses, fuse_size
 from trainables.errors import WbsweepError
 from trainables.fused import fusion_key
 from trainables.trial import training_config
 
 
-def sweep_for(tmp_path: Path, fuse: int | str) -> Sweep:
+def sweep_for(tmp_path: Path, fuse: int | str, **opts) -> Sweep:
     out = tmp_path / "out"
     return Sweep(load_experiment("table4", "smoke"),
-                 SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse=fuse, quiet=True))
+                 SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse=fuse, quiet=True, **opts))
 
 
 def test_the_graph_groups_models_that_share_a_fusion_key(tmp_path: Path) -> None:
@@ -66,6 +66,19 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key({**base, "track_forgetting": True}) is None
     assert fusion_key({**base, "compile": "torch"}) is None
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
+
+
+def test_auto_fuses_convolutional_models_on_gpus_only_when_asked(tmp_path: Path) -> None:
+    """``auto`` fuses the MLP family everywhere and the convolutional models on CPUs; on a GPU a
+    convolutional model trains alone (its CUDA-graph step) unless the spec or --fuse sets K."""
+    assert auto_fuses("mlp3", on_gpu=True) and auto_fuses("resnet32", on_gpu=False)
+    assert not auto_fuses("resnet32", on_gpu=True)
+    conv = {"dataset": "digits-lt", "model": "resnet32", "width": 4}
+    assert sweep_for(tmp_path / "a", "auto", gpus_per_trial=1).fusion_key(conv) is None
+    assert sweep_for(tmp_path / "b", "auto", gpus_per_trial=1).fusion_key({**conv, "model": "mlp3"}) is not None
+    assert sweep_for(tmp_path / "c", 4, gpus_per_trial=1).fusion_key(conv) is not None
+    assert sweep_for(tmp_path / "d", "auto").fusion_key(conv) is not None  # gpus_per_trial 0: CPUs
+    assert sweep_for(tmp_path / "e", "off").fusion_key({**conv, "model": "mlp3"}) is None
 
 
 @pytest.mark.parametrize("value, k", [("auto", AUTO_FUSE), ("off", 1), ("OFF", 1), (4, 4), ("4", 4), (1, 1)])

@@ -232,19 +232,22 @@ def test_the_plans_model_time_for_the_cpu_preset_is_within_a_factor_of_two_of_tr
     from trainables.train import train
 
     exp = load_experiment("table4", "cpu")
-    speed = cost.measure_here(exp, "cpu")
-    estimate = speed.model_s(40) - cost.TRIAL_OVERHEAD_S
     cfg = resolve_config({**exp.train, **method_config(get_method("naive"), exp.hyper), "device": "cpu",
                           "seed": 1, "la": ["none", "add", "mult"], "compile": "off"})
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            train(cfg, tmp)
-            measured = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+    estimates, times = [], []
+    for _ in range(3):  # alternating, the median of each: sub-second figures on a shared machine
+        cost._MEASURED.clear()  # a fresh measurement, not one an earlier test made under other load
+        estimates.append(cost.measure_here(exp, "cpu").model_s(40) - cost.TRIAL_OVERHEAD_S)
+        torch.set_num_threads(1)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                train(cfg, tmp)
+                times.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+    estimate, measured = sorted(estimates)[1], sorted(times)[1]
     assert measured / 2 <= estimate <= measured * 2, (estimate, measured)
 
 

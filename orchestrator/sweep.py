@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import stores
+from orchestrator import early_stop, stores
 from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.progress import Progress
@@ -277,11 +277,12 @@ class Sweep:
             self.progress.note(f"autoscaling cluster ({self.shape.source}): node types {self.shape.describe()}; "
                                "trials wait while the autoscaler starts the nodes they need")
         self.callback = TrialCallback(self)
+        self.scheduler = early_stop.stage_scheduler(self.exp)  # ASHA for tune stages, or None (FIFO)
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
             param_space={"_runs": self.runs},
             tune_config=tune.TuneConfig(
-                metric="objective", mode="max", num_samples=-1, search_alg=self.graph,
+                metric="objective", mode="max", num_samples=-1, search_alg=self.graph, scheduler=self.scheduler,
                 max_concurrent_trials=self.max_concurrent, reuse_actors=True,
             ),
             run_config=tune.RunConfig(

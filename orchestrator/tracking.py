@@ -130,20 +130,27 @@ def transient(exc: BaseException) -> bool:
     process (MLflow wraps SQLAlchemy's OperationalError in an MlflowException with error code
     TEMPORARILY_UNAVAILABLE), a tracking server unreachable after its client's own retries (an
     MlflowException caused by a requests error), or answering 5xx/429 (a RestException)."""
+    return transient_cause(exc) is not None
+
+
+def transient_cause(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that makes it :func:`transient` (the innermost that says why:
+    "database is locked" rather than SQLAlchemy's autoflush wrapper around it), or None."""
     import sqlite3
 
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException, RestException
 
+    found = None
     for e in itertools.islice(exception_chain(exc), 10):
         if isinstance(e, OSError | sqlite3.OperationalError | sqlalchemy.exc.OperationalError):
-            return True  # refused or reset connections, timeouts (requests' are OSErrors), a locked database
+            return e  # refused or reset connections, timeouts (requests' are OSErrors), a locked database
         if isinstance(e, RestException):
-            return e.get_http_status_code() >= 500 or e.get_http_status_code() == 429
-        if isinstance(e, MlflowException) and e.error_code in (
+            return e if e.get_http_status_code() >= 500 or e.get_http_status_code() == 429 else found
+        if found is None and isinstance(e, MlflowException) and e.error_code in (
                 "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED"):
-            return True
-    return False
+            found = e  # a cause further in may say more
+    return found
 
 
 class _QuietLockErrors(logging.Filter):
@@ -212,7 +219,7 @@ class Outbox:
                 if transient(exc):
                     self.next_try = time.monotonic() + self.retry_s
                     if not self.down:
-                        self.down = first_line(exc)
+                        self.down = first_line(transient_cause(exc) or exc)
                         self.note(f"WARNING MLflow tracking store unavailable ({self.down}; retried for "
                                   f"{time.monotonic() - started:.0f} s): its logging is deferred and caught up later; "
                                   "the sweep goes on, results and run folders are written as usual")

@@ -25,9 +25,9 @@ KEY = ["spec", "dataset", "model", "method", "la", "seed"]
 COMPARED = ["acc_many", "acc_medium", "acc_few", "acc_avg", "fdr_train", "fdr_test", "tau", "gamma", "config_hash"]
 
 
-def run_cmd(out: Path, env: dict | None = None, stderr=subprocess.PIPE) -> subprocess.Popen:
+def run_cmd(out: Path, env: dict | None = None, stderr=subprocess.PIPE, fuse: str = "auto") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                             "--out", str(out), "--fuse", fuse], stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
@@ -127,8 +127,10 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
     status 'interrupted', no abort dump from the libraries' own signal handlers; and what the sweep
     started ends: the stopped trials' MLflow runs KILLED with the reason, the stages' runs ended, the
-    Optuna trials in flight failed (a resume proposes others), no trial counted as running."""
-    proc = run_cmd(tmp_path)
+    Optuna trials in flight failed (a resume proposes others), no trial counted as running. One
+    model per trial (--fuse off): fused groups of sub-second models finish in bursts, and the stop
+    must find some in flight."""
+    proc = run_cmd(tmp_path, fuse="off")
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "trials").glob("*.parquet")):
         time.sleep(0.5)

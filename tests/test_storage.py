@@ -206,9 +206,11 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     assert len(finished) >= 16
     assert not [p for p in files if p.endswith("/checkpoint.pt")]
     attempts = [len(storage.read_bytes(f"s3://{p}/attempts.log").splitlines()) for p in finished]
-    # every seed-1 model crashed once and its retry resumed; seed-0 models trained once
-    assert attempts == [2 if p.endswith("/seed1") else 1 for p in finished], attempts
-    assert attempts.count(2) >= 5
+    # every seed-1 model crashed once and its retry resumed; a seed-0 model trained once, or twice when
+    # it was fused with a seed-1 model (the group's process died with it)
+    assert all(n == 2 if p.endswith("/seed1") else n in (1, 2) for p, n in zip(finished, attempts, strict=True)), \
+        attempts
+    assert attempts.count(2) >= 5 and attempts.count(1) >= 1
     assert any(p.startswith(f"{BUCKET}/sweep/ray/") for p in
                (i.path for i in fs.get_file_info(FileSelector(f"{BUCKET}/sweep", recursive=True))))
     # nothing of it on the driver's disk but its own files, no model folder left in the scratch

@@ -107,3 +107,36 @@ def test_the_outbox_defers_calls_while_the_store_is_unreachable_and_catches_up(t
     outbox.catch_up(final=True)
     assert "1 tracking call(s) could not be made" in notes[-1] and "\n" not in notes[-1]
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_an_unavailable_store_is_named_by_its_innermost_cause() -> None:
+    """MLflow may wrap a locked SQLite store in an MlflowException whose first line is SQLAlchemy's
+    autoflush note (seen on a loaded machine): the warning names the lock, not the wrapper."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from orchestrator.tracking import first_line, transient, transient_cause
+
+    def wrapped() -> MlflowException:
+        try:
+            try:
+                raise sqlite3.OperationalError("database is locked")
+            except sqlite3.OperationalError as lock:
+                raise sqlalchemy.exc.OperationalError("UPDATE runs ...", {}, lock) from lock
+        except sqlalchemy.exc.OperationalError as exc:
+            try:
+                raise MlflowException("(raised as a result of Query-invoked autoflush; consider using a "
+                                      "session.no_autoflush block)", error_code=TEMPORARILY_UNAVAILABLE) from exc
+            except MlflowException as outer:
+                return outer
+
+    exc = wrapped()
+    assert transient(exc) and "database is locked" in first_line(transient_cause(exc))
+    assert "autoflush" in first_line(exc)
+    plain = MlflowException("run not found", error_code=RESOURCE_DOES_NOT_EXIST)
+    assert not transient(plain) and transient_cause(plain) is None
+    busy = MlflowException("try later", error_code=TEMPORARILY_UNAVAILABLE)
+    assert transient_cause(busy) is busy

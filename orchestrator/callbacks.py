@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
+from orchestrator.mlflow_views import optuna_attrs
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -50,7 +51,11 @@ def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
     """End the model runs a dead driver (kill -9, a lost head node) left RUNNING: FINISHED with
     their metrics and files when the model did finish (its trial ended after the driver died), else
     KILLED with the reason (a tune trial in flight that the resumed study may never propose again).
-    A model trained later re-attaches to its run, which then ends FINISHED."""
+    A model trained later re-attaches to its run, which then ends FINISHED. Reference runs
+    (orchestrator/mlflow_views.py) cut off while being made end FINISHED: they train nothing."""
+    from orchestrator.mlflow_views import end_reference_runs
+
+    end_reference_runs(tracker)
     for run_id, hash_, seed in tracker.running_model_runs():
         metrics = finished_metrics(runs, hash_, seed)
         if metrics is None:
@@ -161,6 +166,8 @@ class TrialCallback(Callback):
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
         name = f"{node.method} seed{cfg['seed']}" + (f" {mid}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
+        if node.kind == "tune":  # the Optuna trial names its model (optuna-dashboard shows it)
+            optuna_attrs(node, mid, {"config_hash": hash_})
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
             run_id = tracker.run(name, tags, parent=node.parent_run())
@@ -172,6 +179,8 @@ class TrialCallback(Callback):
             storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
                                 run_id.encode())
             self.run_ids[mid] = run_id
+            if node.kind == "tune":
+                optuna_attrs(node, mid, {"mlflow_run_id": run_id})
 
         self.open.add(mid)
         self.sweep.outbox(f"the run of {node.label} seed {cfg['seed']}", start)

@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
-from orchestrator.mlflow_views import optuna_attrs
+from orchestrator.mlflow_views import log_pytorch_model, optuna_attrs
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -260,6 +260,11 @@ class TrialCallback(Callback):
         def log_files(run_id: str) -> None:  # a deferred call downloads them again (a remote storage)
             with storage.local_copy(runs, hash_, seed) as folder:
                 tracker.log_artifacts(run_id, folder)
+                if node.kind == "repeat":  # the models of the table: loadable with mlflow.pytorch.load_model
+                    why = log_pytorch_model(tracker, run_id, folder)
+                    if why:
+                        self.sweep.progress.note(f"WARNING MLflow: {node.label} seed {seed}: PyTorch model not "
+                                                 f"logged ({why}); model.pt is in its run folder and artifacts")
 
         self.log_history(mid, final.get("history", []))
         metrics = final_metrics(final)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +196,29 @@ def log_report_run(tracking_uri: str, out: Path, store: str, spec: str, preset: 
     return run_id
 
 
+def attach_claims(tracking_uri: str, out: Path, spec: str, preset: str, claims: pd.DataFrame) -> str:
+    """The claims of ``report --claims`` in the spec-level run ``report <preset>`` (made, or
+    re-attached; the table replaced): ``claims_table.json`` and ``claims.csv``. Its id."""
+    import tempfile
+
+    from orchestrator.tracking import Tracker
+
+    local = not tracking_uri.startswith(("http://", "https://"))
+    tracker = Tracker(tracking_uri, spec, out / "mlartifacts" if local else None)
+    run_id = tracker.run(f"report {preset}", {"wbsweep.kind": "report", "wbsweep.preset": preset})
+    try:
+        _drop_artifacts(tracker, run_id, ["claims_table.json"])
+        tracker.client.log_table(run_id, data=claims, artifact_file="claims_table.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "claims.csv").write_text(claims.to_csv(index=False))
+            tracker.client.log_artifact(run_id, str(Path(tmp) / "claims.csv"))
+        tracker.finish(run_id)
+    except Exception:
+        tracker.client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
 def _drop_artifacts(tracker: Tracker, run_id: str, paths: list[str]) -> None:
     """Delete ``paths`` from a run's artifacts where the store allows it (so a rerun replaces them)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -225,3 +249,65 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
         from orchestrator.tracking import first_line
 
         log(f"WARNING report not logged to MLflow: {first_line(exc)}")
+
+
+def network_from_run(folder: Path):
+    """The trained :class:`trainables.models.Network` of a run folder, rebuilt from its ``model.pt``
+    (weights and config; the dataset, from this node's cache, gives the input shape and classes)."""
+    import torch
+
+    from trainables.config import DEFAULTS
+    from trainables.datacache import cached_dataset
+    from trainables.models import ModelSpec, build_model, fix_batchnorm_
+
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    cfg = {**DEFAULTS, **state["config"]}
+    root = cfg.get("data_root")
+    if root is not None and not Path(root).is_dir():
+        root = None  # trained elsewhere: this node's default data root
+    data = cached_dataset(cfg["dataset"], root, cfg["rho"], val_per_class=cfg["val_per_class"], split=cfg["split"])
+    model = build_model(ModelSpec(cfg["model"], data.num_classes, data.x_train.shape[1], data.x_val.shape[-1],
+                                  cfg["classifier"], cfg["etf_bias"], cfg["width"], etf_seed=cfg["seed"]))
+    if cfg["bn"] == "fixed":
+        fix_batchnorm_(model, cfg["bn_scale"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+#: Where a repeat-stage model run holds its MLflow PyTorch model (``mlflow.pytorch.load_model(
+#: "runs:/<run id>/pytorch_model")``).
+PYTORCH_MODEL = "pytorch_model"
+
+
+def log_pytorch_model(tracker: Tracker, run_id: str, folder: Path) -> str | None:
+    """The model of ``folder`` as an MLflow PyTorch model under the run's ``pytorch_model`` (the
+    requirements given, not inferred: cheap). Loading it needs wbsweep importable (its classes).
+    A model that cannot be rebuilt or saved is not logged: the reason is returned (the sweep goes
+    on); the store's own errors are raised (the outbox retries them)."""
+    import inspect
+    import tempfile
+
+    import torch
+
+    from orchestrator.tracking import first_line
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PYTORCH_MODEL
+        quiet = logging.getLogger("mlflow.pytorch")  # its warning about pickle, for every model
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            import mlflow.pytorch
+
+            model = network_from_run(folder)
+            kw = {}
+            if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters:
+                kw["serialization_format"] = "pickle"  # a newer MLflow's default (pt2) traces the model: not cheap
+            mlflow.pytorch.save_model(model, str(path), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                      **kw)
+        except Exception as exc:  # noqa: BLE001 - the model's files and rows stand without it
+            return first_line(exc)
+        finally:
+            quiet.setLevel(level)
+        tracker.client.log_artifacts(run_id, str(path), artifact_path=PYTORCH_MODEL)
+    return None

@@ -40,7 +40,8 @@ def test_repeat_parents_hold_mean_and_std_of_their_rows_and_list_every_seed(smok
     runs = runs_of(client, "table4")
     by_id = {r.info.run_id: r for r in runs}
     df = pd.read_parquet(out / "results")
-    parents = [r for r in runs if r.data.tags.get("wbsweep.stage") == "repeat" and "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs
+               if r.data.tags.get("wbsweep.stage") == "repeat" and "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 6
     references = 0
     for p in parents:
@@ -109,11 +110,11 @@ def test_run_folder_files_are_stored_once(smoke):
     inodes: dict[tuple[int, int], int] = {}
     for top in ("runs", "mlartifacts"):
         for path in (out / top).rglob("*"):
-            if path.is_file():
+            if path.is_file() and "pytorch_model" not in path.parts:  # the MLflow models: another format
                 st = path.stat()
                 inodes[(st.st_dev, st.st_ino)] = st.st_size
     runs_bytes = sum(p.stat().st_size for p in (out / "runs").rglob("*") if p.is_file())
-    assert sum(inodes.values()) - runs_bytes < 100_000  # mlartifacts/ adds the reports and figures only
+    assert sum(inodes.values()) - runs_bytes < 100_000  # mlartifacts/ adds the report's files only
 
 
 def test_another_spec_lists_the_models_it_reuses(smoke, tmp_path):
@@ -139,3 +140,26 @@ def test_another_spec_lists_the_models_it_reuses(smoke, tmp_path):
     df = pd.read_parquet(out / "results").query("spec == 't4copy'")
     assert set(df["mlflow_run_id"]) == {r.data.tags["wbsweep.reference_of"] for r in kids}
     assert [r for r in runs if r.data.tags.get("wbsweep.kind") == "report"]
+
+
+def test_repeat_models_load_with_mlflow_pytorch(smoke):
+    """A repeat-stage model run holds an MLflow PyTorch model with the weights of its model.pt."""
+    import mlflow.pytorch
+    import torch
+
+    out, client = smoke
+    df = pd.read_parquet(out / "results")
+    runs = {r.info.run_id: r for r in runs_of(client, "table4")}
+    trained = [r for r in df.itertuples() if runs[r.mlflow_run_id].data.tags["wbsweep.stage"] == "repeat"]
+    assert trained
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    try:
+        for r in (trained[0], trained[-1]):
+            model = mlflow.pytorch.load_model(f"runs:/{r.mlflow_run_id}/pytorch_model",
+                                              dst_path=str(out / f"dl-{r.Index}"))
+            saved = torch.load(out / "runs" / r.config_hash / f"seed{r.seed}" / "model.pt", weights_only=True)["model"]
+            state = model.state_dict()
+            assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    finally:
+        mlflow.set_tracking_uri(before)

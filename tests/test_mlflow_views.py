@@ -142,7 +142,7 @@ def test_another_spec_lists_the_models_it_reuses(smoke, tmp_path):
     assert [r for r in runs if r.data.tags.get("wbsweep.kind") == "report"]
 
 
-def test_repeat_models_load_with_mlflow_pytorch(smoke):
+def test_repeat_models_load_with_mlflow_pytorch(smoke, tmp_path):
     """A repeat-stage model run holds an MLflow PyTorch model with the weights of its model.pt."""
     import mlflow.pytorch
     import torch
@@ -156,8 +156,7 @@ def test_repeat_models_load_with_mlflow_pytorch(smoke):
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     try:
         for r in (trained[0], trained[-1]):
-            model = mlflow.pytorch.load_model(f"runs:/{r.mlflow_run_id}/pytorch_model",
-                                              dst_path=str(out / f"dl-{r.Index}"))
+            model = mlflow.pytorch.load_model(f"runs:/{r.mlflow_run_id}/pytorch_model", dst_path=str(tmp_path))
             saved = torch.load(out / "runs" / r.config_hash / f"seed{r.seed}" / "model.pt", weights_only=True)["model"]
             state = model.state_dict()
             assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
 from orchestrator.mlflow_views import log_pytorch_model, optuna_attrs
@@ -226,6 +227,10 @@ class TrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         members = self.members(trial)
+        pruned_at = early_stop.pruned_epoch(self.sweep, trial.trial_id)
+        if len(members) == 1 and last.get("final") is None and pruned_at is not None:
+            early_stop.record_pruned(self, trial, pruned_at)  # stopped early by its tune stage's ASHA: not failed
+            return
         if len(members) == 1:
             self.model_done(members[0][0], members[0][1], last.get("final"), last.get("diverged"))
             return

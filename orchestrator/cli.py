@@ -87,23 +87,14 @@ def _data_root(path: str | None) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.report import report
     from orchestrator.spec import load_experiments
-    from orchestrator.sweep import Sweep, SweepOptions, plan
+    from orchestrator.sweep import Sweep, SweepOptions
 
     exps = load_experiments(args.spec, args.preset)  # one, or one per variant (dataset/model) of the preset
     exp = exps[0]
-    if args.plan:
-        plans = [plan(e) for e in exps]
-        n_var = f"{len(exps)} variants, " if len(exps) > 1 else ""
-        print(f"{exp.name} preset {exp.preset}: {n_var}{sum(map(len, plans))} stages, "
-              f"{sum(s.trials for p in plans for s in p)} trials at most (finished work is skipped)")
-        for e, stages in zip(exps, plans, strict=True):
-            if len(exps) > 1:
-                print(f"  variant {e.variant}: {e.train.get('dataset', 'digits-lt')}, {e.train.get('model', 'mlp3')}")
-            for i, s in enumerate(stages, 1):
-                space = e.searched_for(s.entry.method) if s.kind == "tune" else {}
-                extra = f" searching {', '.join(space)}" if space else ""
-                print(f"  {i:2d}. {s.label:<24} {s.trials:3d} trial(s){extra}")
-        return 0
+    if args.plan:  # stages, models, epochs, estimated device time and cost (orchestrator.cost)
+        from orchestrator import cost
+
+        return cost.plan_command(exps, args)
     out = _out_dir(args.out, create=True)
     from orchestrator.tracking import default_tracking_uri
 
@@ -489,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fuse", metavar="auto|off|K",
                    help="models trained together in one trial, as one batched model (fused training; default: the "
                         "spec's resources.fuse, else auto: 8 where it was measured to pay)")
-    r.add_argument("--plan", action="store_true", help="print the stages and trial counts, run nothing")
+    r.add_argument("--plan", action="store_true", help="print the stages, models, epochs and the estimated device "
+                                                       "time and cost, run nothing")
+    r.add_argument("--plan-device", default="here", help="--plan's figures: here (measure on this machine), or a "
+                                                         "device recorded by wbsweep bench (h100, h200, ...; bench/)")
+    r.add_argument("--price-per-gpu-hour", help="--plan: also the cost at this price per GPU-hour")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
+from orchestrator import early_stop
 from orchestrator.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
 from trainables.trial import finished_metrics, group_members, training_config
@@ -164,6 +165,7 @@ class TuneNode(Node):
         self.results: list[tuple[float, dict[str, Any]]] = []
         self.search = sweep.exp.searched_for(entry.method)
         self.seed = sweep.exp.seeds[0]
+        self.pruned = 0  # trials stopped early (orchestrator.early_stop), this run's and a resumed study's
 
     def step(self) -> None:
         if self.state != "waiting":
@@ -183,7 +185,8 @@ class TuneNode(Node):
         # paths or options added later at their defaults), the objective's LA variants, the space, the
         # budget. A rerun on another machine, or by a newer version, finds the stage's choice again.
         key = config_hash({"base": config_hash(training_config(self.sweep.trial_config(base, self.seed))),
-                           "la": list(base["la"]), "search": self.search, "trials": self.planned, "seed": self.seed})
+                           "la": list(base["la"]), "search": self.search, "trials": self.planned, "seed": self.seed,
+                           **early_stop.key(self.sweep.exp)})
         self.record = self.sweep.out / "stages" / f"tune-{self.method}-{key}.json"
         searched = self.recorded_choice()
         if searched is not None:
@@ -225,26 +228,29 @@ class TuneNode(Node):
         from ray.tune.search.optuna import OptunaSearch
 
         storage = self.sweep.optuna_storage()
-        earlier = []
+        earlier, pruned = [], []
         if name in {s.study_name for s in storage.get_all_studies()}:
             study_id = storage.get_study_id_from_name(name)
             end_open_trials(storage, study_id)  # a driver killed before it could
             earlier = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE,))
+            # pruned trials count towards the budget (and are not proposed again) but are never chosen
+            pruned = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.PRUNED,))
+            self.pruned = len(pruned)
         # A discrete space (the BN-scale grid) is enumerated, each point once, also across a resume:
         # the points a finished trial evaluated are not proposed again.
         points = discrete_points(self.search, self.planned, self.seed)
         if points is not None:
-            done = {point_key(t.params) for t in earlier}
+            done = {point_key(t.params) for t in earlier + pruned}
             points = [p for p in points if point_key(p) not in done]
-            planned = len(earlier) + len(points)
+            planned = len(earlier) + len(pruned) + len(points)
             if planned < self.planned:  # a grid smaller than the budget: no point twice
                 self.sweep.progress.total -= self.planned - planned
                 self.planned = planned
         self.results = [(float(t.value), self.sweep.trial_config({**self.base, **t.params}, self.seed))
                         for t in earlier]
-        self.issued = len(self.results)
-        if earlier:
-            self.sweep.progress.skip(len(earlier), "study")
+        self.issued = len(self.results) + self.pruned
+        if self.issued:
+            self.sweep.progress.skip(self.issued, "study")
         # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
         # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
         sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)
@@ -261,6 +267,8 @@ class TuneNode(Node):
             end_open_trials(storage, storage.get_study_id_from_name(self.study_name))
 
     def fusion_key(self) -> tuple[str, ...] | None:
+        if early_stop.early_stopping(self.sweep.exp):  # ASHA stops a Ray trial as a whole: one model per trial
+            return None
         if not hasattr(self, "_fusion_key"):
             self._fusion_key = self.sweep.fusion_key(self.base, varies=tuple(self.search))
         return self._fusion_key
@@ -272,14 +280,20 @@ class TuneNode(Node):
         if params is None:
             return None
         self.issued += 1
-        return self.trial(trial_id, {**self.base, **params}, self.seed)
+        cfg = {**self.base, **params}
+        return self.trial(trial_id, {**cfg, **early_stop.report_epochs(self.sweep.exp, cfg)}, self.seed)
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         config = self.in_flight.pop(trial_id)
-        error = error or not finished(result)  # a diverged trial reports no final metrics
-        self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
-        if not error:
-            self.results.append((float(result["objective"]), config))
+        epoch = early_stop.pruned_epoch(self.sweep, trial_id)
+        if epoch is not None and not error:  # stopped early: PRUNED, never chosen
+            early_stop.tell_pruned(self.optuna, trial_id, result, epoch)
+            self.pruned += 1
+        else:
+            error = error or not finished(result)  # a diverged trial reports no final metrics
+            self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
+            if not error:
+                self.results.append((float(result["objective"]), config))
         if self.issued >= self.planned and not self.in_flight:
             self.choose()
 

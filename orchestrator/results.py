@@ -41,12 +41,12 @@ SCHEMA = pa.schema(
         ("wbsweep_version", pa.string()), ("torch_version", pa.string()), ("ray_version", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
         ("data_fingerprint", pa.string()),
-        ("git_commit", pa.string()), ("git_dirty", pa.bool_()), ("packages", pa.string()),
+        ("git_commit", pa.string()), ("git_dirty", pa.bool_()), ("packages", pa.string()), ("pruned", pa.bool_()),
     ]
 )
 COLUMNS = SCHEMA.names
 #: Columns added after results files existed: a file without them is read with nulls there.
-ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages"})
+ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned"})
 
 
 def rows_for_run(
@@ -80,7 +80,7 @@ def rows_for_run(
             "config": json.dumps(cfg, sort_keys=True, default=str),
             "data_fingerprint": metrics.get("data_fingerprint"),
             "git_commit": versions.get("git_commit"), "git_dirty": versions.get("git_dirty"),
-            "packages": versions.get("packages"),
+            "packages": versions.get("packages"), "pruned": False,
         })
     return rows
 

@@ -25,8 +25,9 @@ from trainables.methods import Method, get_method
 from trainables.models import check_model_name
 
 SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
-PRESET_KEYS = {"extends", "description", "train", "hyper", "search", "trials", "seeds", "resources", "variants"}
-VARIANT_KEYS = {"name", "train", "hyper", "search", "trials", "seeds"}
+PRESET_KEYS = {"extends", "description", "train", "hyper", "search", "trials", "seeds", "resources", "variants",
+               "search_scheduler"}
+VARIANT_KEYS = {"name", "train", "hyper", "search", "trials", "seeds", "search_scheduler"}
 #: How ``wbsweep report`` lays a spec out: Table 4's accuracy table, Table 2's FDR per dataset,
 #: Table 3's FDR before/after a random layer, or the figures of the analyses (trainables/analysis.py).
 LAYOUTS = ("accuracy", "fdr", "fdr_random_layer", "figure")
@@ -61,6 +62,7 @@ class Experiment:
     layout: str = "accuracy"  # one of LAYOUTS
     paper_figure: int | None = None
     variant: str | None = None  # the preset's variant (dataset/model) this experiment is, if it has variants
+    search_scheduler: dict[str, Any] | None = None  # early stopping of tune trials (orchestrator.early_stop)
 
     def searched_for(self, method: Method) -> dict[str, dict[str, Any]]:
         """The part of the search space that applies to ``method`` (its knobs only)."""
@@ -298,7 +300,10 @@ def _experiment(p: dict[str, Any], preset: str, where: str, common: dict[str, An
     res = p.get("resources") or {}
     if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
         raise WbsweepError(f"{where}: preset '{preset}': resources may only set {', '.join(sorted(RESOURCE_KEYS))}.")
+    from orchestrator.early_stop import parse as parse_scheduler
+
+    scheduler = parse_scheduler(p.get("search_scheduler"), f"{where}: preset '{preset}'")
     if variant is not None:
         preset = preset_name
     return Experiment(preset=preset, train=train, hyper=hyper, search=search, trials=trials, seeds=seeds,
-                      resources=res, source=where, variant=variant, **common)
+                      resources=res, source=where, variant=variant, search_scheduler=scheduler, **common)

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import stores
+from orchestrator import early_stop, stores
 from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.mlflow_views import log_repeat_summaries, reference_run
@@ -106,6 +106,8 @@ def fuse_size(value: Any) -> int:
     resource: ``off`` (1: a model per trial), ``auto`` (:data:`AUTO_FUSE`), or a whole number K from 1.
     Only models that can be fused are grouped; the others train one per trial whatever K is.
     Raises WbsweepError for anything else."""
+    if value is False:  # YAML 1.1 reads an unquoted `fuse: off` as false
+        return 1
     if isinstance(value, str) and value.strip().lower() in ("off", "auto"):
         return 1 if value.strip().lower() == "off" else AUTO_FUSE
     try:
@@ -276,11 +278,12 @@ class Sweep:
             self.progress.note(f"autoscaling cluster ({self.shape.source}): node types {self.shape.describe()}; "
                                "trials wait while the autoscaler starts the nodes they need")
         self.callback = TrialCallback(self)
+        self.scheduler = early_stop.stage_scheduler(self.exp)  # ASHA for tune stages, or None (FIFO)
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
             param_space={"_runs": self.runs},
             tune_config=tune.TuneConfig(
-                metric="objective", mode="max", num_samples=-1, search_alg=self.graph,
+                metric="objective", mode="max", num_samples=-1, search_alg=self.graph, scheduler=self.scheduler,
                 max_concurrent_trials=self.max_concurrent, reuse_actors=True,
             ),
             run_config=tune.RunConfig(

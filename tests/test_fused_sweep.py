@@ -81,7 +81,9 @@ def test_auto_fuses_convolutional_models_on_gpus_only_when_asked(tmp_path: Path)
     assert sweep_for(tmp_path / "e", "off").fusion_key({**conv, "model": "mlp3"}) is None
 
 
-@pytest.mark.parametrize("value, k", [("auto", AUTO_FUSE), ("off", 1), ("OFF", 1), (4, 4), ("4", 4), (1, 1)])
+# False: YAML reads an unquoted `fuse: off` as a boolean
+@pytest.mark.parametrize("value, k", [("auto", AUTO_FUSE), ("off", 1), ("OFF", 1), (False, 1), (4, 4), ("4", 4),
+                                      (1, 1)])
 def test_fuse_size(value, k) -> None:
     assert fuse_size(value) == k
 

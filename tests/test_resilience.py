@@ -91,17 +91,21 @@ def assert_same_rows(out: Path, reference: pd.DataFrame, same_search: bool = Tru
     (``same_search=False``) the resumed Optuna study proposes its remaining points with another
     sampler seed (so as not to repeat finished ones) and may choose another config: then the keys
     and counts must match, and the values wherever the config is the same."""
+    # rtol: a model trained fused (trainables/fused.py) rounds as the group it trains in does (batched
+    # products sum in another order than single ones), and a resumed sweep may group it otherwise:
+    # accuracies stay equal, FDR (a ratio of scatter matrices) moves by ~1e-7 relative
+    rtol = 1e-5
     df = pd.read_parquet(out / "results").sort_values(KEY).reset_index(drop=True)
     assert not df.duplicated(KEY).any()
     assert len(df) == len(reference)
     assert df[KEY].equals(reference[KEY])
     if same_search:
-        pd.testing.assert_frame_equal(df[KEY + COMPARED], reference[KEY + COMPARED], check_exact=False, rtol=1e-9)
+        pd.testing.assert_frame_equal(df[KEY + COMPARED], reference[KEY + COMPARED], check_exact=False, rtol=rtol)
     else:
         same = df["config_hash"] == reference["config_hash"]
         assert same.sum() >= len(df) // 2  # untuned methods and unchanged choices
         pd.testing.assert_frame_equal(df.loc[same, KEY + COMPARED], reference.loc[same, KEY + COMPARED],
-                                      check_exact=False, rtol=1e-9)
+                                      check_exact=False, rtol=rtol)
 
 
 def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference):

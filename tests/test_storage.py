@@ -192,7 +192,8 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     ref = pd.read_parquet(ref_out / "results").sort_values(key).reset_index(drop=True)
     assert len(df) == 24 and df[key].equals(ref[key])
     compared = ["acc_avg", "acc_few", "fdr_train", "fdr_test", "tau", "gamma", "config_hash"]
-    pd.testing.assert_frame_equal(df[compared], ref[compared], check_exact=False, rtol=1e-9)
+    # rtol: fused models round as the group they train in does (see tests/test_resilience.assert_same_rows)
+    pd.testing.assert_frame_equal(df[compared], ref[compared], check_exact=False, rtol=1e-5)
     assert not read_rows(storage.join(store, "trials")).empty
 
     # the bucket holds every model folder, finished (no checkpoint left) and trained twice (crash + retry)

@@ -54,12 +54,13 @@ class ThrottledReport:
     numbers, so nothing is lost. Tune wants the objective in every report: per epoch it is the
     validation accuracy so far."""
 
-    def __init__(self, report: Callable[[dict[str, Any]], None], interval: float = 1.0):
+    def __init__(self, report: Callable[[dict[str, Any]], None], interval: float = 1.0, always=()):
         self.report, self.interval, self.last = report, interval, -float("inf")
+        self.always = set(always)  # epochs always reported: the rungs of early stopping (orchestrator.early_stop)
 
     def __call__(self, epoch_metrics: dict[str, Any]) -> None:
         now = time.monotonic()
-        if now - self.last >= self.interval:
+        if now - self.last >= self.interval or epoch_metrics.get("epoch") in self.always:
             self.report({**epoch_metrics, "objective": epoch_metrics["val_acc"]})
             self.last = now
 
@@ -208,7 +209,8 @@ def _train_and_report(member: Member, caught: TrialWarnings) -> None:
             (out / PARENT_MODEL).write_bytes(parent)  # init_from is not hashed: where it lies is ours to say
             cfg["init_from"] = str(out / PARENT_MODEL)
         try:
-            metrics = train(cfg, out, report=ThrottledReport(report), on_checkpoint=member.checkpointed)
+            metrics = train(cfg, out, report=ThrottledReport(report, always=member.config.get("_report_epochs", ())),
+                            on_checkpoint=member.checkpointed)
         except TrainingDiverged as exc:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
             report({"objective": float("nan"), "diverged": str(exc)})

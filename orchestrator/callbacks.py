@@ -22,6 +22,7 @@ from ray.tune import Callback
 from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
+from orchestrator.mlflow_views import log_pytorch_model, optuna_attrs
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -51,7 +52,11 @@ def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
     """End the model runs a dead driver (kill -9, a lost head node) left RUNNING: FINISHED with
     their metrics and files when the model did finish (its trial ended after the driver died), else
     KILLED with the reason (a tune trial in flight that the resumed study may never propose again).
-    A model trained later re-attaches to its run, which then ends FINISHED."""
+    A model trained later re-attaches to its run, which then ends FINISHED. Reference runs
+    (orchestrator/mlflow_views.py) cut off while being made end FINISHED: they train nothing."""
+    from orchestrator.mlflow_views import end_reference_runs
+
+    end_reference_runs(tracker)
     for run_id, hash_, seed in tracker.running_model_runs():
         metrics = finished_metrics(runs, hash_, seed)
         if metrics is None:
@@ -162,6 +167,8 @@ class TrialCallback(Callback):
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
         name = f"{node.method} seed{cfg['seed']}" + (f" {mid}" if node.kind == "tune" else "")
         tracker = self.sweep.tracker
+        if node.kind == "tune":  # the Optuna trial names its model (optuna-dashboard shows it)
+            optuna_attrs(node, mid, {"config_hash": hash_})
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
             run_id = tracker.run(name, tags, parent=node.parent_run())
@@ -173,6 +180,8 @@ class TrialCallback(Callback):
             storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
                                 run_id.encode())
             self.run_ids[mid] = run_id
+            if node.kind == "tune":
+                optuna_attrs(node, mid, {"mlflow_run_id": run_id})
 
         self.open.add(mid)
         self.sweep.outbox(f"the run of {node.label} seed {cfg['seed']}", start)
@@ -256,6 +265,11 @@ class TrialCallback(Callback):
         def log_files(run_id: str) -> None:  # a deferred call downloads them again (a remote storage)
             with storage.local_copy(runs, hash_, seed) as folder:
                 tracker.log_artifacts(run_id, folder)
+                if node.kind == "repeat":  # the models of the table: loadable with mlflow.pytorch.load_model
+                    why = log_pytorch_model(tracker, run_id, folder)
+                    if why:
+                        self.sweep.progress.note(f"WARNING MLflow: {node.label} seed {seed}: PyTorch model not "
+                                                 f"logged ({why}); model.pt is in its run folder and artifacts")
 
         self.log_history(mid, final.get("history", []))
         metrics = final_metrics(final)

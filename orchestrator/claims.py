@@ -497,6 +497,9 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
         try:
             run_id = log_claims(df, tracking_uri, out, spec, preset, claims.path)
             text += f"claims logged to MLflow ({tracking_uri}), run {run_id}\n"
+            from orchestrator.mlflow_views import attach_claims
+
+            attach_claims(tracking_uri, out, spec, preset, df)  # and to the spec-level run of the report
         except WbsweepError as exc:
             text += f"claims not logged to MLflow: {exc}\n"
     return text

@@ -122,8 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     minutes = (time.time() - started) / 60
     analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
     try:
-        print(report(out, exp.name, exp.preset, "table", exp.paper_table, [m.method.name for m in exp.methods],
-                     exp.title, layout=exp.layout, analyses=analyses, store=store))
+        args_ = (out, exp.name, exp.preset)
+        kw = dict(table=exp.paper_table, method_order=[m.method.name for m in exp.methods], title=exp.title,
+                  layout=exp.layout, analyses=analyses, store=store)
+        text = report(*args_, "table", **kw)
+        print(text)
+        _report_to_mlflow(opts.tracking_uri, out, store, exp.name, exp.preset, text,
+                          lambda: report(*args_, "csv", **kw))
     except WbsweepError as exc:
         if not failures:
             raise
@@ -163,7 +168,30 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise unknown from None
         raise
     sys.stdout.write(text)
+    from orchestrator.tracking import default_tracking_uri
+
+    store = _storage(args.storage, out, spec)
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    _report_to_mlflow(uri, out, store, spec, args.preset, text,
+                      lambda: text if args.format == "csv" else report(out, spec, args.preset, "csv", table, order,
+                                                                       title, layout=layout, analyses=analyses,
+                                                                       store=store))
     return 0
+
+
+def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset: str | None, text: str,
+                      table_csv) -> None:
+    """The spec-level MLflow run of the report (orchestrator/mlflow_views.py), where there is a store;
+    ``table_csv()`` gives the report's table as CSV."""
+    if not uri:
+        return
+    from orchestrator.mlflow_views import report_to_mlflow
+
+    try:
+        csv = table_csv()
+    except WbsweepError:
+        csv = None
+    report_to_mlflow(uri, out, store, spec, preset, text, csv, log=lambda m: print(m, file=sys.stderr))
 
 
 def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
@@ -470,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test the paper's claims (default: the spec's claims file; or your own PATH) on the "
                           "results and on the paper's numbers: Welch's t-test, 95%% CI, a verdict per claim")
     rep.add_argument("--paper", action="store_true", help="with --claims: the paper's own numbers only")
-    rep.add_argument("--tracking-uri", help="with --claims: MLflow store to log them to "
+    rep.add_argument("--tracking-uri", help="MLflow store to log the report (and claims) to "
                                             "(default sqlite:///OUT/mlflow.db where it exists)")
     rep.set_defaults(func=cmd_report)
 

@@ -310,6 +310,9 @@ class TuneNode(Node):
         tmp.write_text(json.dumps({"config": chosen, "objective": objective, "searched": searched},
                                   indent=2, default=str))
         os.replace(tmp, self.record)
+        from orchestrator.mlflow_views import mark_chosen
+
+        mark_chosen(self.sweep, self, best)  # its trial's run: wbsweep.chosen=true
         tracker = self.sweep.tracker
         self.sweep.outbox(f"the choice of {self.label}", lambda: tracker.log_params(
             self.parent_run(), {f"best.{k}": v for k, v in searched.items()}))

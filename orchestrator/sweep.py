@@ -33,6 +33,7 @@ import pandas as pd
 from orchestrator import early_stop, stores
 from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
+from orchestrator.mlflow_views import log_repeat_summaries, reference_run
 from orchestrator.progress import Progress
 from orchestrator.ray_start import start_ray
 from orchestrator.results import read_rows, rows_for_run, upgrade_files, write_rows
@@ -336,6 +337,7 @@ class Sweep:
                 except Exception as exc:  # the Optuna store: the next run ends these trials instead
                     self.progress.note(f"WARNING {node.label}: could not end its Optuna trials ({first_line(exc)}); "
                                        "the next run of this command does")
+        log_repeat_summaries(self)  # each finished repeat parent: mean and std over its seeds
         self.outbox.catch_up(final=True)
         self.progress.stopped()
         self.progress.finish()
@@ -468,7 +470,9 @@ class Sweep:
             metrics = finished_metrics(self.runs, h, seed)
             if metrics is not None:
                 metrics["ray_node_id"] = self.run_file(h, seed, "ray_node_id")
-                self.record(node, self.trial_config(cfg, seed), metrics, self.run_file(h, seed, "mlflow_run_id"))
+                source = self.run_file(h, seed, "mlflow_run_id")
+                self.record(node, self.trial_config(cfg, seed), metrics, source)
+                reference_run(self, node, self.trial_config(cfg, seed), metrics, source)  # listed under this stage
                 self.progress.skip(1, "model")
                 continue
             todo.append(seed)

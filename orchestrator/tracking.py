@@ -107,7 +107,11 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
-        self.client.log_artifacts(run_id, str(folder))
+        """The files of a model's run folder as the run's artifacts. With artifacts in a local folder
+        (a local store), each file is a hard link to the run folder's (stored once: :func:`link_tree`);
+        elsewhere (a tracking server, another filesystem) they are uploaded."""
+        if not link_tree(Path(folder), local_artifact_dir(self.client.get_run(run_id).info.artifact_uri)):
+            self.client.log_artifacts(run_id, str(folder))
 
     def finish(self, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
         """End a run ``status``; ``reason`` (why a run did not finish) goes into its ``wbsweep.error``
@@ -118,6 +122,40 @@ class Tracker:
         elif status == "FINISHED" and "wbsweep.error" in self.client.get_run(run_id).data.tags:
             self.client.delete_tag(run_id, "wbsweep.error")
         self.client.set_terminated(run_id, status=status)
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a ``file:`` artifact URI (or a plain path); None for any other scheme."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri:
+        return Path(artifact_uri)
+    return None
+
+
+def link_tree(src: Path, dst: Path | None) -> bool:
+    """Hard-link every file under ``src`` into ``dst`` (same relative paths; a file already there
+    replaced): the run folder's files stored once (a model.pt, logits.npz of hundreds of MB at paper
+    scale), not copied into mlartifacts/. False (nothing done or some files linked, the caller copies
+    them all) when ``dst`` is not a local folder or a link cannot be made (another filesystem)."""
+    import os
+
+    if dst is None:
+        return False
+    try:
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.link")
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, target)
+    except OSError:
+        return False
+    return True
 
 
 def first_line(exc: BaseException) -> str:

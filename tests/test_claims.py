@@ -5,7 +5,9 @@ should, the paper's own numbers, the files and the MLflow run, and one-line erro
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,6 +145,13 @@ def test_claims_go_to_mlflow(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["claim.ours_beats_wb"] == 1.0 and runs[0].data.metrics["claim.two_seeds"] == -1.0
     assert {"claims.json", "claims.csv", "claims.yaml"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    # and in the spec-level run of the report: one, its table replaced (not appended to) by a second report
+    claims_report(tmp_path, "table4", None, tmp_path / "claims.yaml", paper_table=4, tracking_uri=uri)
+    (report,) = client.search_runs([client.get_experiment_by_name("table4").experiment_id],
+                                   filter_string="tags.`wbsweep.kind` = 'report'")
+    table = json.loads(Path(client.download_artifacts(report.info.run_id, "claims_table.json",
+                                                      str(tmp_path))).read_text())
+    assert len(table["data"]) == len(pd.read_csv(tmp_path / "claims" / "table4-cpu.csv"))
 
 
 BAD = {

@@ -52,7 +52,9 @@ def mlflow_runs(out: Path) -> list:
 
 
 def mlflow_children(out: Path) -> list:
-    return [r for r in mlflow_runs(out) if "mlflow.parentRunId" in r.data.tags]
+    """The model runs (not the reference runs that list a reused model under a later stage too)."""
+    return [r for r in mlflow_runs(out) if "mlflow.parentRunId" in r.data.tags
+            and r.data.tags.get("wbsweep.kind") != "reference"]
 
 
 def running_optuna_trials(out: Path) -> list:
@@ -180,7 +182,7 @@ def test_a_locked_tracking_store_delays_the_logging_not_the_sweep(tmp_path, refe
     # every model has its run, FINISHED with its metrics and files; every stage's run is FINISHED
     runs = mlflow_runs(out)
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = mlflow_children(out)
     assert {(r.data.tags["wbsweep.config_hash"], f"seed{r.data.tags['wbsweep.seed']}") for r in children} \
         == set(trained(out))
     assert all("fdr_test" in r.data.metrics and "val_acc" in r.data.metrics for r in children)

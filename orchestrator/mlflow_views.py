@@ -150,13 +150,21 @@ def mark_chosen(sweep: Sweep, node: TuneNode, best: dict[str, Any]) -> None:
 
 def optuna_attrs(node: Node, mid: str, attrs: dict[str, str]) -> None:
     """Set user attributes (``config_hash``, ``mlflow_run_id``) on the Optuna trial of tune trial
-    ``mid``, while the study's searcher still holds it (``optuna-dashboard`` shows them)."""
+    ``mid``, while the study's searcher still holds it (``optuna-dashboard`` shows them). A trial
+    that has finished cannot be changed (Optuna refuses): a run made only after its trial ended (its
+    creation was deferred while the tracking store was locked) has no ``mlflow_run_id`` attribute;
+    its ``config_hash`` (set when the trial starts) and the run's tags still link the two."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
     search = getattr(node, "optuna", None)
     trial = getattr(search, "_ot_trials", {}).get(mid) if search is not None else None
     if trial is None:
         return
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
+    try:
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+    except UpdateFinishedTrialError:
+        pass
 
 
 def log_report_run(tracking_uri: str, out: Path, store: str, spec: str, preset: str, text: str,

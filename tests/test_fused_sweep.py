@@ -1,14 +1,13 @@
 """Fused groups in the sweep (issue #14): the stage graph hands out up to K models that share a
-fusion key as one Ray Tune trial; each model still gets its own rows, MLflow run and progress count,
-and the results are those of the models trained one per trial."""
+fusion key as one Ray Tune trial; each model still gets its own rows, MLflow run and progress count.
+That a fused sweep gives the results of one model per trial is tested end to end by
+tests/test_resilience.py::test_crashed_trials_are_retried_from_their_checkpoint (--fuse off, against
+the shared fused smoke sweep); fused groups crashing and resuming by tests/test_storage.py's S3 sweep."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from orchestrator.graph import member_id, member_result, trial_members
@@ -103,44 +102,3 @@ def test_member_result_reads_nested_and_flattened_reports() -> None:
     assert member_result(flat, 0)["objective"] == 80.0
     assert member_result(flat, 1) is None and member_result(None, 0) is None
     assert [member_id("abc", i) for i in range(3)] == ["abc", "abc/1", "abc/2"]
-
-
-@pytest.mark.slow  # a second smoke sweep through Ray (~25 s on 2 cores) to compare with the shared fused one
-def test_a_fused_sweep_gives_the_results_of_one_model_per_trial(smoke_sweep, tmp_path: Path) -> None:
-    """The shared smoke sweep runs with the default fuse (auto); the same sweep with --fuse off trains
-    every model in a trial of its own. Same models (config hashes), same chosen configs, the same
-    accuracies (argmaxes of logits equal to float32 rounding) and FDR to 1e-3 relative (a ratio of
-    scatter matrices amplifies the ~1e-6 feature differences); an MLflow run per model either way,
-    tagged with its fused trial only when fused."""
-    from mlflow import MlflowClient
-
-    fused_out, fused_proc = smoke_sweep
-    out = tmp_path / "alone"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--out", str(out), "--fuse", "off"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    key = ["method", "la", "seed"]
-    fused = pd.read_parquet(fused_out / "results").sort_values(key).reset_index(drop=True)
-    alone = pd.read_parquet(out / "results").sort_values(key).reset_index(drop=True)
-    assert len(fused) == len(alone) == 24
-    assert (fused["config_hash"] == alone["config_hash"]).all()
-    for col in ("acc_many", "acc_medium", "acc_few", "acc_avg", "tau", "gamma", "best_epoch"):
-        assert fused[col].to_numpy() == pytest.approx(alone[col].to_numpy(), abs=1e-9, nan_ok=True), col
-    for col in ("fdr_train", "fdr_test"):
-        assert fused[col].to_numpy() == pytest.approx(alone[col].to_numpy(), rel=1e-3), col
-    assert "trials 20/20 done" in fused_proc.stderr and "trials 20/20 done" in proc.stderr
-
-    def model_runs(folder: Path) -> list:
-        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-        exp = client.get_experiment_by_name("table4")
-        return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-                if "wbsweep.config_hash" in r.data.tags]
-
-    fused_runs, alone_runs = model_runs(fused_out), model_runs(out)
-    assert len(fused_runs) == len(alone_runs) == 16  # 2 seeds x 6 methods + 2 search trials x 4 stages - 4 reused
-    assert all(r.info.status == "FINISHED" for r in fused_runs + alone_runs)
-    assert not any("wbsweep.fused_trial" in r.data.tags for r in alone_runs)
-    tagged = [r for r in fused_runs if "wbsweep.fused_trial" in r.data.tags]
-    assert tagged and all(r.data.tags["wbsweep.stage"] != "tune" or r.data.params["stage2"] == "False"
-                          for r in tagged)
-    assert not any(r.data.params.get("stage2") == "True" for r in tagged)  # WB trains alone

@@ -92,9 +92,10 @@ def assert_same_rows(out: Path, reference: pd.DataFrame, same_search: bool = Tru
     sampler seed (so as not to repeat finished ones) and may choose another config: then the keys
     and counts must match, and the values wherever the config is the same."""
     # rtol: a model trained fused (trainables/fused.py) rounds as the group it trains in does (batched
-    # products sum in another order than single ones), and a resumed sweep may group it otherwise:
-    # accuracies stay equal, FDR (a ratio of scatter matrices) moves by ~1e-7 relative
-    rtol = 1e-5
+    # products sum in another order than single ones; alone, or grouped otherwise by a resumed sweep):
+    # accuracies stay equal (one flipped test prediction moves acc_avg by > 1e-3 relative), FDR (a ratio
+    # of scatter matrices) moves by up to ~1e-4 relative (measured: 7.5e-5 fused vs alone)
+    rtol = 1e-3
     df = pd.read_parquet(out / "results").sort_values(KEY).reset_index(drop=True)
     assert not df.duplicated(KEY).any()
     assert len(df) == len(reference)
@@ -108,21 +109,28 @@ def assert_same_rows(out: Path, reference: pd.DataFrame, same_search: bool = Tru
                                       check_exact=False, rtol=rtol)
 
 
-def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference):
-    # every seed-1 run's process dies (os._exit) at the end of its first epoch, once; Ray retries it
-    # and the trainer resumes from the checkpoint it wrote at that epoch (seed 0: the tune stages'
-    # trials, not crashed, to keep the test short)
-    code, err = finish(run_cmd(tmp_path, {"WBSWEEP_INJECT_CRASH": "1", "WBSWEEP_INJECT_CRASH_SEEDS": "1"}))
+def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference, smoke_sweep):
+    """Every seed-1 run's process dies (os._exit) at the end of its first epoch, once; Ray retries it
+    and the trainer resumes from the checkpoint it wrote at that epoch (seed 0: the tune stages'
+    trials, not crashed, to keep the test short). One model per trial (--fuse off; the S3 test of
+    tests/test_storage.py crashes fused groups): so its rows, against the reference sweep's (fused,
+    the default), also show that fusing changes no result beyond float32 rounding (the same models,
+    choices and accuracies; FDR within assert_same_rows' rtol), and each model has its MLflow run,
+    tagged as fused in the reference only."""
+    code, err = finish(run_cmd(tmp_path, {"WBSWEEP_INJECT_CRASH": "1", "WBSWEEP_INJECT_CRASH_SEEDS": "1"},
+                               fuse="off"))
     assert code == 0, err[-3000:]
     markers = list((tmp_path / "runs").glob("*/seed*/.crash-injected"))
     assert len(markers) >= 5 and all(m.parent.name == "seed1" for m in markers)  # every seed-1 model crashed
     attempts = trained(tmp_path)
-    # a crashed model trained twice; a seed-0 model once, or twice when it was fused with a seed-1
-    # model (one process: the group died with it, and every model of it resumed from its checkpoint)
-    assert all(n == 2 if s == "seed1" else n in (1, 2) for (h, s), n in attempts.items()), attempts
-    assert any(n == 1 for n in attempts.values())
+    assert all(n == (2 if s == "seed1" else 1) for (h, s), n in attempts.items()), attempts
     assert_same_rows(tmp_path, reference)
-    assert all(r.info.status == "FINISHED" for r in mlflow_children(tmp_path))
+    children, fused = mlflow_children(tmp_path), mlflow_children(smoke_sweep[0])
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == len(fused) == len(attempts)
+    assert not any("wbsweep.fused_trial" in r.data.tags for r in children)
+    tagged = [r for r in fused if "wbsweep.fused_trial" in r.data.tags]
+    assert tagged and not any(r.data.params.get("stage2") == "True" for r in tagged)  # WB trains alone
 
 
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):

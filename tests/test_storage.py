@@ -193,7 +193,7 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     assert len(df) == 24 and df[key].equals(ref[key])
     compared = ["acc_avg", "acc_few", "fdr_train", "fdr_test", "tau", "gamma", "config_hash"]
     # rtol: fused models round as the group they train in does (see tests/test_resilience.assert_same_rows)
-    pd.testing.assert_frame_equal(df[compared], ref[compared], check_exact=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(df[compared], ref[compared], check_exact=False, rtol=1e-3)
     assert not read_rows(storage.join(store, "trials")).empty
 
     # the bucket holds every model folder, finished (no checkpoint left) and trained twice (crash + retry)

@@ -245,11 +245,10 @@ def train_group(config: dict[str, Any]) -> None:
     members[0].out.mkdir(parents=True, exist_ok=True)
     with TrialWarnings(members[0].out) as caught:
         report = reporter(caught)
-        done = {i: m.open() for i, m in enumerate(members)}
-        todo = [i for i, metrics in done.items() if metrics is None]
-        results: dict[int, Any] = {i: done[i] for i in done if done[i] is not None}
+        results: dict[int, Any] = {i: m.open() for i, m in enumerate(members)}  # None: still to train
+        todo = [i for i, metrics in results.items() if metrics is None]
         if todo:
-            throttled = ThrottledReport(lambda row: report(row))
+            throttled = ThrottledReport(report)
 
             def per_epoch(rows: dict[int, dict[str, Any]]) -> None:
                 throttled({"val_acc": max(r["val_acc"] for r in rows.values()),

@@ -7,8 +7,10 @@ shapes and label profile, nothing to download):
 * the single-model trainer (train.py's EpochRunner) with its default knobs (on a GPU: the whole step
   as a CUDA graph, channels_last) and with eager steps (compile off): images/s;
 * K = 1, 2, 4, 8, 16 models fused (trainables/fused.py: one grouped convolution per layer for the K
-  models, HFTA-style), eager, channels_last on and off: per-model images/s = K x images / time, and
-  its ratio to fused K=1 and to the single-model trainer;
+  models, HFTA-style), in the variants of ``--variants``: "graph" (the default knobs: on a GPU the
+  whole fused step as one CUDA graph, channels_last), "eager" (channels_last, eager steps), "nchw"
+  (eager, NCHW): per-model images/s = K x images / time, and its ratio to fused K=1 and to the
+  single-model trainer;
 * the Table 4 paper-preset estimate: 30 models x 320 epochs x 10,847 CIFAR100-LT training images in
   GPU-minutes = 30 * 320 * 10847 / (per-model img/s) / 60, at the best K and with the single trainer.
 
@@ -40,6 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.bench import bench_config, device_name, synthetic_dataset  # noqa: E402
 from trainables.fused import FusedModels, build_runs  # noqa: E402
 from trainables.train import DeviceData, build_training, pick_device  # noqa: E402
+
+#: The fused runs' knobs per ``--variants`` name ("graph": the defaults, a CUDA graph on a GPU).
+VARIANTS = {"graph": {"compile": "auto", "channels_last": True}, "eager": {"compile": "off", "channels_last": True},
+            "nchw": {"compile": "off", "channels_last": False}}
 
 #: Table 4's paper preset: 30 trainings (methods x seeds) of 320 epochs on CIFAR100-LT (rho 100).
 TABLE4_MODELS, TABLE4_EPOCHS, CIFAR100_LT_TRAIN = 30, 320, 10847
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None, result: dict[str, Any] | None = None) ->
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=2048, help="training images per model per epoch")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement (after one warm-up)")
-    p.add_argument("--layouts", default="channels_last,nchw", help="fused runs' layouts: channels_last, nchw")
+    p.add_argument("--variants", default="graph,eager", help="fused runs' variants: graph, eager, nchw")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip measurements once this much time is spent")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -153,16 +159,16 @@ def main(argv: list[str] | None = None, result: dict[str, Any] | None = None) ->
         result["models"][model] = row
         row["single"]["default_knobs"] = attempt(f"{model} single, default knobs",
                                                  lambda: time_single(cfg(0), dd, args.epochs))
-        for j, layout in enumerate(args.layouts.split(",")):
-            if j == 1:  # the eager single trainer after the first layout's figures
+        for j, variant in enumerate(args.variants.split(",")):
+            if j == 1:  # the eager single trainer after the first variant's figures
                 row["single"]["eager"] = attempt(f"{model} single, eager",
                                                  lambda: time_single(cfg(0, compile="off"), dd, args.epochs))
             rates: dict[str, float | None] = {}
-            row["fused"][layout] = rates
+            row["fused"][variant] = rates
             for k in ks:
-                cfgs = [cfg(s, compile="off", channels_last=layout == "channels_last") for s in range(k)]
-                rates[str(k)] = attempt(f"{model} fused K={k} {layout}", lambda cfgs=cfgs: time_fused(cfgs, dd,
-                                                                                                     args.epochs))
+                cfgs = [cfg(s, **VARIANTS[variant]) for s in range(k)]
+                rates[str(k)] = attempt(f"{model} fused K={k} {variant}", lambda cfgs=cfgs: time_fused(cfgs, dd,
+                                                                                                      args.epochs))
         if "eager" not in row["single"]:
             row["single"]["eager"] = attempt(f"{model} single, eager",
                                              lambda: time_single(cfg(0, compile="off"), dd, args.epochs))
@@ -178,7 +184,7 @@ def summarise(row: dict[str, Any]) -> None:
     if measured:
         best, k, lay = max(measured)
         one = row["fused"][lay].get("1")
-        row["best"] = {"k": int(k), "layout": lay, "img_per_s_per_model": best,
+        row["best"] = {"k": int(k), "variant": lay, "img_per_s_per_model": best,
                        "vs_fused_k1": round(best / one, 2) if one else None,
                        "vs_single_default": round(best / single["default_knobs"], 2)
                        if single.get("default_knobs") else None,

@@ -177,6 +177,7 @@ class TrialCallback(Callback):
             if fused_trial is not None:  # trained with others in one process (trainables/fused.py)
                 tracker.client.set_tag(run_id, "wbsweep.fused_trial", fused_trial)
             tracker.log_params(run_id, flat_params(cfg))
+            tracker.log_dataset(run_id, cfg)
             storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
                                 run_id.encode())
             self.run_ids[mid] = run_id

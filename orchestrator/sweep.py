@@ -91,8 +91,8 @@ def plan(exp: Experiment) -> list[Stage]:
 AUTO_FUSE = 8
 #: Models ``fuse: auto`` fuses on any device: the MLP family (fused 1.6-1.8x the per-model throughput
 #: of one model per process on a CPU). The convolutional models are fused by ``auto`` on CPUs only:
-#: on a GPU the single-model trainer replays its step as a CUDA graph, the fused step is eager, and
-#: which is faster at which K is for bench/gpu_fused_check.sh to say (set ``fuse: K`` after it has).
+#: on a GPU both the single-model and the fused step replay as CUDA graphs, and which is faster at
+#: which K is for bench/gpu_fused_check.sh to say, not yet run on a GPU (set ``fuse: K`` after it has).
 AUTO_FUSED_ANYWHERE = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2"})
 
 

@@ -98,6 +98,26 @@ class Tracker:
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i : i + 100])
 
+    def log_dataset(self, run_id: str, cfg: dict[str, Any]) -> None:
+        """The data a model was trained on as the run's MLflow dataset input (context "training"; the
+        UI's "Datasets used"): named by the dataset, its imbalance ratio and split protocol, its digest
+        the split's content fingerprint (trainables/data.py ``data_fingerprint``), its source the data
+        root (or the package, for embedded data). Only this description is stored, never the images.
+        Logging it again is a no-op (MLflow keeps one input per dataset and run)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        rho = "" if cfg.get("rho") is None else f" rho={cfg['rho']:g}"
+        name = f"{cfg['dataset']}{rho} split={cfg['split']} val={cfg['val_per_class']}/class"
+        root = cfg.get("data_root")
+        source = (resolve_dataset_source(str(root)) if root
+                  else CodeDatasetSource({"wbsweep.dataset": f"{cfg['dataset']} (embedded in the package)"}))
+        digest = str(cfg.get("data_fingerprint") or "unknown")
+        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 

@@ -133,11 +133,71 @@ def test_one_seed_twice_in_a_group_gives_its_run_twice(runs: dict[str, Any], tmp
     ({"epochs": 2}, "epochs"),
     ({"stage2": True, "init_from": "x.pt"}, "stage2"),
     ({"track_forgetting": True}, "track_forgetting"),
-    ({"compile": "torch"}, "compile"),
+    ({"compile": "torch"}, "compile"),  # one step for the group: it runs one way
 ])
 def test_unfusable_groups_are_refused(change: dict[str, Any], message: str, tmp_path: Path) -> None:
     with pytest.raises(WbsweepError, match=message):
         train_fused([GROUP[0], {**GROUP[0], **change}], [tmp_path / "a", tmp_path / "b"])
+
+
+def group_on_cpu(cfgs: list[dict[str, Any]]):
+    """The fused group of ``cfgs`` (resolved) on the CPU, its learning rates set: (group, configs)."""
+    from trainables.fused import build_fused
+    from trainables.train import DeviceData, config_dataset
+
+    resolved = [resolve_config(c) for c in cfgs]
+    group = build_fused(resolved, DeviceData(config_dataset(resolved[0]), torch.device("cpu"), "auto"))
+    group.set_lr([c["lr"] for c in resolved])
+    return group, resolved
+
+
+def test_the_fused_step_reads_its_learning_rates_from_tensors_refilled_in_place() -> None:
+    """What a CUDA graph of the fused step needs (it replays the kernels on the addresses it
+    recorded): set_lr writes each epoch's rates into the same device tensors, which the step reads."""
+    group, cfgs = group_on_cpu(GROUP)
+    tensors = [(t.data_ptr(), v.data_ptr()) for t, v in zip(group._neg_lr_k, group._neg_lr, strict=True)]
+    group.set_lr([0.2, 0.0, 0.3, 0.4])
+    assert [(t.data_ptr(), v.data_ptr()) for t, v in zip(group._neg_lr_k, group._neg_lr, strict=True)] == tensors
+    j = group.trained.index("backbone.1.weight")
+    assert group._neg_lr[j][:, 0, 0].tolist() == pytest.approx([-0.2, 0.0, -0.3, -0.4])
+    before = {n: v.detach().clone() for n, v in group.stack.items()}
+    group.epoch()
+    changed = [not torch.equal(before["backbone.1.weight"][i], group.stack["backbone.1.weight"][i]) for i in range(4)]
+    assert changed == [True, False, True, True]  # the model at learning rate 0 did not move
+
+
+def test_no_host_reads_inside_a_fused_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused epoch of CE, CB and DR models with FR never reads a tensor's value on the host (on a
+    GPU each read would wait for the device, and none may happen inside a captured step)."""
+    group, _ = group_on_cpu(GROUP)
+
+    def host_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a host read inside the epoch")
+
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss_sum, seen = group.epoch()
+    monkeypatch.undo()
+    assert seen > 0 and all(np.isfinite(loss_sum.tolist()))
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_fused_step_trains_as_the_eager_step() -> None:
+    """compile=torch: the batched forward and the K losses (CE, CB, DR with the ETF head, FR) through
+    torch.compile train an epoch as the eager step does, to float32 rounding. Slow: ~20 s of
+    compiling on two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eager, _ = group_on_cpu([{**c, "compile": "off"} for c in GROUP])
+        compiled, _ = group_on_cpu([{**c, "compile": "torch"} for c in GROUP])
+        losses = [g.epoch()[0] for g in (eager, compiled)]
+    finally:
+        torch.set_num_threads(threads)
+    assert compiled._compiled_ran and eager._compiled is None
+    assert_close(losses[1], losses[0], **SCALARS)
+    for name, value in eager.stack.items():
+        assert_close(compiled.stack[name], value, **WEIGHTS, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_conv_models_and_mismatched_heads_are_refused(tmp_path: Path) -> None:
@@ -426,15 +486,15 @@ def test_gpu_fused_check_runs_on_a_cpu() -> None:
     torch.set_num_threads(1)
     try:
         out = module.main(["--device", "cpu", "--models", "resnet32", "--width", "2", "--ks", "1,2", "--images", "64",
-                           "--layouts", "channels_last"])
+                           "--variants", "graph"])
     finally:
         torch.set_num_threads(threads)
     assert out["failures"] == []
     row = out["models"]["resnet32"]
     assert row["single"]["default_knobs"] > 0 and row["single"]["eager"] > 0
-    rates = row["fused"]["channels_last"]
+    rates = row["fused"]["graph"]
     assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())
-    assert row["best"]["k"] in (1, 2) and row["ratio_to_k1"]["channels_last"]["1"] == 1.0
+    assert row["best"]["k"] in (1, 2) and row["ratio_to_k1"]["graph"]["1"] == 1.0
     best = row["best"]["img_per_s_per_model"]
     assert row["best"]["table4_gpu_minutes"] == pytest.approx(30 * 320 * 10847 / best / 60, rel=1e-3)
     json.dumps(out)  # what the shell script prints
@@ -451,4 +511,4 @@ def test_conv_runs_are_fused_by_the_sweep() -> None:
     assert fusion_key(conv) != fusion_key({**conv, "width": 8})
     assert fusion_key({**conv, "model": "resnext50"}) is not None
     assert fusion_key({**conv, "track_forgetting": True}) is None
-    assert fusion_key({**conv, "compile": "torch"}) is None
+    assert fusion_key({**conv, "compile": "torch"}) not in (None, fusion_key(conv))  # another step

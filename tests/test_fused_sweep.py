@@ -63,7 +63,7 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key({**base, "width": 32}) != fusion_key(base)
     assert fusion_key({**base, "stage2": True, "parent_hash": "x"}) is None  # WB's second stage
     assert fusion_key({**base, "track_forgetting": True}) is None
-    assert fusion_key({**base, "compile": "torch"}) is None
+    assert fusion_key({**base, "compile": "torch"}) not in (None, fusion_key(base))  # one step for a group
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
 
 

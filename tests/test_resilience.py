@@ -131,6 +131,11 @@ def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, reference, s
     assert not any("wbsweep.fused_trial" in r.data.tags for r in children)
     tagged = [r for r in fused if "wbsweep.fused_trial" in r.data.tags]
     assert tagged and not any(r.data.params.get("stage2") == "True" for r in tagged)  # WB trains alone
+    (fingerprint,) = pd.read_parquet(tmp_path / "results")["data_fingerprint"].unique()
+    for r in children:  # the split as the run's dataset input, once (a retry re-attaches the run)
+        (used,) = r.inputs.dataset_inputs
+        assert used.dataset.digest == fingerprint and used.dataset.name.startswith("digits-lt")
+        assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
 
 
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):

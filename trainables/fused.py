@@ -55,8 +55,13 @@ In a sweep, a Ray Tune trial holds a fused group when the stage graph finds seve
 :func:`fusion_key` ready (``fuse`` in the spec's resources or ``--fuse``; trainables/trial.py
 :func:`~trainables.trial.train_group`); every run keeps its own rows, MLflow run and folder.
 
-Not yet (issue #14's later steps): WB's second stage, forgetting tracking, the CUDA-graph and
-torch.compile step (a fused group trains with eager steps), bf16 of the convolutional models (untested).
+The step of a group runs as the runs' ``compile`` knob says, as train()'s does
+(:class:`trainables.step.CompiledStep`): eager, the batched forward and losses through torch.compile,
+or the whole batched step (forward, K losses, backward, the K models' SGD update with learning rates
+read from device tensors) replayed as one CUDA graph, the default on a GPU.
+
+Not yet (issue #14's later steps): WB's second stage, forgetting tracking, bf16 of the convolutional
+models (untested).
 """
 
 from __future__ import annotations
@@ -92,18 +97,16 @@ from trainables.train import (
 )
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
-#: architecture, the batches' shape and count, the arithmetic, the device and the process's threads.
+#: architecture, the batches' shape and count, the arithmetic and how the step runs (``compile``: one
+#: step for the group), the device and the process's threads.
 #: Every other key may differ between the runs (seed, lr, momentum, lr_step, select, wd, wd_scope,
 #: conv_only_linear, bn, bn_scale, fr, loss, cb_beta, cb_form, classifier, etf_bias, the LA and
 #: evaluation options, analyses), except those of :data:`REFUSED`.
 SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment", "data_fingerprint",
-               "model", "width", "batch_size", "epochs", "precision", "device", "threads")
+               "model", "width", "batch_size", "epochs", "precision", "compile", "device", "threads")
 
 #: Options a fused run cannot do yet, with the value it needs.
 REFUSED = {"stage2": False, "track_forgetting": False}
-
-#: compile modes a fused run accepts: it trains with eager (batched) steps; "auto" is eager too.
-FUSED_COMPILE = ("auto", "off")
 
 FusedReporter = Callable[[dict[int, dict[str, Any]]], None]
 
@@ -127,9 +130,6 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
             if cfg[key] != need:
                 raise WbsweepError(f"fused run {i} has {key}={cfg[key]!r}; fused training does not do that yet "
                                    f"({key} must be {need!r}): train this run alone.")
-        if cfg["compile"] not in FUSED_COMPILE:
-            raise WbsweepError(f"fused run {i} has compile={cfg['compile']!r}; a fused group trains with eager "
-                               f"steps: use compile {' or '.join(FUSED_COMPILE)}.")
 
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
@@ -141,14 +141,13 @@ def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
 def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str, ...] | None:
     """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values), or
     None when it trains alone: a model the batched forward cannot run (not in :data:`FUSABLE_MODELS`),
-    an option of :data:`REFUSED`, a compile mode other than :data:`FUSED_COMPILE`, or a shared key
-    among ``varies`` (the knobs a search changes from trial to trial). The sweep groups runs with
-    equal keys; :func:`check_fusable` holds for any such group."""
+    an option of :data:`REFUSED`, or a shared key among ``varies`` (the knobs a search changes from
+    trial to trial). The sweep groups runs with equal keys; :func:`check_fusable` holds for any such group."""
     if cfg_in.get("stage2"):  # before resolving: a second stage resolves only with its parent's model
         return None
     cfg = resolve_config(cfg_in)
     if (cfg["model"] not in FUSABLE_MODELS or any(cfg[k] != v for k, v in REFUSED.items())
-            or cfg["compile"] not in FUSED_COMPILE or set(varies) & set(SHARED_KEYS)):
+            or set(varies) & set(SHARED_KEYS)):
         return None
     return tuple(json.dumps(cfg[k], sort_keys=True, default=str) for k in SHARED_KEYS)
 
@@ -211,13 +210,13 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
 
 def build_runs(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> list[Training]:
     """Each run of a group built by :func:`build_training` right after seeding the global RNGs with
-    its seed, as :func:`trainables.train.train` builds it."""
+    its seed, as :func:`trainables.train.train` builds it (with the knobs train() resolves: the
+    group's step runs as its first run's ``compile`` says, which all share)."""
     runs = []
     for cfg in cfgs:
         torch.manual_seed(cfg["seed"])  # as train(): the model is initialised from the global RNG
         np.random.seed(cfg["seed"])
-        # the knobs train() resolves, but eager (the fused step is): its evaluation uses the same layout
-        runs.append(build_training(cfg, dd, Knobs(bool(cfg["channels_last"]), cfg["precision"], "off")))
+        runs.append(build_training(cfg, dd))
     return runs
 
 

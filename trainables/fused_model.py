@@ -20,7 +20,7 @@ knob (the group's first run's; the knob changes no arithmetic beyond rounding).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -31,6 +31,7 @@ from torchvision.models import resnet as tv_resnet
 from trainables.errors import WbsweepError
 from trainables.heads import ETFClassifier
 from trainables.models import BasicBlock, CifarResNet, NarrowResNet, Network, ResBlock1d
+from trainables.step import CompiledStep
 from trainables.train import (
     DeviceData,
     Training,
@@ -72,9 +73,14 @@ def _per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
-class FusedModels:
+class FusedModels(CompiledStep):
     """K models of one architecture as stacked tensors, trained with one batched step (HFTA, Wang et al.,
     MLSys 2021: horizontally fused training of K models).
+
+    The step runs as the runs' ``compile`` knob says (:class:`trainables.step.CompiledStep`: eager,
+    torch.compile of the batched forward and losses, or the whole batched step as a CUDA graph).
+    What changes from step to step lives in device tensors the step reads (the learning rates,
+    refilled in place by :meth:`set_lr`; the momentum buffers), so a captured step stays right.
 
     Every tensor of the K models is stacked along a new leading dimension (``stack[name]``: (K, ...)).
     Activations: (K, C, B) for the linear layers and the classifier, (B, K*C, H, W) inside a
@@ -85,8 +91,7 @@ class FusedModels:
 
     def __init__(self, runs: list[Training], dd: DeviceData):
         self.runs, self.dd, self.k = runs, dd, len(runs)
-        self.bs = runs[0].cfg["batch_size"]
-        self.knobs = runs[0].knobs
+        self.init_step(runs[0].knobs, dd.device, runs[0].cfg["batch_size"])
         own = [_tensors(r) for r in runs]
         names = list(own[0])
         for i, t in enumerate(own):
@@ -121,6 +126,7 @@ class FusedModels:
         self.fr = [float(r.cfg["fr"]) for r in runs]
         self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
         self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
+        self._ce_index = torch.tensor(self._ce, dtype=torch.long, device=dd.device)  # no host copy in a step
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
         self.training = True  # BatchNorm with batch statistics, updating the running ones
@@ -128,7 +134,10 @@ class FusedModels:
         self._params = [self.stack[n] for n in self.trained]
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
         self._mom_full = [self._momentum[n].expand_as(self.stack[n]) for n in self.trained]
-        self._neg_lr: list[torch.Tensor] = []
+        # -lr per model and tensor (0 where a model does not train it): (K, 1, ...) device tensors
+        # refilled in place each epoch (set_lr), read by the step through expanded views
+        self._neg_lr_k = [torch.zeros_like(self._mask[n]) for n in self.trained]
+        self._neg_lr = [t.expand_as(self.stack[n]) for t, n in zip(self._neg_lr_k, self.trained, strict=True)]
         self._trains = trains
         # SGD's momentum buffers: a run resumed from its checkpoint brings its own (torch.optim.SGD's
         # state, zero where it has none); fresh runs have none before their first step.
@@ -265,9 +274,10 @@ class FusedModels:
         return F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], self.k, -1).permute(1, 2, 0)
 
     def set_lr(self, lrs: Sequence[float]) -> None:
-        """This epoch's learning rate of each model (0 for the tensors a model does not train)."""
-        self._neg_lr = [(-_per_model(lrs, self.stack[n]) * self._mask[n]).expand_as(self.stack[n])
-                        for n in self.trained]
+        """This epoch's learning rate of each model (0 for the tensors a model does not train),
+        written into the device tensors the step reads (a captured step reads the new values)."""
+        for t, n in zip(self._neg_lr_k, self.trained, strict=True):
+            t.copy_(-_per_model(lrs, self.stack[n]) * self._mask[n])
 
     def losses(self, feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The K models' losses (K,): each its own loss (+ FR), as train()'s step computes it; the
@@ -276,7 +286,8 @@ class FusedModels:
         per: list[torch.Tensor | None] = [None] * k
         ce = self._ce
         if ce:
-            zc, yc = (logits, y) if len(ce) == k else (logits[ce], y[ce])
+            zc, yc = (logits, y) if len(ce) == k else (logits.index_select(0, self._ce_index),
+                                                       y.index_select(0, self._ce_index))
             ce_loss = F.cross_entropy(zc.reshape(-1, c), yc.reshape(-1), reduction="none").view(len(ce), b).mean(1)
             if len(ce) == k:
                 per = None  # type: ignore[assignment]
@@ -298,8 +309,11 @@ class FusedModels:
     @torch.no_grad()
     def predict(self, split: str, batch: int) -> torch.Tensor:
         """Every model's predicted classes (K, N) of a split, in eval mode (BatchNorm with each model's
-        running statistics), left on the device: :func:`trainables.train.predict` for the K models at once."""
+        running statistics), left on the device: :func:`trainables.train.predict` for the K models at once.
+        ``batch`` images per model at a time, and at most ``batch`` images in all (the K models'
+        activations take the memory of one model's at ``batch``)."""
         self.training = False
+        batch = max(1, batch // self.k)
         try:
             x, preds = self.dd.x[split], []
             for i in range(0, len(x), batch):
@@ -321,14 +335,21 @@ class FusedModels:
             logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
         return feats.float(), logits.float()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The K models' losses (K,) on their batches: what torch.compile compiles."""
+        return self.losses(*self.forward(x), y)
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
-        Returns the K losses (detached)."""
-        feats, logits = self.forward(x)
-        loss = self.losses(feats, logits, y)
+        Returns the K losses (detached; the static output of a captured step)."""
+        loss = forward(x, y)
         loss.sum().backward()
         self._sgd()
         return loss.detach()
+
+    def _clear_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
 
     @torch.no_grad()
     def _sgd(self) -> None:

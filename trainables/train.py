@@ -53,6 +53,7 @@ from trainables.losses import cb_weights, class_balanced_loss, dot_regression_lo
 from trainables.metrics import fdr, group_accuracy, per_class_recall
 from trainables.models import ModelSpec, Network, build_model, fix_batchnorm_, weight_decay_groups
 from trainables.posthoc import adjust_logits, default_grid, tune_la
+from trainables.step import GRAPH_MODES, CompiledStep
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -175,10 +176,6 @@ class Knobs:
         return contextlib.nullcontext()
 
 
-#: compile modes that capture the step as a CUDA graph: of the eager step, or of the torch.compile'd one
-#: (inductor's fused kernels replayed from the graph, no Python per step).
-GRAPH_MODES = ("cudagraph", "cudagraph+torch")
-
 #: Steps from which compile "auto" compiles a convolutional model on a CPU (a 320-epoch CIFAR100-LT
 #: run has 52,000; the tests' and the cpu preset's runs have far fewer).
 AUTO_COMPILE_MIN_STEPS = 2000
@@ -281,12 +278,7 @@ def chunk_images(dd: DeviceData, batch_size: int) -> int:
     return max(1, budget // (image_bytes * batch_size)) * batch_size
 
 
-#: Eager steps of a CUDA-graph run before the step is captured (PyTorch's recipe: warm up on a side
-#: stream, so the momentum buffers, cuDNN's algorithm choice and the allocator are settled).
-GRAPH_WARMUP_STEPS = 3
-
-
-class EpochRunner:
+class EpochRunner(CompiledStep):
     """Trains ``model`` one epoch at a time on device-resident data, as the config says.
 
     An epoch: a random order of the training images (the last image is left out when it would
@@ -310,26 +302,13 @@ class EpochRunner:
                  threshold: float | None = None, maxnorm: str = "none", frozen_backbone: bool = False,
                  forgetting: dict[str, torch.Tensor] | None = None):
         self.model, self.dd, self.opt, self.loss_fn = model, dd, opt, loss_fn
-        self.device = dd.device
-        self.bs, self.knobs, self.gen = int(batch_size), knobs, generator
+        self.gen = generator
         self.fr, self.threshold, self.maxnorm = fr, threshold, maxnorm
         self.frozen_backbone, self.forgetting = frozen_backbone, forgetting
+        self.init_step(knobs, dd.device, batch_size)
         self.channels_last = knobs.channels_last and has_conv(model)
         self.loss_sum = torch.zeros((), device=self.device)
-        self.mode = knobs.compile
         self.chunk = chunk_images(dd, self.bs)
-        self._compiled: Callable | None = None
-        self._compiled_ran = False
-        if self.mode in ("torch", "cudagraph+torch"):
-            if self.device.type == "cpu":
-                import torch._inductor.config as inductor_config
-
-                # compile with this trial's threads, not a worker per core of the machine
-                inductor_config.compile_threads = max(1, torch.get_num_threads())
-            self._compiled = torch.compile(self._forward_loss, dynamic=False)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._warm = 0
-        self._static: dict[str, torch.Tensor] = {}
         # On a GPU the fused SGD reads the learning rate from a float32 device tensor per parameter
         # group, refilled every epoch: a CUDA graph cannot bake it in, and eager and captured steps
         # then compute the very same update.
@@ -433,78 +412,8 @@ class EpochRunner:
         self.loss_sum.add_(loss.detach() * y.shape[0])
         return logits.detach()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One SGD step on the batch (x, y); returns its logits (from before the update)."""
-        if y.shape[0] == self.bs and self.mode in GRAPH_MODES:
-            return self._graph_step(x, y)
-        if y.shape[0] == self.bs and self._compiled is not None and self.mode == "torch":
-            if self._compiled_ran:
-                return self._eager_step(x, y, self._compiled)
-            try:  # the first call compiles (a C++ compiler is needed on a CPU)
-                logits = self._eager_step(x, y, self._compiled)
-            except Exception as exc:  # any compilation failure: eager steps, or a clear error
-                self._compiled = None
-                self._fall_back_to_eager("torch.compile of the training step", exc)
-                return self._eager_step(x, y, self._forward_loss)
-            self._compiled_ran = True
-            return logits
-        return self._eager_step(x, y, self._forward_loss)
-
-    def _graph_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not self._static:
-            self._static = {"x": torch.empty_like(x), "y": torch.empty_like(y)}
-        sx, sy = self._static["x"], self._static["y"]
-        sx.copy_(x)
-        sy.copy_(y)
-        forward = self._compiled if self.mode == "cudagraph+torch" and self._compiled else self._forward_loss
-        if self.graph is None:
-            if self._warm < GRAPH_WARMUP_STEPS:
-                self._warm += 1
-                side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-                side.wait_stream(main)
-                try:
-                    with torch.cuda.stream(side):  # the first warm-up step compiles (compile=cudagraph+torch)
-                        logits = self._eager_step(sx, sy, forward)
-                except Exception as exc:
-                    if forward is self._forward_loss:
-                        raise
-                    main.wait_stream(side)
-                    self._compiled = None
-                    self._fall_back_to_eager("torch.compile of the training step", exc)
-                    return self._eager_step(sx, sy, self._forward_loss)
-                main.wait_stream(side)
-                return logits
-            try:
-                self._capture(forward)
-            except Exception as exc:  # any capture failure: eager steps, or a clear error
-                self._abandon_graph(exc)
-                return self._eager_step(sx, sy, self._forward_loss)
-        self.graph.replay()
-        return self._static["logits"]
-
-    def _capture(self, forward: Callable) -> None:
-        """Record one whole step. Nothing runs while recording: the replay that follows performs the
-        step. The learning rate is read from device tensors (refilled every epoch), never baked in."""
-        self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._eager_step(self._static["x"], self._static["y"], forward)
-        self._static["logits"] = logits
-        self.graph = graph
-
-    def _abandon_graph(self, exc: Exception) -> None:
-        self.graph = None
-        self._fall_back_to_eager("capturing the training step as a CUDA graph", exc)
-
-    def _fall_back_to_eager(self, what: str, exc: Exception) -> None:
-        """After a failed compile or capture: eager steps from now on, with a warning under
-        compile=auto, or a clear error when that mode was asked for by name."""
-        self.mode = "off"
+    def _clear_grads(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        msg = f"{what} failed ({type(exc).__name__}: {str(exc)[:300]})"
-        if self.knobs.strict:
-            raise WbsweepError(f"{msg}; use compile=off (or auto).") from exc
-        warnings.warn(f"{msg}; training continues with eager steps.", RuntimeWarning, stacklevel=4)
 
     # --- the epoch ---
 

@@ -31,9 +31,9 @@ from test_cluster import _kill_tree, long_trials_spec
 pytestmark = pytest.mark.slow
 
 WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3}
-# Trials long enough (500 epochs) for a trial to be running when the next worker joins and for a
+# Trials long enough (300 epochs, ~6 s) for a trial to be running when the next worker joins and for a
 # worker to be killed under one.
-SPEC = long_trials_spec("autoscale", 500)
+SPEC = long_trials_spec("autoscale", 300)
 KEY = ["method", "la", "seed"]
 COMPARED = ["config_hash", "acc_many", "acc_medium", "acc_few", "acc_avg", "fdr_train", "fdr_test"]
 SWEEP_TIMEOUT = 420  # a broken autoscaler fails the test instead of hanging CI

@@ -18,6 +18,8 @@ from orchestrator.spec import load_experiment
 
 pytestmark = pytest.mark.slow
 
+SPECS = Path(__file__).resolve().parent.parent / "search_spaces"
+
 TABLE4_ROWS = {
     ("naive", "none"), ("cb", "none"), ("wd", "none"), ("wd", "add"), ("wd", "mult"), ("wb", "none"),
     ("wd_etf", "none"), ("wd_etf", "add"), ("wd_etf", "mult"),
@@ -120,33 +122,53 @@ def test_report_csv_rebuilds_the_table_from_parquet(sweep):
     assert text.returncode == 0 and "WD&FR&ETF" in text.stdout and "±" in text.stdout
 
 
-def test_rerun_trains_nothing_and_duplicates_nothing(sweep):
+def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path):
+    """Table 4's smoke preset again, under another spec name (a copy of table4.yaml, on a copy of the
+    shared sweep's folder): nothing is trained, table4's rows and MLflow runs stay as they were, one
+    summary line says what was skipped, a torn stage record is made again from the study, and the
+    new spec's experiment lists every model its table uses as reference runs to the runs that
+    trained them (MLflow as the place to look, issue #15)."""
+    import os
+    import shutil
+
     from mlflow import MlflowClient
 
-    out, _ = sweep
+    src, _ = sweep
+    out = tmp_path / "out"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("ray", "status"))
+    spec = tmp_path / "t4copy.yaml"
+    spec.write_text((SPECS / "table4.yaml").read_text().replace("name: table4", "name: t4copy"))
     before_models = trained_models(out)
+    folders = sorted(os.listdir(out / "runs"))
     before_rows = pd.read_parquet(out / "results")
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("table4").experiment_id
-    before_runs = len(client.search_runs([exp_id], max_results=1000))
+    table4 = {r.info.run_id for r in client.search_runs([exp_id], max_results=1000)}
     # a torn stage record is set aside and its choice made again from the study in optuna.db; the
     # others are found again although the device flag differs (the stage key is the config's science)
     records = sorted((out / "stages").glob("tune-*.json"))
     assert len(records) >= 2
     chosen = records[0].read_text()
     records[0].write_text("")
-    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--device", "cpu")
+    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-4000:]
     # one summary line, not a line per reused trial; the recorded choices cover every trial of their stages
     summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
     assert len(summary) == 1 and "tune-stage trials whose choice was recorded" in summary[0], proc.stderr[-4000:]
     assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
     assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
-    assert trained_models(out) == before_models
+    assert trained_models(out) == before_models and sorted(os.listdir(out / "runs")) == folders
     after_rows = pd.read_parquet(out / "results")
-    assert len(after_rows) == len(before_rows)
-    assert len(client.search_runs([exp_id], max_results=1000)) == before_runs
-    assert "skipped" in proc.stderr
+    assert len(after_rows.query("spec == 'table4'")) == len(before_rows)
+    copy_rows = after_rows.query("spec == 't4copy'")
+    assert len(copy_rows) == len(before_rows) and not copy_rows.duplicated(["method", "la", "seed"]).any()
+    assert {r.info.run_id for r in client.search_runs([exp_id], max_results=1000)} == table4
+    runs = client.search_runs([client.get_experiment_by_name("t4copy").experiment_id], max_results=1000)
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(kids) == 12 and all(r.data.tags["wbsweep.kind"] == "reference" for r in kids)  # 6 methods x 2 seeds
+    assert {r.data.tags["wbsweep.reference_of"] for r in kids} <= table4
+    assert set(copy_rows["mlflow_run_id"]) == {r.data.tags["wbsweep.reference_of"] for r in kids}
+    assert [r for r in runs if r.data.tags.get("wbsweep.kind") == "report"]
 
 
 TWO_PRESETS = """\

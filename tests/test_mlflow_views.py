@@ -2,15 +2,12 @@
 sweep (a real MLflow SQLite store): repeat parents hold the mean and std of their Parquet rows and
 list every seed (the tune stage's reused model as a reference run), the chosen tune trial is tagged,
 Optuna's trials name their model and run, the report is a spec-level run, the run folders' files
-are stored once, and another spec that reuses the models lists them in its own experiment."""
+are stored once (another spec that reuses the models lists them in its own experiment: in
+tests/test_integration.py's rerun test)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +18,6 @@ from orchestrator.spec import load_experiment
 
 pytestmark = pytest.mark.slow
 
-SPECS = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
 def runs_of(client: MlflowClient, experiment: str) -> list:
@@ -115,31 +111,6 @@ def test_run_folder_files_are_stored_once(smoke):
                 inodes[(st.st_dev, st.st_ino)] = st.st_size
     runs_bytes = sum(p.stat().st_size for p in (out / "runs").rglob("*") if p.is_file())
     assert sum(inodes.values()) - runs_bytes < 100_000  # mlartifacts/ adds the report's files only
-
-
-def test_another_spec_lists_the_models_it_reuses(smoke, tmp_path):
-    """A second spec of the same models (here table4's smoke preset under another name) trains
-    nothing and lists every model its table uses in its own experiment, as reference runs to the
-    runs that trained them."""
-    src, _ = smoke
-    out = tmp_path / "out"
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("ray", "status"))
-    spec = tmp_path / "t4copy.yaml"
-    spec.write_text((SPECS / "table4.yaml").read_text().replace("name: table4", "name: t4copy"))
-    models = sorted(os.listdir(out / "runs"))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out / "runs")) == models  # nothing trained
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    table4 = {r.info.run_id for r in runs_of(client, "table4")}
-    runs = runs_of(client, "t4copy")
-    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(kids) == 12 and all(r.data.tags["wbsweep.kind"] == "reference" for r in kids)  # 6 methods x 2 seeds
-    assert {r.data.tags["wbsweep.reference_of"] for r in kids} <= table4
-    df = pd.read_parquet(out / "results").query("spec == 't4copy'")
-    assert set(df["mlflow_run_id"]) == {r.data.tags["wbsweep.reference_of"] for r in kids}
-    assert [r for r in runs if r.data.tags.get("wbsweep.kind") == "report"]
 
 
 def test_repeat_models_load_with_mlflow_pytorch(smoke, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
@@ -162,7 +163,7 @@ class TuneNode(Node):
     def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int):
         super().__init__(sweep, entry, planned)
         self.issued = 0
-        self.results: list[tuple[float, dict[str, Any]]] = []
+        self.results: list[tuple[float, int, dict[str, Any]]] = []  # (objective, Optuna trial number, config)
         self.search = sweep.exp.searched_for(entry.method)
         self.seed = sweep.exp.seeds[0]
         self.pruned = 0  # trials stopped early (orchestrator.early_stop), this run's and a resumed study's
@@ -246,7 +247,7 @@ class TuneNode(Node):
             if planned < self.planned:  # a grid smaller than the budget: no point twice
                 self.sweep.progress.total -= self.planned - planned
                 self.planned = planned
-        self.results = [(float(t.value), self.sweep.trial_config({**self.base, **t.params}, self.seed))
+        self.results = [(float(t.value), t.number, self.sweep.trial_config({**self.base, **t.params}, self.seed))
                         for t in earlier]
         self.issued = len(self.results) + self.pruned
         if self.issued:
@@ -291,16 +292,20 @@ class TuneNode(Node):
             self.pruned += 1
         else:
             error = error or not finished(result)  # a diverged trial reports no final metrics
+            asked = getattr(self.optuna, "_ot_trials", {}).get(trial_id)  # OptunaSearch's trial (private)
+            number = asked.number if asked is not None else sys.maxsize
             self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
             if not error:
-                self.results.append((float(result["objective"]), config))
+                self.results.append((float(result["objective"]), number, config))
         if self.issued >= self.planned and not self.in_flight:
             self.choose()
 
     def choose(self) -> None:
         if not self.results:
             return self.fail("every trial failed")
-        objective, best = max(self.results, key=lambda r: r[0])
+        # the best objective; of equal ones (a coarse validation accuracy ties easily) the first trial
+        # Optuna proposed, as Optuna's best_trial: never the one that happened to finish first
+        objective, _, best = max(self.results, key=lambda r: (r[0], -r[1]))
         cfg = training_config(best)
         chosen = {k: cfg[k] for k in self.base} | {k: cfg[k] for k in self.search}
         self.sweep.chosen[self.method] = chosen

@@ -3,6 +3,7 @@ across a resume (issue: the authors' protocol; TPE reached only 12-15 of the 20 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -100,3 +101,29 @@ def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
     trials = pd.read_parquet(out / "trials")
     values = sorted(round(v, 9) for v in trials["bn_scale"])
     assert values == [round(0.02 * i, 2) for i in range(1, 11)]  # 10 grid points, each once, budget 12 capped
+
+
+def test_of_equal_objectives_the_first_proposed_trial_is_chosen_not_the_first_finished(tmp_path):
+    """A coarse validation accuracy ties easily (two wd values, one val acc). The choice must not
+    depend on which trial happened to finish first (a node killed under one, a busier worker): of
+    equal objectives the trial Optuna proposed first wins, as Optuna's best_trial does."""
+    from orchestrator.spec import load_experiment
+    from orchestrator.sweep import Sweep, SweepOptions
+
+    out = tmp_path / "out"
+    sweep = Sweep(load_experiment("table4", "smoke"),
+                  SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse="off", quiet=True))
+    sweep.tracker, sweep.outbox = None, lambda what, call: None  # no tracking store here: MLflow's part is not run
+    proposed = {}
+    for i in range(12):
+        config = sweep.graph.suggest(f"t{i}")
+        if config is None:
+            break
+        if config["_stage"] == "tune:wd":
+            proposed[f"t{i}"] = config["wd"]
+    first, second = proposed  # smoke: two trials; the second proposed finishes first
+    for trial in (second, first):
+        sweep.graph.on_trial_complete(trial, {"objective": 0.5, "final": {"objective": 0.5}})
+    assert sweep.graph.error is None
+    (record,) = (out / "stages").glob("tune-wd-*.json")
+    assert json.loads(record.read_text())["searched"] == {"wd": proposed[first]} != {"wd": proposed[second]}

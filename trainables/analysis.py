@@ -168,9 +168,9 @@ def weight_norm_ratio(weight: Any, class_counts: Sequence[int]) -> tuple[np.ndar
 def hooked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers whose outputs figure 2 measures: every Linear/Conv, BN and residual block of the
     backbone (qualified name, module), in registration order (execution order is what the hooks see)."""
-    from trainables.models import BN_TYPES, RESIDUAL_BLOCKS
+    from trainables.models import BN_TYPES, residual_blocks
 
-    kinds = (nn.Linear, nn.Conv2d, *BN_TYPES, *RESIDUAL_BLOCKS)
+    kinds = (nn.Linear, nn.Conv2d, *BN_TYPES, *residual_blocks())
     return [(name, m) for name, m in model.backbone.named_modules() if name and isinstance(m, kinds)]
 
 

@@ -71,7 +71,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -79,7 +79,6 @@ import torch
 from trainables.config import resolve_config
 from trainables.data import LTDataset
 from trainables.errors import WbsweepError
-from trainables.fused_model import FusedModels
 from trainables.train import (
     DeviceData,
     Knobs,
@@ -95,6 +94,9 @@ from trainables.train import (
     resume,
     save_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from trainables.fused_model import FusedModels
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
 #: architecture, the batches' shape and count, the arithmetic and how the step runs (``compile``: one
@@ -135,6 +137,9 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
     """The fused group of the resolved configs ``cfgs`` (checked by :func:`check_fusable`), fresh
     (:func:`build_runs`). Raises WbsweepError for a model the batched forward cannot run."""
+    from trainables.fused_model import FusedModels  # here: it imports torchvision (seconds), which the
+    # sweep's driver, importing this module for fusion_key, does not need
+
     return FusedModels(build_runs(cfgs, dd), dd)
 
 
@@ -226,6 +231,8 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
     """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.train.resume`
     returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
     started = time.time()
+    from trainables.fused_model import FusedModels
+
     fused = FusedModels(runs, dd)
     first, c = runs[0].cfg, dd.data.num_classes
     epochs = runs[0].epochs

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from trainables.errors import WbsweepError, unknown_name
@@ -153,8 +152,11 @@ class NarrowResNet(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def _torchvision_resnet(ctor: Callable[[], torchvision.models.ResNet], block: type, groups: int, width_per_group: int,
+def _torchvision_resnet(name: str, block_name: str, groups: int, width_per_group: int,
                         dim: int) -> Callable[[int, int, int | None], tuple[nn.Module, int]]:
+    """The builder of torchvision's ``torchvision.models.<name>`` (blocks ``<block_name>``). torchvision
+    is imported when a model is built, not with this module: importing it takes seconds (it imports
+    torch's compiler stack), and the CLI reads this registry for every spec it loads."""
     def build(in_channels: int, image_size: int, width: int | None) -> tuple[nn.Module, int]:
         """torchvision's model built as the authors' ``utils/network_arch_resnet.py`` builds it, so it
         carries torchvision's initialisation (Kaiming-normal fan_out on every convolution, BN weight
@@ -163,10 +165,13 @@ def _torchvision_resnet(ctor: Callable[[], torchvision.models.ResNet], block: ty
         authors' ``encoder.fc``). Module names are torchvision's (``conv1``, ``layer1.0.conv1``, ...).
         Another ``width`` than 64 gives :class:`NarrowResNet` (same layout and scheme, not the same
         tensors)."""
+        from torchvision.models import resnet as tv_resnet
+
         if width not in (None, 64):
+            block = getattr(tv_resnet, block_name)
             return NarrowResNet(block, [3, 4, 6, 3], width, in_channels, image_size, groups, width_per_group), \
                 dim * width // 64
-        net = ctor()
+        net = getattr(tv_resnet, name)()
         _swap_stem(net, in_channels, 64, image_size)
         net.fc = nn.Identity()
         return net, dim
@@ -174,13 +179,12 @@ def _torchvision_resnet(ctor: Callable[[], torchvision.models.ResNet], block: ty
     return build
 
 
-_tv = torchvision.models.resnet
 #: The CIFAR "ResNet34" of the authors' code: torchvision's [3, 4, 6, 3] BasicBlock layout, 1x1
 #: conv shortcuts, widths 64-512, 512-d features.
-resnet34 = _torchvision_resnet(torchvision.models.resnet34, _tv.BasicBlock, 1, 64, 512)
+resnet34 = _torchvision_resnet("resnet34", "BasicBlock", 1, 64, 512)
 #: ResNeXt50 (32x4d) as in torchvision and Table 10: bottleneck blocks [3, 4, 6, 3], cardinality 32,
 #: base width 4, 2048-d features.
-resnext50 = _torchvision_resnet(torchvision.models.resnext50_32x4d, _tv.Bottleneck, 32, 4, 2048)
+resnext50 = _torchvision_resnet("resnext50_32x4d", "Bottleneck", 32, 4, 2048)
 
 
 # --- MLPs for small inputs -------------------------------------------------------------------
@@ -242,8 +246,11 @@ BACKBONES: dict[str, Callable[[int, int, int | None], tuple[nn.Module, int]]] = 
 #: Models whose linear classifier is initialised Kaiming-normal (fan_in) rather than PyTorch's default:
 #: LDAM-DRW's ResNet32 initialises every linear layer so.
 KAIMING_CLASSIFIER = frozenset({"resnet32"})
-#: Blocks whose output is a residual sum (after its ReLU): the per-layer analyses hook them.
-RESIDUAL_BLOCKS = (BasicBlock, _tv.BasicBlock, _tv.Bottleneck, ResBlock1d)
+def residual_blocks() -> tuple[type, ...]:
+    """Blocks whose output is a residual sum (after its ReLU): the per-layer analyses hook them."""
+    from torchvision.models import resnet as tv_resnet
+
+    return BasicBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck, ResBlock1d
 
 
 def model_names() -> list[str]:

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 
 
+def knob_text(value: Any) -> str:
+    """A searched knob's value as a run name shows it: numbers to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if v is not None}
 
@@ -165,7 +170,9 @@ class TrialCallback(Callback):
         cfg = training_config(config)
         hash_ = config_hash(cfg)
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
-        name = f"{node.method} seed{cfg['seed']}" + (f" {mid}" if node.kind == "tune" else "")
+        name = f"{node.method} seed{cfg['seed']}"
+        if node.kind == "tune":  # the trial's searched knobs tell its run apart from the others' in the UI
+            name = f"{node.method} " + " ".join(f"{k}={knob_text(cfg[k])}" for k in node.search) + f" seed{cfg['seed']}"
         tracker = self.sweep.tracker
         if node.kind == "tune":  # the Optuna trial names its model (optuna-dashboard shows it)
             optuna_attrs(node, mid, {"config_hash": hash_})

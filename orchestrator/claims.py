@@ -410,18 +410,19 @@ def write_claims(df: pd.DataFrame, store: str, name: str) -> list[str]:
 
 
 def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset: str, claims_path: str) -> str:
-    """A run ``claims <preset>`` in the spec's MLflow experiment: the table (``claims.json``, MLflow's
-    table artifact), ``claims.csv``, the claims file, one metric per claim (1 holds, 0 not, -1 not
-    enough seeds) and the code's provenance tags; the run's id."""
-    from orchestrator.provenance import mlflow_tags
+    """The run ``claims <preset>`` in the spec's MLflow experiment (made, or re-attached by a later
+    ``report --claims``: one per preset): the table (``claims.json``, MLflow's table artifact, replaced),
+    ``claims.csv``, the claims file, one metric per claim (1 holds, 0 not, -1 not enough seeds) and the
+    code's provenance tags; the run's id."""
+    from orchestrator.mlflow_views import _drop_artifacts
     from orchestrator.tracking import Tracker
 
     local = not tracking_uri.startswith(("http://", "https://"))
     tracker = Tracker(tracking_uri, spec, out / "mlartifacts" if local else None)
     client = tracker.client
-    tags = {"wbsweep.kind": "claims", "wbsweep.preset": preset, **mlflow_tags()}
-    run_id = client.create_run(tracker.experiment_id, tags=tags, run_name=f"claims {preset}").info.run_id
+    run_id = tracker.run(f"claims {preset}", {"wbsweep.kind": "claims", "wbsweep.preset": preset})
     try:
+        _drop_artifacts(tracker, run_id, ["claims.json"])  # log_table appends to an existing table
         client.log_table(run_id, data=df, artifact_file="claims.json")
         code = {HOLDS: 1.0, FAILS: 0.0, FEW_SEEDS: -1.0}
         metrics = {}
@@ -438,9 +439,9 @@ def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset
             client.log_artifact(run_id, str(csv))
             if claims_path:
                 client.log_artifact(run_id, claims_path)
-        client.set_terminated(run_id, "FINISHED")
+        tracker.finish(run_id)
     except Exception:
-        client.set_terminated(run_id, "FAILED")
+        tracker.finish(run_id, "FAILED")
         raise
     return run_id
 

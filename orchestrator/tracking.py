@@ -22,6 +22,10 @@ from orchestrator import stores
 from orchestrator.provenance import mlflow_tags
 from trainables.errors import WbsweepError, exception_chain
 
+#: Tags of every experiment wbsweep makes: ``mlflow.experimentKind`` tells MLflow 3's UI these are
+#: model-training runs, so an experiment opens on its runs table (without it, on the GenAI traces view).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{(out / 'mlflow.db').resolve()}"
@@ -59,9 +63,13 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags=EXPERIMENT_TAGS)
             else:
                 self.experiment_id = exp.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():  # an experiment made by an earlier version
+                    if exp.tags.get(key) != value:
+                        self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as exc:  # any failure to reach or open the store is the user's to fix
             raise store_error(tracking_uri, exc) from None
 

@@ -147,6 +147,12 @@ def test_claims_go_to_mlflow(tmp_path):
     assert {"claims.json", "claims.csv", "claims.yaml"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     # and in the spec-level run of the report: one, its table replaced (not appended to) by a second report
     claims_report(tmp_path, "table4", None, tmp_path / "claims.yaml", paper_table=4, tracking_uri=uri)
+    (again,) = client.search_runs([client.get_experiment_by_name("table4").experiment_id],
+                                  filter_string="tags.`wbsweep.kind` = 'claims'")  # the same run, re-attached
+    assert again.info.run_id == runs[0].info.run_id and again.data.tags["mlflow.source.type"] == "LOCAL"
+    claims_json = json.loads(Path(client.download_artifacts(again.info.run_id, "claims.json",
+                                                            str(tmp_path / "again"))).read_text())
+    assert len(claims_json["data"]) == len(pd.read_csv(tmp_path / "claims" / "table4-cpu.csv"))
     (report,) = client.search_runs([client.get_experiment_by_name("table4").experiment_id],
                                    filter_string="tags.`wbsweep.kind` = 'report'")
     table = json.loads(Path(client.download_artifacts(report.info.run_id, "claims_table.json",

@@ -82,6 +82,8 @@ def test_optuna_trials_name_their_model_and_run(smoke):
     for t in trials:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["wbsweep.config_hash"] == t.user_attrs["config_hash"]
+        # named by the knobs its trial searched (the UI tells the trials of a stage apart by them)
+        assert all(f"{k}={v:.3g}" in run.info.run_name for k, v in t.params.items()), run.info.run_name
 
 
 def test_the_report_is_a_spec_level_run(smoke):
@@ -92,6 +94,8 @@ def test_the_report_is_a_spec_level_run(smoke):
     assert {"report.txt", "report.csv", "report_table.json"} <= {a.path for a in client.list_artifacts(run_id)}
     table = json.loads(Path(client.download_artifacts(run_id, "report_table.json", str(out / "dl"))).read_text())
     assert len(table["data"]) == 12 and "acc_avg_mean" in table["columns"]  # the 12 rows of Table 4, once
+    # the UI opens the experiment on its runs (MLflow 3 otherwise shows its GenAI traces view)
+    assert client.get_experiment_by_name("table4").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_run_folder_files_are_stored_once(smoke):

@@ -33,8 +33,10 @@ class Progress:
         self.pending = 0  # trials waiting for resources (Ray Tune's PENDING)
         self.waiting_since: float | None = None  # when the longest-waiting of them began to wait
         self.reused: dict[str, int] = {}  # skipped trials by kind (REUSED)
+        self.last = ""  # the last line printed
 
     def _print(self, msg: str) -> None:
+        self.last = msg
         if not self.quiet:
             with contextlib.suppress(OSError):  # stderr gone (a closed terminal): the status file still tells
                 print(msg, file=sys.stderr, flush=True)
@@ -142,7 +144,9 @@ class Progress:
         self._print(f"FAILED {reason}")
 
     def finish(self) -> None:
-        self._print(self.line())
+        line = self.line()
+        if line != self.last:  # the last trial's line already says it all
+            self._print(line)
         if self.skipped:
             parts = [f"{n} {self.REUSED[kind]}" for kind, n in self.reused.items()]
             self._print(f"skipped {self.skipped} trial(s) whose work was done: {'; '.join(parts)}")

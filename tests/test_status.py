@@ -55,3 +55,20 @@ def test_a_stopped_sweep_shows_no_trial_running(tmp_path):
     text = status_text(tmp_path)
     assert text.count("interrupted") == 2 and text.count(" 0 running,") == 2, text
     assert "waiting for resources" not in text
+
+
+def test_the_last_progress_line_is_printed_once(capsys):
+    """The sweep's end repeats the progress line only when the last trial's line is out of date (it
+    was printed twice at the end of every run)."""
+    from orchestrator.progress import Progress
+
+    progress = Progress(total_trials=2, total_stages=1)
+    for trial in ("t0", "t1"):
+        progress.started(trial)
+        progress.done(trial)
+    progress.finish()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[stages")]
+    assert len(lines) == 2 and "trials 2/2 done" in lines[-1]
+    progress.stages_done = 1  # something changed since: the end says it
+    progress.finish()
+    assert "[stages 1/1] trials 2/2 done" in capsys.readouterr().err

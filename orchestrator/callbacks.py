@@ -23,6 +23,7 @@ from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
 from orchestrator.mlflow_views import log_pytorch_model, optuna_attrs
+from orchestrator.tracking import display_value
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -225,7 +226,7 @@ class TrialCallback(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history if int(h["epoch"]) not in seen
+        batch = [Metric(k, display_value(h[k]), now, int(h["epoch"])) for h in history if int(h["epoch"]) not in seen
                  for k in self.EPOCH_KEYS]
         for i in range(0, len(batch), 900):
             chunk = batch[i : i + 900]

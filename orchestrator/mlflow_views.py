@@ -115,6 +115,25 @@ def repeat_summary(rows: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def chosen_params(tracker: Tracker, run_id: str, sweep: Sweep, node: RepeatNode) -> None:
+    """The repeat parent run ``run_id`` gets the config its seeds share as params (the training config
+    but the seed, as a model run has them) and ``config_hashes`` (seed:hash, ...): the table row's
+    config, where the UI shows a run's params. MLflow's params cannot change: when the parent already
+    holds another config's (the search chose again), they are left and the tag ``wbsweep.params_of``
+    says which config hash they describe."""
+    from orchestrator.callbacks import flat_params
+
+    cfgs = {s: training_config(sweep.trial_config(node.cfg, s)) for s in sweep.exp.seeds}
+    first = cfgs[sweep.exp.seeds[0]]
+    params = {k: v for k, v in flat_params(first).items() if k != "seed"}
+    params["config_hashes"] = ", ".join(f"{s}:{config_hash(c)}" for s, c in cfgs.items())
+    held = tracker.client.get_run(run_id).data.params
+    if any(held.get(k, str(v)[:6000]) != str(v)[:6000] for k, v in params.items()):
+        return
+    tracker.log_params(run_id, params)
+    tracker.client.set_tag(run_id, "wbsweep.params_of", config_hash(first))
+
+
 def log_repeat_summaries(sweep: Sweep) -> None:
     """Each finished repeat stage's parent run gets :func:`repeat_summary` of its rows."""
     tracker = sweep.tracker
@@ -129,6 +148,7 @@ def log_repeat_summaries(sweep: Sweep) -> None:
             attached = node._parent_run is None  # re-attached now: it was ended by an earlier run
             run_id = node.parent_run()
             tracker.log_metrics(run_id, summary)
+            chosen_params(tracker, run_id, sweep, node)
             if attached:
                 tracker.finish(run_id)
 

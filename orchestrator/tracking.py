@@ -27,6 +27,13 @@ from trainables.errors import WbsweepError, exception_chain
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def display_value(value: float) -> float:
+    """A metric as MLflow stores it: rounded to 12 significant digits, so the UI shows 88.0 and not the
+    88.00000000000001 that a percentage's float arithmetic leaves (the Parquet rows keep every digit;
+    12 digits are far below any difference a metric here can tell)."""
+    return float(f"{float(value):.12g}")
+
+
 def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
@@ -130,7 +137,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
+        items = [Metric(k, display_value(v), now, step) for k, v in metrics.items() if v is not None and v == v]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 

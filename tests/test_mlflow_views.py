@@ -61,6 +61,12 @@ def test_repeat_parents_hold_mean_and_std_of_their_rows_and_list_every_seed(smok
                 assert m[f"mean.{la}.{k}"] == pytest.approx(g[k].mean(), rel=1e-9), (method, la, k)
                 assert m[f"std.{la}.{k}"] == pytest.approx(g[k].std(), rel=1e-9, abs=1e-12), (method, la, k)
         per_model = rows.drop_duplicates(["config_hash", "seed"])
+        # the row's config as the parent's params: what its seeds' runs have, but the seed
+        params = dict(p.data.params)
+        assert params.pop("config_hashes") == ", ".join(
+            f"{s}:{h}" for s, h in sorted(zip(per_model["seed"], per_model["config_hash"], strict=True)))
+        trained = next(r for r in kids if r.data.tags.get("wbsweep.kind") != "reference")
+        assert params == {k: v for k, v in trained.data.params.items() if k != "seed"}, method
         assert m["mean.fdr_test"] == pytest.approx(per_model["fdr_test"].mean(), rel=1e-9)
         assert m["std.fdr_train"] == pytest.approx(per_model["fdr_train"].std(), rel=1e-9)
     assert references == 4  # wd, wb, wd_etf, wd_fr_etf: seed 0 is their tune stage's chosen model

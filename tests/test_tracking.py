@@ -140,3 +140,13 @@ def test_an_unavailable_store_is_named_by_its_innermost_cause() -> None:
     assert not transient(plain) and transient_cause(plain) is None
     busy = MlflowException("try later", error_code=TEMPORARILY_UNAVAILABLE)
     assert transient_cause(busy) is busy
+
+
+def test_metrics_reach_mlflow_without_float_noise():
+    """A percentage's float arithmetic leaves 88.00000000000001; MLflow gets 12 significant digits,
+    small values keep theirs (a learning rate near the end of the cosine schedule)."""
+    from orchestrator.tracking import display_value
+
+    assert display_value(0.1 * 3 * 100 / 3 * 8.8 / 0.1 / 10) == 88.0 != 0.1 * 3 * 100 / 3 * 8.8 / 0.1 / 10
+    assert display_value(1.2345678901234567e-9) == 1.23456789012e-9
+    assert display_value(379.10600123456789) == 379.106001235

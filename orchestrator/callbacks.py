@@ -22,7 +22,7 @@ from ray.tune import Callback
 from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
-from orchestrator.mlflow_views import log_pytorch_model, optuna_attrs
+from orchestrator.mlflow_views import log_pytorch_model, make_reference_run, optuna_attrs
 from orchestrator.tracking import display_value
 from trainables import storage
 from trainables.config import config_hash
@@ -83,6 +83,8 @@ class TrialCallback(Callback):
         self.sweep = sweep
         # Keyed by member id (orchestrator.graph.member_id): a trial's own id, or one per model of a fused group.
         self.run_ids: dict[str, str] = {}  # member id -> its MLflow run (set once the run exists)
+        # member id -> the run of the model another spec trained, which this trial only re-reports
+        self.sources: dict[str, str] = {}
         self.open: set[str] = set()  # models started and not yet ended
         self.logged_epochs: dict[str, set[int]] = {}  # member id -> epochs logged live
         self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
@@ -177,8 +179,18 @@ class TrialCallback(Callback):
         tracker = self.sweep.tracker
         if node.kind == "tune":  # the Optuna trial names its model (optuna-dashboard shows it)
             optuna_attrs(node, mid, {"config_hash": hash_})
+        # A model finished earlier (this trial only re-reports it: another spec's search proposed it
+        # again) whose run is in another spec's experiment gets a reference run here, not a second run.
+        finished = finished_metrics(self.sweep.runs, hash_, cfg["seed"])
+        source = self.sweep.run_file(hash_, cfg["seed"], "mlflow_run_id") if finished is not None else None
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
+            if source is not None and tracker.find(tags) is None and tracker.in_other_experiment(source):
+                self.sources[mid] = source
+                if node.kind == "tune":
+                    optuna_attrs(node, mid, {"mlflow_run_id": source})
+                make_reference_run(self.sweep, node, config, finished, source)  # here: inside the outbox
+                return
             run_id = tracker.run(name, tags, parent=node.parent_run())
             tracker.client.set_tag(run_id, "wbsweep.method", node.method)
             tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
@@ -267,7 +279,7 @@ class TrialCallback(Callback):
         hash_, seed, runs = config_hash(cfg), cfg["seed"], self.sweep.runs
         # The rows first: they never wait for MLflow (whose run id they carry when the run exists)
         with storage.local_copy(runs, hash_, seed) as folder:
-            self.sweep.record(node, config, final, self.run_ids.get(mid))
+            self.sweep.record(node, config, final, self.run_ids.get(mid) or self.sources.get(mid))
             record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
                                 method=node.method)
 

@@ -42,6 +42,14 @@ FDR = ("fdr_train", "fdr_test")
 
 def reference_run(sweep: Sweep, node: Node, trial_config: dict[str, Any], metrics: dict[str, Any],
                   source: str | None) -> None:
+    """:func:`make_reference_run` through the sweep's outbox."""
+    seed = int(training_config(trial_config)["seed"])
+    sweep.outbox(f"the reference run of {node.label} seed {seed}",
+                 lambda: make_reference_run(sweep, node, trial_config, metrics, source))
+
+
+def make_reference_run(sweep: Sweep, node: Node, trial_config: dict[str, Any], metrics: dict[str, Any],
+                       source: str | None) -> None:
     """A run under ``node``'s parent run for a model it reuses (trained by another stage or spec,
     whose run is ``source``): params and final metrics copied, ``wbsweep.reference_of`` the source
     run. None when the model's own run is already under this parent."""
@@ -50,31 +58,27 @@ def reference_run(sweep: Sweep, node: Node, trial_config: dict[str, Any], metric
     cfg = training_config(trial_config)
     hash_, seed = config_hash(cfg), int(cfg["seed"])
     tracker = sweep.tracker
-
-    def make() -> None:
-        parent = node.parent_run()
-        if source:
-            try:
-                if tracker.client.get_run(source).data.tags.get("mlflow.parentRunId") == parent:
-                    return  # the model's own run is under this stage already
-            except Exception:  # noqa: BLE001 - a run deleted by hand, another store: the reference stays useful
-                pass
-        tags = {"wbsweep.kind": "reference", "wbsweep.model": f"{hash_}/seed{seed}", "wbsweep.ref_parent": parent}
-        run_id = tracker.run(f"{node.method} seed{seed} (reused)", tags, parent=parent)
-        client = tracker.client
-        client.set_tag(run_id, "wbsweep.reference_of", source or "")
-        client.set_tag(run_id, "wbsweep.ref_config_hash", hash_)
-        client.set_tag(run_id, "wbsweep.seed", str(seed))
-        client.set_tag(run_id, "wbsweep.method", node.method)
-        client.set_tag(run_id, "wbsweep.stage", node.kind)
-        client.set_tag(run_id, "mlflow.note.content",
-                       f"Reference to the run {source} that trained this model (not trained again)."
-                       if source else "A model trained earlier without an MLflow run (not trained again).")
-        tracker.log_params(run_id, flat_params(cfg))
-        tracker.log_metrics(run_id, final_metrics(metrics), step=int(metrics.get("epochs", 0)))
-        tracker.finish(run_id)
-
-    sweep.outbox(f"the reference run of {node.label} seed {seed}", make)
+    parent = node.parent_run()
+    if source:
+        try:
+            if tracker.client.get_run(source).data.tags.get("mlflow.parentRunId") == parent:
+                return  # the model's own run is under this stage already
+        except Exception:  # noqa: BLE001 - a run deleted by hand, another store: the reference stays useful
+            pass
+    tags = {"wbsweep.kind": "reference", "wbsweep.model": f"{hash_}/seed{seed}", "wbsweep.ref_parent": parent}
+    run_id = tracker.run(f"{node.method} seed{seed} (reused)", tags, parent=parent)
+    client = tracker.client
+    client.set_tag(run_id, "wbsweep.reference_of", source or "")
+    client.set_tag(run_id, "wbsweep.ref_config_hash", hash_)
+    client.set_tag(run_id, "wbsweep.seed", str(seed))
+    client.set_tag(run_id, "wbsweep.method", node.method)
+    client.set_tag(run_id, "wbsweep.stage", node.kind)
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"Reference to the run {source} that trained this model (not trained again)."
+                   if source else "A model trained earlier without an MLflow run (not trained again).")
+    tracker.log_params(run_id, flat_params(cfg))
+    tracker.log_metrics(run_id, final_metrics(metrics), step=int(metrics.get("epochs", 0)))
+    tracker.finish(run_id)
 
 
 def end_reference_runs(tracker: Tracker) -> None:

@@ -80,14 +80,15 @@ class Tracker:
         except Exception as exc:  # any failure to reach or open the store is the user's to fix
             raise store_error(tracking_uri, exc) from None
 
-    def _find(self, tags: dict[str, str]) -> str | None:
+    def find(self, tags: dict[str, str]) -> str | None:
+        """The id of a run of this experiment with these tags, or None."""
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1)
         return runs[0].info.run_id if runs else None
 
     def run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """The run with these identifying ``tags``, created if it does not exist yet."""
-        found = self._find(tags)
+        found = self.find(tags)
         if found:
             # a resumed stage, or a model whose training was interrupted, is running again
             self.client.update_run(found, status="RUNNING")
@@ -96,6 +97,13 @@ class Tracker:
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def in_other_experiment(self, run_id: str) -> bool:
+        """Whether the run ``run_id`` exists in another experiment than this tracker's."""
+        try:
+            return self.client.get_run(run_id).info.experiment_id != self.experiment_id
+        except Exception:  # noqa: BLE001 - deleted by hand, another store: this experiment makes its own
+            return False
 
     def running_model_runs(self) -> list[tuple[str, str, int]]:
         """(run id, config hash, seed) of the model runs still marked RUNNING: at the start of a

@@ -165,8 +165,12 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     assert {r.info.run_id for r in client.search_runs([exp_id], max_results=1000)} == table4
     runs = client.search_runs([client.get_experiment_by_name("t4copy").experiment_id], max_results=1000)
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert all(r.data.tags["wbsweep.kind"] == "reference" for r in kids)
-    # the table's 12 models (6 methods x 2 seeds), and the trials of the stage whose choice was made again
+    # table4's models, references only, also those the new spec's own search proposed again (its study is
+    # its own) and whose trials only re-reported them
+    assert kids and all(r.data.tags.get("wbsweep.kind") == "reference" for r in kids), \
+        [(r.info.run_name, r.data.tags.get("wbsweep.stage")) for r in kids]
+    assert any(r.data.tags["wbsweep.stage"] == "tune" for r in kids)
+    # the table's 12 models (6 methods x 2 seeds), and the trials of the re-proposed searches
     assert copy_rows["mlflow_run_id"].nunique() == 12
     assert set(copy_rows["mlflow_run_id"]) <= {r.data.tags["wbsweep.reference_of"] for r in kids} <= table4
     assert [r for r in runs if r.data.tags.get("wbsweep.kind") == "report"]

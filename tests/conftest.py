@@ -281,3 +281,20 @@ def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it to make every read of a tensor's value on the host fail (``item``, ``tolist``,
+    ``float(t)``, ...) until ``monkeypatch.undo()``: on a GPU each such read would wait for the
+    device, and none may happen inside a captured CUDA graph."""
+    import torch
+
+    def host_read(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a host read inside the epoch")
+
+    def forbid() -> None:
+        for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+
+    return forbid

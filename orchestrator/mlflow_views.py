@@ -120,16 +120,18 @@ def repeat_summary(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def chosen_params(tracker: Tracker, run_id: str, sweep: Sweep, node: RepeatNode) -> None:
-    """The repeat parent run ``run_id`` gets the config its seeds share as params (the training config
-    but the seed, as a model run has them) and ``config_hashes`` (seed:hash, ...): the table row's
-    config, where the UI shows a run's params. MLflow's params cannot change: when the parent already
-    holds another config's (the search chose again), they are left and the tag ``wbsweep.params_of``
-    says which config hash they describe."""
+    """The repeat parent run ``run_id`` gets the config its seeds share as params (the training
+    config as a model run has it, but what differs between seeds: the seed, a second stage's
+    ``init_from``) and ``config_hashes`` (seed:hash, ...): the table row's config, where the UI shows a
+    run's params. MLflow's params cannot change: when the parent already holds another config's (the
+    search chose again), they are left and the tag ``wbsweep.params_of`` says which config hash they
+    describe."""
     from orchestrator.callbacks import flat_params
 
     cfgs = {s: training_config(sweep.trial_config(node.cfg, s)) for s in sweep.exp.seeds}
     first = cfgs[sweep.exp.seeds[0]]
-    params = {k: v for k, v in flat_params(first).items() if k != "seed"}
+    per_seed = [flat_params(c) for c in cfgs.values()]
+    params = {k: v for k, v in per_seed[0].items() if all(p.get(k) == v for p in per_seed)}  # not seed, init_from
     params["config_hashes"] = ", ".join(f"{s}:{config_hash(c)}" for s, c in cfgs.items())
     held = tracker.client.get_run(run_id).data.params
     if any(held.get(k, str(v)[:6000]) != str(v)[:6000] for k, v in params.items()):

@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.bench import bench_config, device_name, synthetic_dataset  # noqa: E402
-from trainables.fused import FusedModels, build_runs  # noqa: E402
+from trainables.fused import build_runs  # noqa: E402
+from trainables.fused_model import FusedModels  # noqa: E402
 from trainables.train import DeviceData, build_training, pick_device  # noqa: E402
 
 #: The fused runs' knobs per ``--variants`` name ("graph": the defaults, a CUDA graph on a GPU).

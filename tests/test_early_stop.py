@@ -142,7 +142,7 @@ def test_pruned_trials_survive_a_resume_and_are_never_chosen(tmp_path):
     node.open_study("s")
     assert (node.issued, node.pruned, len(node.results)) == (4, 2, 2)
     assert sweep.progress.skipped == 4
-    assert max(node.results, key=lambda r: r[0])[1]["wd"] == 2e-3  # never a pruned one
+    assert max(node.results, key=lambda r: r[0])[2]["wd"] == 2e-3  # never a pruned one
     proposed = [node.next_config(f"t{i}") for i in range(4)]
     assert [p is not None for p in proposed] == [True, True, False, False]
     assert proposed[0]["_report_epochs"] == [5, 15]  # the rungs are always reported

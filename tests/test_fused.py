@@ -399,7 +399,8 @@ def one_step_data(channels: int, size: int, n: int = 32) -> Any:
 def one_step(model: str, width: int, channels: int, size: int, channels_last: bool) -> float:
     """The largest difference of a training-mode forward and backward of a fused group of 3 from each
     model's own (logits, every gradient, BN running statistics), relative to the largest value of each."""
-    from trainables.fused import FusedModels, build_runs
+    from trainables.fused import build_runs
+    from trainables.fused_model import FusedModels
     from trainables.losses import feature_regularisation
     from trainables.train import DeviceData
 

@@ -145,7 +145,7 @@ class Progress:
 
     def finish(self) -> None:
         line = self.line()
-        if line != self.last:  # the last trial's line already says it all
+        if line.split(" | ")[0] != self.last.split(" | ")[0]:  # the last trial's line says it all (but the clock)
             self._print(line)
         if self.skipped:
             parts = [f"{n} {self.REUSED[kind]}" for kind, n in self.reused.items()]

@@ -23,7 +23,7 @@ from orchestrator import early_stop
 from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
 from orchestrator.graph import member_id, trial_members
 from orchestrator.mlflow_views import log_pytorch_model, make_reference_run, optuna_attrs
-from orchestrator.tracking import display_value
+from orchestrator.tracking import display_value, final_metrics, flat_params
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
@@ -37,21 +37,6 @@ if TYPE_CHECKING:
 def knob_text(value: Any) -> str:
     """A searched knob's value as a run name shows it: numbers to 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if v is not None}
-
-
-def final_metrics(final: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of a finished model, LA variants prefixed (``mult.acc_avg``)."""
-    out = {k: final[k] for k in ("fdr_train", "fdr_test", "objective", "best_epoch", "train_seconds")}
-    for la, r in final["la"].items():
-        for k in ("many", "medium", "few", "avg", "val_acc"):
-            out[f"{la}.{'acc_' + k if k != 'val_acc' else k}"] = r[k]
-        if r["param"] is not None:
-            out[f"{la}.{'tau' if la == 'add' else 'gamma'}"] = r["param"]
-    return out
 
 
 def close_interrupted_runs(tracker: Tracker, runs: str) -> None:

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from orchestrator.tracking import Tracker, final_metrics, first_line, flat_params
 from trainables.config import config_hash
 from trainables.trial import training_config
 
 if TYPE_CHECKING:
     from orchestrator.graph import Node, RepeatNode, TuneNode
     from orchestrator.sweep import Sweep
-    from orchestrator.tracking import Tracker
 
 #: The per-seed numbers a repeat parent summarises, per LA variant.
 ACC = ("acc_many", "acc_medium", "acc_few", "acc_avg")
@@ -53,8 +53,6 @@ def make_reference_run(sweep: Sweep, node: Node, trial_config: dict[str, Any], m
     """A run under ``node``'s parent run for a model it reuses (trained by another stage or spec,
     whose run is ``source``): params and final metrics copied, ``wbsweep.reference_of`` the source
     run. None when the model's own run is already under this parent."""
-    from orchestrator.callbacks import final_metrics, flat_params
-
     cfg = training_config(trial_config)
     hash_, seed = config_hash(cfg), int(cfg["seed"])
     tracker = sweep.tracker
@@ -126,8 +124,6 @@ def chosen_params(tracker: Tracker, run_id: str, sweep: Sweep, node: RepeatNode)
     run's params. MLflow's params cannot change: when the parent already holds another config's (the
     search chose again), they are left and the tag ``wbsweep.params_of`` says which config hash they
     describe."""
-    from orchestrator.callbacks import flat_params
-
     cfgs = {s: training_config(sweep.trial_config(node.cfg, s)) for s in sweep.exp.seeds}
     first = cfgs[sweep.exp.seeds[0]]
     per_seed = [flat_params(c) for c in cfgs.values()]
@@ -200,7 +196,6 @@ def log_report_run(tracking_uri: str, out: Path, store: str, spec: str, preset: 
     ``store/claims/<spec>-<preset>.csv``. Its id."""
     import tempfile
 
-    from orchestrator.tracking import Tracker
     from trainables import storage
 
     local = not tracking_uri.startswith(("http://", "https://"))
@@ -235,7 +230,6 @@ def attach_claims(tracking_uri: str, out: Path, spec: str, preset: str, claims: 
     re-attached; the table replaced): ``claims_table.json`` and ``claims.csv``. Its id."""
     import tempfile
 
-    from orchestrator.tracking import Tracker
 
     local = not tracking_uri.startswith(("http://", "https://"))
     tracker = Tracker(tracking_uri, spec, out / "mlartifacts" if local else None)
@@ -280,7 +274,6 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
         run_id = log_report_run(tracking_uri, out, store, spec, preset, text, table_csv)
         log(f"report logged to MLflow ({tracking_uri}), run {run_id}")
     except Exception as exc:  # noqa: BLE001 - MLflow is a view: the report is printed regardless
-        from orchestrator.tracking import first_line
 
         log(f"WARNING report not logged to MLflow: {first_line(exc)}")
 
@@ -323,7 +316,6 @@ def log_pytorch_model(tracker: Tracker, run_id: str, folder: Path) -> str | None
 
     import torch
 
-    from orchestrator.tracking import first_line
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / PYTORCH_MODEL

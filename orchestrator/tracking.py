@@ -27,6 +27,22 @@ from trainables.errors import WbsweepError, exception_chain
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def flat_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config as a run's params: its keys with a value."""
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def final_metrics(final: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a finished model, LA variants prefixed (``mult.acc_avg``)."""
+    out = {k: final[k] for k in ("fdr_train", "fdr_test", "objective", "best_epoch", "train_seconds")}
+    for la, r in final["la"].items():
+        for k in ("many", "medium", "few", "avg", "val_acc"):
+            out[f"{la}.{'acc_' + k if k != 'val_acc' else k}"] = r[k]
+        if r["param"] is not None:
+            out[f"{la}.{'tau' if la == 'add' else 'gamma'}"] = r["param"]
+    return out
+
+
 def display_value(value: float) -> float:
     """A metric as MLflow stores it: rounded to 12 significant digits, so the UI shows 88.0 and not the
     88.00000000000001 that a percentage's float arithmetic leaves (the Parquet rows keep every digit;

@@ -170,7 +170,7 @@ class TrialCallback(Callback):
         source = self.sweep.run_file(hash_, cfg["seed"], "mlflow_run_id") if finished is not None else None
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
-            if source is not None and tracker.find(tags) is None and tracker.in_other_experiment(source):
+            if source is not None and tracker.in_other_experiment(source) and tracker.find(tags) is None:
                 self.sources[mid] = source
                 if node.kind == "tune":
                     optuna_attrs(node, mid, {"mlflow_run_id": source})

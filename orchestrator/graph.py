@@ -15,9 +15,9 @@ whose inputs failed are marked failed with the reason instead of waiting forever
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
@@ -229,10 +229,11 @@ class TuneNode(Node):
         from ray.tune.search.optuna import OptunaSearch
 
         storage = self.sweep.optuna_storage()
-        earlier, pruned = [], []
+        earlier, pruned, numbers = [], [], []
         if name in {s.study_name for s in storage.get_all_studies()}:
             study_id = storage.get_study_id_from_name(name)
             end_open_trials(storage, study_id)  # a driver killed before it could
+            numbers = [t.number for t in storage.get_all_trials(study_id, deepcopy=False)]
             earlier = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE,))
             # pruned trials count towards the budget (and are not proposed again) but are never chosen
             pruned = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.PRUNED,))
@@ -250,6 +251,9 @@ class TuneNode(Node):
         self.results = [(float(t.value), t.number, self.sweep.trial_config({**self.base, **t.params}, self.seed))
                         for t in earlier]
         self.issued = len(self.results) + self.pruned
+        # the order the trials were proposed in: the study's trial numbers, then this run's proposals
+        self.proposals = itertools.count(max(numbers, default=-1) + 1)
+        self.proposed: dict[str, int] = {}
         if self.issued:
             self.sweep.progress.skip(self.issued, "study")
         # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
@@ -281,19 +285,19 @@ class TuneNode(Node):
         if params is None:
             return None
         self.issued += 1
+        self.proposed[trial_id] = next(self.proposals)
         cfg = {**self.base, **params}
         return self.trial(trial_id, {**cfg, **early_stop.report_epochs(self.sweep.exp, cfg)}, self.seed)
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         config = self.in_flight.pop(trial_id)
+        number = self.proposed.pop(trial_id)
         epoch = early_stop.pruned_epoch(self.sweep, trial_id)
         if epoch is not None and not error:  # stopped early: PRUNED, never chosen
             early_stop.tell_pruned(self.optuna, trial_id, result, epoch)
             self.pruned += 1
         else:
             error = error or not finished(result)  # a diverged trial reports no final metrics
-            asked = getattr(self.optuna, "_ot_trials", {}).get(trial_id)  # OptunaSearch's trial (private)
-            number = asked.number if asked is not None else sys.maxsize
             self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
             if not error:
                 self.results.append((float(result["objective"]), number, config))

@@ -230,7 +230,6 @@ def attach_claims(tracking_uri: str, out: Path, spec: str, preset: str, claims: 
     re-attached; the table replaced): ``claims_table.json`` and ``claims.csv``. Its id."""
     import tempfile
 
-
     local = not tracking_uri.startswith(("http://", "https://"))
     tracker = Tracker(tracking_uri, spec, out / "mlartifacts" if local else None)
     run_id = tracker.run(f"report {preset}", {"wbsweep.kind": "report", "wbsweep.preset": preset})
@@ -274,7 +273,6 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
         run_id = log_report_run(tracking_uri, out, store, spec, preset, text, table_csv)
         log(f"report logged to MLflow ({tracking_uri}), run {run_id}")
     except Exception as exc:  # noqa: BLE001 - MLflow is a view: the report is printed regardless
-
         log(f"WARNING report not logged to MLflow: {first_line(exc)}")
 
 
@@ -315,7 +313,6 @@ def log_pytorch_model(tracker: Tracker, run_id: str, folder: Path) -> str | None
     import tempfile
 
     import torch
-
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / PYTORCH_MODEL

@@ -230,9 +230,9 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
                   k: int) -> list[dict[str, Any] | TrainingDiverged]:
     """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.train.resume`
     returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
-    started = time.time()
     from trainables.fused_model import FusedModels
 
+    started = time.time()
     fused = FusedModels(runs, dd)
     first, c = runs[0].cfg, dd.data.num_classes
     epochs = runs[0].epochs

@@ -310,8 +310,8 @@ class FusedModels(CompiledStep):
     def predict(self, split: str, batch: int) -> torch.Tensor:
         """Every model's predicted classes (K, N) of a split, in eval mode (BatchNorm with each model's
         running statistics), left on the device: :func:`trainables.train.predict` for the K models at once.
-        ``batch`` images per model at a time, and at most ``batch`` images in all (the K models'
-        activations take the memory of one model's at ``batch``)."""
+        ``batch // K`` images per model at a time, ``batch`` in all: the K models' activations take
+        the memory of one model's at ``batch``."""
         self.training = False
         batch = max(1, batch // self.k)
         try:

@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
     r.add_argument("--fuse", metavar="auto|off|K",
                    help="models trained together in one trial, as one batched model (fused training; default: the "
-                        "spec's resources.fuse, else auto: 8 where it was measured to pay)")
+                        "spec's resources.fuse, else auto: K measured where the trials run, once per machine)")
     r.add_argument("--plan", action="store_true", help="print the stages, models, epochs and the estimated device "
                                                        "time and cost, run nothing")
     r.add_argument("--plan-device", default="here", help="--plan's figures: here (measure on this machine), or a "

@@ -28,6 +28,7 @@ from trainables.config import config_hash
 from trainables.trial import finished_metrics, group_members, training_config
 
 if TYPE_CHECKING:
+    from orchestrator.fusion import FusionSizes
     from orchestrator.spec import MethodEntry
     from orchestrator.sweep import Sweep
 
@@ -143,6 +144,11 @@ class Node:
         """What this stage's models share with those they may be fused with (see
         :func:`trainables.fused.fusion_key`); None: they train alone. Only asked while running."""
         return None
+
+    def fusion_config(self) -> dict[str, Any]:
+        """A training config of this stage's models (what ``fuse: auto`` measures); asked only of a
+        stage with a fusion key."""
+        raise NotImplementedError
 
     # -- per kind ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -278,6 +284,9 @@ class TuneNode(Node):
             self._fusion_key = self.sweep.fusion_key(self.base, varies=tuple(self.search))
         return self._fusion_key
 
+    def fusion_config(self) -> dict[str, Any]:
+        return self.base
+
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running" or self.issued >= self.planned:
             return None
@@ -372,6 +381,9 @@ class RepeatNode(Node):
             self._fusion_key = self.sweep.fusion_key(self.cfg)
         return self._fusion_key
 
+    def fusion_config(self) -> dict[str, Any]:
+        return self.cfg
+
     def next_config(self, trial_id: str) -> dict[str, Any] | None:
         if self.state != "running":
             return None
@@ -406,11 +418,12 @@ class RepeatNode(Node):
 
 
 class StageGraph(Searcher):
-    """Ray Tune searcher over the nodes of a sweep (see the module docstring)."""
+    """Ray Tune searcher over the nodes of a sweep (see the module docstring). ``sizes``: how many
+    models of a fusion key one trial trains (:class:`orchestrator.fusion.FusionSizes`; None: one)."""
 
-    def __init__(self, nodes: list[Node], fuse: int = 1):
+    def __init__(self, nodes: list[Node], sizes: FusionSizes | None = None):
         super().__init__(metric="objective", mode="max")
-        self.nodes, self.fuse = nodes, fuse
+        self.nodes, self.sizes = nodes, sizes
         self.by_key = {n.key: n for n in nodes}
         self.owner: dict[str, list[tuple[str, Node]]] = {}  # trial id -> (member id, node) of each of its models
         self.error: Exception | None = None  # a bug in the graph: the sweep stops and raises it
@@ -440,7 +453,7 @@ class StageGraph(Searcher):
             if len(members) == 1:
                 return members[0][2]
             return {"_group": [config for _, _, config in members], "_runs": members[0][2]["_runs"]}
-        if not any(n.in_flight for n in self.nodes):
+        if not any(n.in_flight for n in self.nodes) and not (self.sizes is not None and self.sizes.measuring()):
             # Nothing runs and nothing could start: whatever still waits can never be ready.
             for n in self.nodes:
                 if n.state == "waiting":
@@ -450,18 +463,25 @@ class StageGraph(Searcher):
 
     def _next_models(self, trial_id: str) -> list[tuple[str, Node, dict[str, Any]]]:
         """The models of the next trial, as (member id, stage, trial config): the first model any
-        stage has ready, and, with ``fuse`` K > 1, up to K - 1 more from any stage whose models have
-        the same fusion key (the seeds of a repeat, a search's concurrent trials, other methods on
-        the same backbone), in the stages' order."""
+        stage has ready, and, where its fusion key allows K > 1 models per trial, up to K - 1 more
+        from any stage whose models have the same fusion key (the seeds of a repeat, a search's
+        concurrent trials, other methods on the same backbone), in the stages' order. A stage whose
+        K is still being measured (``fuse: auto``) is passed over until it is known."""
         members: list[tuple[str, Node, dict[str, Any]]] = []
-        key = None
+        key, limit = None, 1
+        fuses = self.sizes is not None and self.sizes.fuses
         for node in self.nodes:
             if node.state != "running":
                 continue
-            node_key = node.fusion_key() if self.fuse > 1 else None
+            node_key = node.fusion_key() if fuses else None
             if members and (node_key is None or node_key != key):
                 continue
-            limit = self.fuse if node_key is not None else 1
+            if node_key is not None and not members:
+                limit = self.sizes.limit(node_key, node.fusion_config())  # type: ignore[union-attr]
+                if limit is None:  # being measured
+                    continue
+            elif node_key is None:
+                limit = 1
             while len(members) < limit:
                 mid = member_id(trial_id, len(members))
                 config = node.next_config(mid)
@@ -469,7 +489,7 @@ class StageGraph(Searcher):
                     break
                 members.append((mid, node, config))
                 key = node_key
-            if members and (key is None or len(members) >= self.fuse):
+            if members and (key is None or len(members) >= limit):
                 break
         return members
 

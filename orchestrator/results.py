@@ -42,11 +42,12 @@ SCHEMA = pa.schema(
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
         ("data_fingerprint", pa.string()),
         ("git_commit", pa.string()), ("git_dirty", pa.bool_()), ("packages", pa.string()), ("pruned", pa.bool_()),
+        ("fused_k", pa.int64()),
     ]
 )
 COLUMNS = SCHEMA.names
 #: Columns added after results files existed: a file without them is read with nulls there.
-ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned"})
+ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned", "fused_k"})
 
 
 def rows_for_run(
@@ -73,7 +74,8 @@ def rows_for_run(
             "classifier": cfg["classifier"], "wd_scope": cfg["wd_scope"], "bn": cfg["bn"],
             "rho": metrics.get("rho", cfg["rho"]), "lr": cfg["lr"], "batch_size": cfg["batch_size"],
             "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
-            "train_seconds": metrics["train_seconds"], "node": metrics["node"],
+            "train_seconds": metrics["train_seconds"], "fused_k": int(metrics.get("fused_k") or 1),
+            "node": metrics["node"],
             "ray_node_id": metrics.get("ray_node_id"), "device": metrics["device"],
             "mlflow_run_id": mlflow_run_id, "wbsweep_version": versions["wbsweep"],
             "torch_version": versions["torch"], "ray_version": versions["ray"], "created_at": created_at,

@@ -32,6 +32,7 @@ import pandas as pd
 
 from orchestrator import early_stop, stores
 from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
+from orchestrator.fusion import FusionSizes, machine_of
 from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.mlflow_views import log_repeat_summaries, reference_run
 from orchestrator.progress import Progress
@@ -86,39 +87,6 @@ def plan(exp: Experiment) -> list[Stage]:
     return stages
 
 
-#: The group size ``fuse: auto`` gives: the models of one trial when they can be fused
-#: (trainables.fused.fusion_key) and fusing was measured to pay (:func:`auto_fuses`; docs/performance.md).
-AUTO_FUSE = 8
-#: Models ``fuse: auto`` fuses on any device: the MLP family (fused 1.6-1.8x the per-model throughput
-#: of one model per process on a CPU). The convolutional models are fused by ``auto`` on CPUs only:
-#: on a GPU both the single-model and the fused step replay as CUDA graphs, and which is faster at
-#: which K is for bench/gpu_fused_check.sh to say, not yet run on a GPU (set ``fuse: K`` after it has).
-AUTO_FUSED_ANYWHERE = frozenset({"mlp3", "mlp4", "mlp5", "resblock1", "resblock2"})
-
-
-def auto_fuses(model: str, on_gpu: bool) -> bool:
-    """Whether ``fuse: auto`` fuses runs of ``model`` (see :data:`AUTO_FUSED_ANYWHERE`)."""
-    return model in AUTO_FUSED_ANYWHERE or not on_gpu
-
-
-def fuse_size(value: Any) -> int:
-    """The most models one trial trains (fused training, trainables/fused.py) for the ``fuse``
-    resource: ``off`` (1: a model per trial), ``auto`` (:data:`AUTO_FUSE`), or a whole number K from 1.
-    Only models that can be fused are grouped; the others train one per trial whatever K is.
-    Raises WbsweepError for anything else."""
-    if value is False:  # YAML 1.1 reads an unquoted `fuse: off` as false
-        return 1
-    if isinstance(value, str) and value.strip().lower() in ("off", "auto"):
-        return 1 if value.strip().lower() == "off" else AUTO_FUSE
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        k = None
-    if k is None or isinstance(value, bool) or k < 1 or str(value).strip() != str(k):
-        raise WbsweepError(f"fuse must be auto, off or a whole number of models per trial from 1, got {value!r}.")
-    return k
-
-
 def versions() -> dict[str, str]:
     """The code and package versions every row records (orchestrator/provenance.py)."""
     from orchestrator.provenance import versions as provenance
@@ -162,9 +130,9 @@ class Sweep:
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
-        fuse = opts.fuse if opts.fuse is not None else res.get("fuse", "auto")
-        self.fuse = fuse_size(fuse)
-        self.fuse_auto = str(fuse).strip().lower() == "auto"
+        # models per trial: fixed, or measured per fusion key once Ray is up (orchestrator/fusion.py)
+        self.fusion = FusionSizes(opts.fuse if opts.fuse is not None else res.get("fuse", "auto"), self.out,
+                                  self.cpus, self.gpus, note=lambda line: self.progress.note(line))
         self.check_resources()
         stages = plan(exp)
         self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
@@ -181,7 +149,7 @@ class Sweep:
                 node = RepeatNode(self, s.entry, s.trials, tune_nodes.get(s.entry.method.name))
                 self.repeat_nodes[s.entry.method.name] = node
                 self.nodes.append(node)
-        self.graph = StageGraph(self.nodes, fuse=self.fuse)
+        self.graph = StageGraph(self.nodes, self.fusion)
         self.state = "running"  # in the status file: running -> finished | failed | interrupted
         self.status_error = False  # a status file that could not be written has been reported
         self.progress.listener = lambda: self.status(self.state)
@@ -221,14 +189,8 @@ class Sweep:
 
     def fusion_key(self, cfg: dict[str, Any], varies: tuple[str, ...] = ()) -> tuple[str, ...] | None:
         """The fusion key of a stage's models (:func:`trainables.fused.fusion_key`), or None when this
-        sweep trains them one per trial: ``fuse: off``, or ``auto`` where fusing was not measured to pay."""
-        if self.fuse == 1:
-            return None
-        key = fusion_key(cfg, varies)
-        on_gpu = self.gpus > 0 and self.opts.device != "cpu"
-        if key is None or (self.fuse_auto and not auto_fuses(str(cfg.get("model", DEFAULTS["model"])), on_gpu)):
-            return None
-        return key
+        sweep trains them one per trial (``fuse: off``, or a model that cannot be fused)."""
+        return fusion_key(cfg, varies) if self.fusion.fuses else None
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         return {**cfg, "seed": seed, "_runs": self.runs}
@@ -244,6 +206,7 @@ class Sweep:
     def run(self) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Ray's tables
         import optuna
+        import ray
         from ray import tune
 
         from orchestrator.callbacks import TrialCallback, close_interrupted_runs
@@ -262,6 +225,7 @@ class Sweep:
             signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         self.shape = cluster_shape(local)
         check_trial_fits(self.shape, self.cpus, self.gpus, local)
+        self.fusion.start(machine_of(ray.nodes()) if local else None)
         self.note_stale_results()  # once nothing can refuse the sweep any more: errors stay one line
         self.upgrade_old_files()
         # A local store keeps artifacts beside the results; a tracking server decides where they go

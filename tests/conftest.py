@@ -259,11 +259,14 @@ def one_thread():
 @pytest.fixture(scope="session", autouse=True)
 def _node_caches_in_a_temp_folder(tmp_path_factory):
     """The per-node dataset cache and scratch folders of this test session (and of the sweeps it
-    starts, which inherit the environment) live in its temporary folder, not in /tmp for good."""
+    starts, which inherit the environment) live in its temporary folder, not in /tmp for good; so
+    does this machine's record of ``fuse: auto``'s measurements (the session's first fused sweep
+    measures, the others read it: orchestrator/fusion.py)."""
     base = tmp_path_factory.mktemp("node")
-    saved = {k: os.environ.get(k) for k in ("WBSWEEP_DATA_CACHE", "WBSWEEP_SCRATCH")}
+    saved = {k: os.environ.get(k) for k in ("WBSWEEP_DATA_CACHE", "WBSWEEP_SCRATCH", "WBSWEEP_FUSION_CACHE")}
     os.environ["WBSWEEP_DATA_CACHE"] = str(base / "data-cache")
     os.environ["WBSWEEP_SCRATCH"] = str(base / "scratch")
+    os.environ["WBSWEEP_FUSION_CACHE"] = str(base / "fusion.json")
     yield
     for k, v in saved.items():
         if v is None:
@@ -275,10 +278,12 @@ def _node_caches_in_a_temp_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted `wbsweep run table4 --preset smoke` through a real local Ray cluster,
-    shared by the end-to-end tests (its results are also the reference for the resilience tests)."""
+    shared by the end-to-end tests (its results are also the reference for the resilience tests).
+    ``fuse: auto`` with a machine record of its own: this sweep measures its K (a Ray task)."""
     out = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "WBSWEEP_FUSION_CACHE": str(out.parent / f"{out.name}-fusion.json")}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 

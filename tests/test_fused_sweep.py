@@ -6,13 +6,15 @@ the shared fused smoke sweep); fused groups crashing and resuming by tests/test_
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from orchestrator.fusion import CACHE_ENV, FUSION_FILE, cache_path, fuse_size, key_id, write_record
 from orchestrator.graph import member_id, member_result, trial_members
 from orchestrator.spec import load_experiment
-from orchestrator.sweep import AUTO_FUSE, Sweep, SweepOptions, auto_fuses, fuse_size
+from orchestrator.sweep import Sweep, SweepOptions
 from trainables.errors import WbsweepError
 from trainables.fused import fusion_key
 from trainables.trial import training_config
@@ -67,21 +69,35 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
 
 
-def test_auto_fuses_convolutional_models_on_gpus_only_when_asked(tmp_path: Path) -> None:
-    """``auto`` fuses the MLP family everywhere and the convolutional models on CPUs; on a GPU a
-    convolutional model trains alone (its CUDA-graph step) unless the spec or --fuse sets K."""
-    assert auto_fuses("mlp3", on_gpu=True) and auto_fuses("resnet32", on_gpu=False)
-    assert not auto_fuses("resnet32", on_gpu=True)
-    conv = {"dataset": "digits-lt", "model": "resnet32", "width": 4}
-    assert sweep_for(tmp_path / "a", "auto", gpus_per_trial=1).fusion_key(conv) is None
-    assert sweep_for(tmp_path / "b", "auto", gpus_per_trial=1).fusion_key({**conv, "model": "mlp3"}) is not None
-    assert sweep_for(tmp_path / "c", 4, gpus_per_trial=1).fusion_key(conv) is not None
-    assert sweep_for(tmp_path / "d", "auto").fusion_key(conv) is not None  # gpus_per_trial 0: CPUs
-    assert sweep_for(tmp_path / "e", "off").fusion_key({**conv, "model": "mlp3"}) is None
+def test_auto_uses_the_measured_k_of_each_fusion_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fuse: auto`` groups each fusion key's models by the K measured for it: from the results
+    folder's fusion.json (a resumed sweep), else from this machine's cache (a local cluster only); a
+    measured K of 1 trains every model alone. (The measurement itself, as a Ray task, runs in the
+    shared smoke sweep: tests/test_integration.py::test_auto_fuse_measures_once_and_groups_by_it.)"""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "machine.json"))
+    sweep = sweep_for(tmp_path / "a", "auto")
+    sweep.graph.advance()
+    key = sweep.fusion_key(sweep.nodes[0].fusion_config())
+    assert key is not None and sweep.fusion.auto
+    # a resumed sweep: its folder says K = 3 for this key
+    write_record(sweep.out / FUSION_FILE, key_id(key), {"k": 3, "reason": "test"})
+    sweep.fusion.start(machine=None)
+    sizes = [len(trial_members(f"t{i}", c)) for i in range(4) if (c := sweep.graph.suggest(f"t{i}"))]
+    assert sizes == [3, 3, 3, 1], sizes
+    # a new folder on a local cluster: the machine's cache answers, and the folder records it
+    fresh = sweep_for(tmp_path / "b", "auto")
+    fresh.graph.advance()
+    cfg = fresh.nodes[0].fusion_config()
+    fresh.fusion.start(machine="host: CPU=2")
+    write_record(cache_path(), fresh.fusion.cache_key(cfg), {"k": 1, "reason": "fusing does not pay here"})
+    config = fresh.graph.suggest("t0")
+    assert "_group" not in config  # K = 1: one model per trial
+    assert json.loads((fresh.out / FUSION_FILE).read_text())[key_id(key)]["k"] == 1
+    assert fresh.fusion.limit(key, cfg) == 1  # known now, for the rest of this sweep
 
 
 # False: YAML reads an unquoted `fuse: off` as a boolean
-@pytest.mark.parametrize("value, k", [("auto", AUTO_FUSE), ("off", 1), ("OFF", 1), (False, 1), (4, 4), ("4", 4),
+@pytest.mark.parametrize("value, k", [("auto", None), ("off", 1), ("OFF", 1), (False, 1), (4, 4), ("4", 4),
                                       (1, 1)])
 def test_fuse_size(value, k) -> None:
     assert fuse_size(value) == k

@@ -122,6 +122,23 @@ def test_report_csv_rebuilds_the_table_from_parquet(sweep):
     assert text.returncode == 0 and "WD&FR&ETF" in text.stdout and "±" in text.stdout
 
 
+def test_auto_fuse_measures_once_and_groups_by_it(sweep):
+    """``fuse: auto`` (the default): one Ray task measured how many of the smoke preset's MLPs to fuse
+    (their one fusion key); the folder and the machine's record keep it with its ladder of
+    throughputs, the run said it in one line, and no trial trained more models than that K."""
+    out, proc = sweep
+    (record,) = json.loads((out / "fusion.json").read_text()).values()
+    machine = json.loads((out.parent / f"{out.name}-fusion.json").read_text())
+    assert list(machine.values()) == [record]
+    ladder = [int(k) for k in record["img_per_s_per_model"]]
+    assert ladder[0] == 1 and record["k"] in ladder and record["k"] <= record["k_memory"]
+    said = [ln for ln in proc.stderr.splitlines() if "fuse auto:" in ln]
+    assert len(said) == 2 and "measuring" in said[0] and f"K={record['k']}" in said[1], said
+    fused_k = pd.read_parquet(out / "results")["fused_k"].fillna(1)
+    assert fused_k.max() <= record["k"]
+    assert (fused_k.max() > 1) == (record["k"] > 1)
+
+
 def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path):
     """Table 4's smoke preset again, under another spec name (a copy of table4.yaml, on a copy of the
     shared sweep's folder): nothing is trained, table4's rows and MLflow runs stay as they were, one
@@ -156,6 +173,7 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
     assert len(summary) == 1 and "tune-stage trials whose choice was recorded" in summary[0], proc.stderr[-4000:]
     assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
+    assert "fuse auto" not in proc.stderr  # the folder's fusion.json holds the K of these models
     assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
     assert trained_models(out) == before_models and sorted(os.listdir(out / "runs")) == folders
     after_rows = pd.read_parquet(out / "results")

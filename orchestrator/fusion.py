@@ -175,7 +175,7 @@ class FusionSizes:
 
         from trainables.fuse_probe import probe_task
 
-        share = self.gpus if 0 < self.gpus < 1 else (1.0 if self.gpus else 0.0)
+        share = self.gpus if 0 < self.gpus < 1 else None  # a fraction of a GPU; else the probe's default
         task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(probe_task)
         self.pending[kid] = (task.remote(cfg, share), cached_as, cfg)
         self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")

@@ -161,10 +161,11 @@ class _Ladder:
         return seen
 
 
-def probe_fusion(cfg_in: dict[str, Any], share: float = 1.0, k_max: int | None = None, min_seconds: float = 0.1,
+def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int | None = None, min_seconds: float = 0.1,
                  rounds: int = 2, budget_s: float = 20.0, data=None) -> FusionProbe:
     """Measure how many models of the resolved-able config ``cfg_in`` to fuse here (see the module
-    docstring); ``share``: this trial's share of the device (0-1]; ``k_max``: the largest K tried
+    docstring); ``share``: this trial's share of the device (0-1]; None: all of a GPU, or the
+    config's threads over the machine's cores on a CPU; ``k_max``: the largest K tried
     (a power of two; default :data:`K_MAX` of the device type); ``budget_s``: the probe's time
     (seconds, about); ``data``: the dataset in place of the config's. Raises WbsweepError for a
     config that cannot be fused."""
@@ -172,6 +173,8 @@ def probe_fusion(cfg_in: dict[str, Any], share: float = 1.0, k_max: int | None =
 
     started = time.time()
     cfg = resolve_config({**cfg_in, "stage2": False})  # a second stage's model is its parent's architecture
+    # torch.compile'd steps are timed without it (compiling each K would take longer than the runs it decides for)
+    cfg["compile"] = {"torch": "off", "cudagraph+torch": "cudagraph"}.get(cfg["compile"], cfg["compile"])
     check_fusable([cfg])
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
@@ -186,6 +189,8 @@ def probe_fusion(cfg_in: dict[str, Any], share: float = 1.0, k_max: int | None =
                     cfg["augment"])
     k_max = K_MAX.get(device.type, 16) if k_max is None else k_max
     ks = [1] + [2 ** i for i in range(1, int(math.log2(max(k_max, 1))) + 1)]
+    if share is None:
+        share = 1.0 if device.type == "cuda" else min(1.0, max(1, int(cfg["threads"] or 1)) / (os.cpu_count() or 1))
     budget = available_memory(device, share)
     per_model = _bytes_per_model(cfg, dd)
     k_memory = max(1, budget // per_model)
@@ -273,6 +278,6 @@ def _per_model_rate(ladder: _Ladder, min_seconds: float) -> float:
         n *= 2
 
 
-def probe_task(cfg: dict[str, Any], share: float) -> dict[str, Any]:
+def probe_task(cfg: dict[str, Any], share: float | None) -> dict[str, Any]:
     """:func:`probe_fusion` as the sweep's Ray task runs it: the probe as a dict (:meth:`FusionProbe.as_dict`)."""
     return probe_fusion(cfg, share).as_dict()

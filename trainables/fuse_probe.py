@@ -202,7 +202,7 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
     for k in ks:
         if k > k_memory:
             break
-        if ladders and time.time() - started + 3 * rounds * max(min_seconds, 2 * k_epoch_s) > budget_s:
+        if rates and time.time() - started + 3 * rounds * max(min_seconds, 2 * k_epoch_s) > budget_s:
             break
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -219,14 +219,20 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
             if measured > per_model:
                 per_model = int(measured)
                 k_memory = max(1, budget // per_model)
-        rates[k] = _per_model_rate(ladder, min_seconds)
+        if device.type == "cuda":  # a GPU is not shared: the rounds at once, and its memory freed for the next K
+            rates[k] = max(_per_model_rate(ladder, min_seconds) for _ in range(rounds))
+            del ladder
+            torch.cuda.empty_cache()
+        else:  # a CPU's other work comes and goes: the rounds alternate between the Ks (below)
+            rates[k] = _per_model_rate(ladder, min_seconds)
+            ladders.append(ladder)
         k_epoch_s = k * len(dd.y["train"]) / rates[k]
-        ladders.append(ladder)
         if rates[k] < PAST_PEAK * max(rates.values()):
             break
     for _ in range(rounds - 1):  # the other rounds, alternately: best of the rounds
         for ladder in ladders:
             rates[ladder.k] = max(rates[ladder.k], _per_model_rate(ladder, min_seconds))
+    rates = {k_: r for k_, r in rates.items() if k_ <= k_memory}  # a larger K ran, but without headroom
     k, reason = choose_k(rates, k_memory)
     return FusionProbe(k=k, reason=reason, device=_device_name(device),
                        img_per_s_per_model={k_: round(r, 1) for k_, r in rates.items()},

@@ -11,6 +11,8 @@ shapes and label profile, nothing to download):
   whole fused step as one CUDA graph, channels_last), "eager" (channels_last, eager steps), "nchw"
   (eager, NCHW): per-model images/s = K x images / time, and its ratio to fused K=1 and to the
   single-model trainer;
+* what ``fuse: auto`` would choose for the model on this GPU (trainables/fuse_probe.py: its ladder of
+  per-model throughputs, the memory per model and the K), unless ``--no-probe``;
 * the Table 4 paper-preset estimate: 30 models x 320 epochs x 10,847 CIFAR100-LT training images in
   GPU-minutes = 30 * 320 * 10847 / (per-model img/s) / 60, at the best K and with the single trainer.
 
@@ -40,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.bench import bench_config, device_name, synthetic_dataset  # noqa: E402
+from trainables.fuse_probe import probe_fusion  # noqa: E402
 from trainables.fused import build_runs  # noqa: E402
 from trainables.fused_model import FusedModels  # noqa: E402
 from trainables.train import DeviceData, build_training, pick_device  # noqa: E402
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None, result: dict[str, Any] | None = None) ->
     p.add_argument("--images", type=int, default=2048, help="training images per model per epoch")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement (after one warm-up)")
     p.add_argument("--variants", default="graph,eager", help="fused runs' variants: graph, eager, nchw")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="skip what `fuse: auto` would choose (trainables/fuse_probe.py, about 10-20 s per model)")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip measurements once this much time is spent")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -173,6 +178,12 @@ def main(argv: list[str] | None = None, result: dict[str, Any] | None = None) ->
         if "eager" not in row["single"]:
             row["single"]["eager"] = attempt(f"{model} single, eager",
                                              lambda: time_single(cfg(0, compile="off"), dd, args.epochs))
+        if args.probe and not over_budget(f"{model} fuse-auto probe"):
+            try:  # what `fuse: auto` would choose for this model here (trainables/fuse_probe.py)
+                row["auto_probe"] = probe_fusion(cfg(0), data=data).as_dict()
+                log(f"  {model} fuse auto: K={row['auto_probe']['k']} ({row['auto_probe']['reason']})")
+            except Exception as exc:  # noqa: BLE001 -- recorded, and the other measurements go on
+                result["failures"].append(f"{model} fuse-auto probe: {type(exc).__name__}: {exc}")
         summarise(row)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -5,7 +5,7 @@ device time; in total the device-hours (GPU-hours on a GPU) with and without ear
 search trials, and, given a price per GPU-hour, the cost. Every figure is an estimate.
 
 The time of one model is ``setup + epochs x epoch + final`` seconds (the split of
-:func:`orchestrator.bench.full_run`: setup and the first epoch, the steady epoch with its validation
+:func:`orchestrator.bench_speed.full_run`: setup and the first epoch, the steady epoch with its validation
 pass, the final evaluation), plus Ray Tune's per-trial overhead (``TRIAL_OVERHEAD_S``, measured by
 ``wbsweep bench --overhead``: docs/performance.md). Where the figures come from:
 
@@ -119,10 +119,10 @@ _MEASURED: dict[tuple, Speed] = {}
 
 def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
     """Train the spec's model for ``epochs`` epochs on this machine (as one trial runs: the spec's
-    ``cpus_per_trial`` threads) and split the time as :func:`orchestrator.bench.full_run` does."""
+    ``cpus_per_trial`` threads) and split the time as :func:`orchestrator.bench_speed.full_run` does."""
     import torch
 
-    from orchestrator.bench import data_kind, synthetic_dataset
+    from orchestrator.bench_setup import data_kind, synthetic_dataset
     from trainables.config import DEFAULTS, resolve_config
     from trainables.data import load_dataset
     from trainables.methods import method_config
@@ -200,7 +200,7 @@ def recorded_figures(device: str) -> dict[str, dict[str, Any]]:
 
 def recorded_speed(exp, device: str) -> Speed:
     """The spec's model on ``device`` from recorded bench figures (see the module docstring)."""
-    from orchestrator.bench import data_kind
+    from orchestrator.bench_setup import data_kind
     from trainables.config import DEFAULTS
 
     model = str(exp.train.get("model", DEFAULTS["model"]))

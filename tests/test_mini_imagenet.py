@@ -121,7 +121,7 @@ def test_rho_too_large_for_the_prepared_counts(prepared: Path, load) -> None:
 
 
 def test_the_drivers_check_passes_without_loading_the_images(prepared: Path, monkeypatch) -> None:
-    import trainables.data as data
+    import trainables.list_split as data
 
     monkeypatch.setattr(data, "_tensor", lambda a: pytest.fail("the check materialised the images"))
     check_dataset("mini-imagenet-lt", prepared / "data", rho=3.0)

@@ -164,7 +164,7 @@ def test_channels_last_is_fp32_accurate() -> None:
     gradient is within 1e-2 of the float64 one (TF32's level, what PyTorch uses for fp32 convolutions
     on NVIDIA GPUs by default). PyTorch's channels-last BatchNorm on CPUs rounds more than its NCHW
     kernel (about 2e-6 instead of 1e-7 per layer), which the deep net amplifies in the gradient."""
-    from orchestrator.bench import _grads
+    from orchestrator.bench_knobs import _grads
 
     data = synthetic_dataset("cifar", 80, seed=1)
     base = {"channels_last": False, "precision": "fp32", "compile": "off"}

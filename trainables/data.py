@@ -16,38 +16,33 @@ The long-tailed split (docs/DESIGN.md section 4), per class k = 0..C-1 in file o
 Everything is returned as whole uint8 tensors (no Dataset/DataLoader) because trainers keep the
 entire dataset resident on the device and augment with batched tensor ops (docs/DESIGN.md section 6).
 
-Adding a dataset is one entry in ``DATASETS`` (plus a ``DataSource`` if it reads a new format).
+This module is the entry point (:func:`load_dataset`, :func:`check_dataset`) and cuts the splits
+read from the original files (the LT split above, the authors' pooled MNIST split); the pieces it
+builds on live beside it and are importable from here too: the dataset object and the split
+arithmetic (trainables/lt_dataset.py), the registry of sources (trainables/dataset_registry.py;
+adding a dataset is one entry in ``DATASETS``) and the file-list split rule of mini-ImageNet
+(trainables/list_split.py).
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
-import math
-import numbers
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from trainables import mini_imagenet as _mini
-from trainables.errors import WbsweepError
-from trainables.readers import (
-    DIGITS_MEAN,
-    DIGITS_STD,
-    Raw,
-    default_data_root,
-    read_cifar,
-    read_digits,
-    read_idx,
-    read_mnist_like,
-    resolve_root,
+from trainables.dataset_registry import (
+    DATASETS,
+    DatasetSpec,
+    DataSource,
+    _canonical,
+    _spec,
+    dataset_info,
+    dataset_names,
 )
+from trainables.errors import WbsweepError
+from trainables.list_split import check_from_lists, load_from_lists
+from trainables.lt_dataset import LTDataset, _check_rho, _is_int, _tensor, class_groups, data_fingerprint, lt_counts
+from trainables.readers import Raw, default_data_root, read_idx, resolve_root
 
 __all__ = [
     "DATASETS",
@@ -65,369 +60,6 @@ __all__ = [
     "lt_counts",
     "read_idx",
 ]
-
-
-
-# --------------------------------------------------------------------------------------------------
-# The dataset object and the split arithmetic
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False, repr=False)
-class LTDataset:
-    """A long-tailed dataset held in memory as whole tensors, ready to be moved to a device at once.
-
-    Images stay uint8 (N, C, H, W) so that a full CIFAR set costs 150 MB rather than 600 MB on the
-    device; the trainer normalises with ``mean``/``std`` (in [0, 1] pixel units) after augmenting.
-    ``eq=False`` because comparing tensors field by field has no single truth value.
-    """
-
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    class_counts: list[int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: str
-    many_threshold: int
-    few_threshold: int
-    #: Position of every image of each split ("train", "val", "test") in its source: the training
-    #: file for train/val and the test file for test (for digits, all three index the one
-    #: ``load_digits`` array). Kept for provenance and to prove the splits are disjoint; optional
-    #: so code that builds an LTDataset by hand need not fill it.
-    indices: dict[str, np.ndarray] = field(default_factory=dict)
-    #: :func:`data_fingerprint` of the split, once computed ("" until then).
-    fingerprint: str = ""
-
-    def groups(self) -> list[str]:
-        """"many" / "medium" / "few" per class, from the training counts (for group accuracies)."""
-        return class_groups(self.class_counts, self.many_threshold, self.few_threshold)
-
-    @property
-    def prior(self) -> np.ndarray:
-        """Training label distribution pi_k (float64), the prior that post-hoc logit adjustment uses."""
-        counts = np.asarray(self.class_counts, dtype=np.float64)
-        return counts / counts.sum()
-
-    def __repr__(self) -> str:
-        # Tensor reprs would flood logs; sizes and the head/tail counts say what matters.
-        return (
-            f"LTDataset({self.name!r}, classes={self.num_classes}, image={tuple(self.x_train.shape[1:])}, "
-            f"train={len(self.y_train)} (n_0={self.class_counts[0] if self.class_counts else 0}, "
-            f"n_last={self.class_counts[-1] if self.class_counts else 0}), val={len(self.y_val)}, "
-            f"test={len(self.y_test)})"
-        )
-
-
-def lt_counts(n_max: int, num_classes: int, rho: float) -> list[int]:
-    """Training images per class of the exponential long-tailed profile.
-
-    n_k = round(n_max * rho ** (-k / (C - 1))) with Python's ``round`` (banker's rounding on the
-    float), as in the authors' code: CIFAR100 (n_max 480, rho 100) gives 480, 458, 437, ..., 5
-    (10,457 in all). ``int()`` instead (the WB repository) would give a different split.
-    """
-    _check_rho(rho)
-    if not _is_int(num_classes) or num_classes < 1:
-        raise WbsweepError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not _is_int(n_max) or n_max < 0:
-        raise WbsweepError(f"n_max (images of the largest class) must be an integer >= 0, got {n_max!r}")
-    num_classes, n_max = int(num_classes), int(n_max)
-    if num_classes == 1:
-        return [n_max]
-    return [round(n_max * rho ** (-k / (num_classes - 1))) for k in range(num_classes)]
-
-
-def class_groups(counts: Sequence[int], many_threshold: int, few_threshold: int) -> list[str]:
-    """Many-/Medium-/Few-shot label per class: Many if n_k > many, Few if n_k < few, else Medium.
-
-    Strict inequalities on both sides, as in the LT literature (CIFAR100: Many > 100, Few < 20,
-    so a class with exactly 100 or exactly 20 images is Medium).
-    """
-    if few_threshold > many_threshold:
-        raise WbsweepError(
-            f"few_threshold ({few_threshold}) must not exceed many_threshold ({many_threshold}); fix the spec"
-        )
-    return ["many" if n > many_threshold else "few" if n < few_threshold else "medium" for n in counts]
-
-
-def _is_int(value: Any) -> bool:
-    """Python and numpy integers (counts often come out of numpy), but not bools."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_rho(rho: Any) -> None:
-    """rho < 1 would make the tail larger than the head: reject it before any file is read."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 1:
-        raise WbsweepError(
-            f"imbalance ratio rho must be a finite number >= 1 (1 = balanced, 100 = CIFAR-LT), got {rho!r}"
-        )
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """How to obtain one original dataset and the constants that belong to it (not to the split).
-
-    ``n_max_rule`` says where n_max comes from: "mean" is N/C - val (the authors' rule, for
-    balanced originals); "min" is the smallest class minus val (digits, whose classes differ in
-    size, so that every class can supply n_max images).
-    """
-
-    title: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: str
-    many_threshold: int
-    few_threshold: int
-    description: str
-    read: Callable[[Path, bool], Raw]
-    needs_files: bool = True
-    n_max_rule: str = "mean"
-    #: "pool": cut train/val from the training file (above); "lists": prepared split lists with
-    #: their own validation and test sets and TailCalibX's int() profile (mini-ImageNet).
-    split_rule: str = "pool"
-    #: Normalisation (mean, std) the authors used with their pooled split (``split: pooled``), if
-    #: it differs from ``mean``/``std``; None: the same constants.
-    pooled_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A registry entry: a source plus the default imbalance ratio (1 = the balanced dataset)."""
-
-    source: DataSource
-    default_rho: float
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources and the registry
-# --------------------------------------------------------------------------------------------------
-
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_MNIST_MD5 = (
-    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "d53e105ee54ea40749a09fcbcd1e9432",
-    "9fb629c4189551a2d022fa330f9573f3",
-    "ec29112dd5afa0611ce80d1b7f02629c",
-)
-_FASHION_MD5 = (
-    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "25c81989df183df01b3e8a0aad5dffbe",
-    "bef4ecab320f06d8554ea6380940ec79",
-    "bb300cfdad3c16e7a12a480ee83cd310",
-)
-
-_CIFAR10 = DataSource(
-    title="CIFAR-10",
-    num_classes=10,
-    image_shape=(3, 32, 32),
-    mean=_CIFAR_MEAN,
-    std=(0.2470, 0.2435, 0.2616),
-    augment="crop_flip",
-    many_threshold=1000,
-    few_threshold=200,
-    description="CIFAR-10 python pickles in DATA_ROOT/cifar-10-batches-py (downloaded by torchvision)",
-    read=partial(
-        read_cifar,
-        key="cifar10",
-        folder="cifar-10-batches-py",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        label_key="labels",
-        num_classes=10,
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        md5="c58f30108f718f92721af3b95e74349a",
-    ),
-)
-_CIFAR100 = DataSource(
-    title="CIFAR-100",
-    num_classes=100,
-    image_shape=(3, 32, 32),
-    mean=_CIFAR_MEAN,
-    std=(0.2023, 0.1994, 0.2010),
-    augment="crop_flip",
-    many_threshold=100,
-    few_threshold=20,
-    description="CIFAR-100 python pickles in DATA_ROOT/cifar-100-python (downloaded by torchvision)",
-    read=partial(
-        read_cifar,
-        key="cifar100",
-        folder="cifar-100-python",
-        train_files=("train",),
-        test_files=("test",),
-        label_key="fine_labels",
-        num_classes=100,
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        md5="eb9058c3a382ffc7106e4002c42a8d85",
-    ),
-)
-_MNIST = DataSource(
-    title="MNIST",
-    num_classes=10,
-    image_shape=(1, 28, 28),
-    mean=(0.1307,),
-    std=(0.3081,),
-    augment="none",
-    many_threshold=1000,
-    few_threshold=200,
-    pooled_stats=((0.1301,), (0.3069,)),  # the authors' utils/data_units.py, with their pooled split
-    description=(
-        "MNIST IDX files in DATA_ROOT/MNIST/raw, DATA_ROOT/mnist or DATA_ROOT (downloaded by torchvision)"
-    ),
-    read=partial(
-        read_mnist_like,
-        key="mnist",
-        dirs=("MNIST/raw", "mnist", ""),
-        download_dir="MNIST/raw",
-        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        md5s=_MNIST_MD5,
-        num_classes=10,
-    ),
-)
-_FASHION_MNIST = DataSource(
-    title="Fashion-MNIST",
-    num_classes=10,
-    image_shape=(1, 28, 28),
-    mean=(0.2860,),
-    std=(0.3530,),
-    augment="none",
-    many_threshold=1000,
-    few_threshold=200,
-    description=(
-        "Fashion-MNIST IDX files in DATA_ROOT/FashionMNIST/raw, DATA_ROOT/fashion-mnist or DATA_ROOT "
-        "(downloaded by torchvision; Debian: apt-get install dataset-fashion-mnist, "
-        "data root /usr/share/datasets)"
-    ),
-    read=partial(
-        read_mnist_like,
-        key="fashion-mnist",
-        dirs=("FashionMNIST/raw", "fashion-mnist", ""),
-        download_dir="FashionMNIST/raw",
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        md5s=_FASHION_MD5,
-        num_classes=10,
-        extra_hint=(
-            " (on Debian: apt-get install dataset-fashion-mnist and use --data-root /usr/share/datasets)"
-        ),
-    ),
-)
-_DIGITS = DataSource(
-    title="scikit-learn digits",
-    num_classes=10,
-    image_shape=(1, 8, 8),
-    mean=DIGITS_MEAN,
-    std=DIGITS_STD,
-    augment="none",
-    many_threshold=50,
-    few_threshold=20,
-    description="sklearn.datasets.load_digits, bundled with scikit-learn (no files, no network)",
-    read=read_digits,
-    needs_files=False,
-    n_max_rule="min",
-)
-
-def _read_unused(root: Path, download: bool) -> Raw:  # pragma: no cover - split_rule "lists" never calls it
-    raise NotImplementedError
-
-
-_MINI_IMAGENET = DataSource(
-    title="mini-ImageNet",
-    num_classes=100,
-    image_shape=(3, 224, 224),
-    mean=_mini.MEAN,
-    std=_mini.STD,
-    augment="resized_crop_flip",  # the authors' RandomResizedCrop(224) + flip (trainables/augment.py)
-    many_threshold=100,
-    few_threshold=20,
-    description=(
-        "the 100 mini-ImageNet classes of ImageNet's training images, 500/100/100 per class "
-        "train/val/test (TailCalibX, seeded), decoded into DATA_ROOT/mini-imagenet by "
-        "`wbsweep data prepare mini-imagenet --imagenet-root DIR`; validation is the prepared 100 per "
-        "class (val_per_class does not apply)"
-    ),
-    read=_read_unused,
-    split_rule="lists",
-)
-
-#: name -> spec. The "-lt" entries are the long-tailed datasets; the plain names are the same
-#: split at rho = 1 (balanced), with the same validation carve-out and group thresholds.
-DATASETS: dict[str, DatasetSpec] = {
-    "cifar10-lt": DatasetSpec(_CIFAR10, default_rho=100.0),
-    "cifar10": DatasetSpec(_CIFAR10, default_rho=1.0),
-    "cifar100-lt": DatasetSpec(_CIFAR100, default_rho=100.0),
-    "cifar100": DatasetSpec(_CIFAR100, default_rho=1.0),
-    "mnist-lt": DatasetSpec(_MNIST, default_rho=100.0),
-    "mnist": DatasetSpec(_MNIST, default_rho=1.0),
-    "fashion-mnist-lt": DatasetSpec(_FASHION_MNIST, default_rho=100.0),
-    "fashion-mnist": DatasetSpec(_FASHION_MNIST, default_rho=1.0),
-    "mini-imagenet-lt": DatasetSpec(_MINI_IMAGENET, default_rho=100.0),
-    "mini-imagenet": DatasetSpec(_MINI_IMAGENET, default_rho=1.0),
-    "digits-lt": DatasetSpec(_DIGITS, default_rho=10.0),
-    "digits": DatasetSpec(_DIGITS, default_rho=1.0),
-}
-
-
-def dataset_names() -> list[str]:
-    """Registered dataset names, sorted (for ``wbsweep list`` and error messages)."""
-    return sorted(DATASETS)
-
-
-def _spec(name: str) -> DatasetSpec:
-    if not isinstance(name, str):
-        raise WbsweepError(
-            f"dataset name must be a string, got {name!r}; valid names: {', '.join(dataset_names())}"
-        )
-    spec = DATASETS.get(name)
-    if spec is None:
-        spec = DATASETS.get(name.strip().lower().replace("_", "-"))  # "CIFAR100_LT" is meant kindly
-    if spec is None:
-        close = difflib.get_close_matches(name.lower(), dataset_names(), n=1, cutoff=0.4)
-        guess = f"did you mean {close[0]!r}? " if close else ""
-        raise WbsweepError(f"unknown dataset {name!r}; {guess}valid names: {', '.join(dataset_names())}")
-    return spec
-
-
-def dataset_info(name: str) -> dict[str, Any]:
-    """What ``wbsweep list`` shows about a dataset, without reading any file."""
-    spec = _spec(name)
-    src = spec.source
-    return {
-        "name": _canonical(name),
-        "title": src.title,
-        "num_classes": src.num_classes,
-        "image_shape": src.image_shape,
-        "default_rho": spec.default_rho,
-        "many_threshold": src.many_threshold,
-        "few_threshold": src.few_threshold,
-        "augment": src.augment,
-        "mean": src.mean,
-        "std": src.std,
-        "needs_files": src.needs_files,
-        "source": src.description,
-    }
-
-
-def _canonical(name: str) -> str:
-    return name if name in DATASETS else name.strip().lower().replace("_", "-")
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading = reading + the LT split
-# --------------------------------------------------------------------------------------------------
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A contiguous CPU tensor that owns writable memory (torch warns on read-only numpy buffers)."""
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
-    return torch.from_numpy(array)
 
 
 def load_dataset(
@@ -470,7 +102,7 @@ def load_dataset(
         raise WbsweepError(f"{_canonical(name)}: split 'pooled' is the authors' balanced MNIST protocol: use it with "
                            "mnist or fashion-mnist at rho 1, or split 'file'")
     if src.split_rule == "lists":
-        return _load_from_lists(name, src, resolve_root(data_root), rho)
+        return load_from_lists(_canonical(name), src, resolve_root(data_root), rho)
     # Only datasets read from files look at the data root: a stale --data-root must not break digits.
     raw = src.read(resolve_root(data_root) if src.needs_files else Path(), download)
     if split == "pooled":
@@ -573,33 +205,6 @@ def pooled_split(key: str, src: DataSource, raw: Raw) -> LTDataset:
     )
 
 
-def data_fingerprint(data: LTDataset) -> str:
-    """A short SHA-256 of a split's content: every image and label of train, validation and test, in
-    order, with their shapes. Two datasets of one name (a fake CIFAR and the real one, another
-    --data-root) have different fingerprints, and the sweep hashes it into the config, so a model is
-    never reused for other data. Computed once and kept in ``data.fingerprint`` (datasets prepared
-    as lists, mini-ImageNet, get it from their list files instead: :func:`_load_from_lists`)."""
-    if not data.fingerprint:
-        h = hashlib.sha256()
-        for split in ("train", "val", "test"):
-            for t in (getattr(data, f"x_{split}"), getattr(data, f"y_{split}")):
-                a = np.ascontiguousarray(t.numpy())
-                h.update(f"{split}{a.dtype}{a.shape}".encode())
-                h.update(memoryview(a).cast("B"))
-        data.fingerprint = h.hexdigest()[:16]
-    return data.fingerprint
-
-
-def _lists_counts(key: str, y_train: np.ndarray, num_classes: int, rho: float) -> list[int]:
-    """n_k of a prepared-lists dataset, or a one-line error when a class would get none."""
-    n_max = int(np.bincount(y_train, minlength=num_classes).min())
-    counts = _mini.lt_counts_int(n_max, num_classes, rho)
-    if min(counts) < 1:
-        raise WbsweepError(f"{key}: rho={rho:g} with {n_max} train images per class leaves class "
-                           f"{counts.index(min(counts))} no training images; use a smaller rho")
-    return counts
-
-
 def check_dataset(name: str, data_root: str | Path | None = None, rho: float | None = None,
                   val_per_class: int = 20, split: str = "file") -> str | None:
     """Fail as :func:`load_dataset` would (unknown name, missing or corrupt files, impossible
@@ -612,43 +217,4 @@ def check_dataset(name: str, data_root: str | Path | None = None, rho: float | N
         return None
     rho = spec.default_rho if rho is None else rho
     _check_rho(rho)
-    key = _canonical(name)
-    folder = resolve_root(data_root) / _mini.FOLDER
-    splits = _mini.read_prepared(folder, key)
-    counts = _lists_counts(key, splits["train"][1], spec.source.num_classes, rho)
-    return _lists_fingerprint(folder, counts)
-
-
-def _lists_fingerprint(folder: Path, counts: list[int]) -> str:
-    """The fingerprint of a prepared-lists dataset: its list files (every image's source file and
-    label, per split, in order), the long-tailed counts and the images' array shapes. The arrays
-    themselves (gigabytes) are decoded from those files by one procedure, so they are not read."""
-    h = hashlib.sha256(json.dumps(counts).encode())
-    for name in ("classes.txt", *(f"{s}.txt" for s in _mini.SPLITS)):
-        h.update((folder / name).read_bytes())
-    for s in _mini.SPLITS:
-        h.update(str(np.load(folder / f"images-{s}.npy", mmap_mode="r").shape).encode())
-    return h.hexdigest()[:16]
-
-
-def _load_from_lists(name: str, src: DataSource, root: Path, rho: float) -> LTDataset:
-    """mini-ImageNet(-LT) from a prepared folder (trainables/mini_imagenet.py): the first
-    n_k = int(500 * (1/rho) ** (k / 99)) train images of class k in list order, the prepared
-    validation and test sets unchanged."""
-    key = _canonical(name)
-    splits = _mini.read_prepared(root / _mini.FOLDER, key)
-    x_tr, y_tr = splits["train"]
-    C = src.num_classes
-    counts = _lists_counts(key, y_tr, C, rho)
-    keep = np.concatenate([np.flatnonzero(y_tr == k)[:n] for k, n in enumerate(counts)])
-    keep.sort()
-    x_val, y_val = splits["val"]
-    x_te, y_te = splits["test"]
-    return LTDataset(
-        name=key, x_train=_tensor(np.asarray(x_tr[keep])), y_train=_tensor(y_tr[keep]),
-        x_val=_tensor(np.asarray(x_val)), y_val=_tensor(y_val), x_test=_tensor(np.asarray(x_te)),
-        y_test=_tensor(y_te), num_classes=C, class_counts=counts, mean=src.mean, std=src.std,
-        augment=src.augment, many_threshold=src.many_threshold, few_threshold=src.few_threshold,
-        indices={"train": keep, "val": np.arange(len(y_val)), "test": np.arange(len(y_te))},
-        fingerprint=_lists_fingerprint(root / _mini.FOLDER, counts),
-    )
+    return check_from_lists(_canonical(name), spec.source, resolve_root(data_root), rho)

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.data import LTDataset, _spec, check_dataset, data_fingerprint, load_dataset
+from trainables.data import LTDataset, check_dataset, data_fingerprint, load_dataset
+from trainables.dataset_registry import _spec
 from trainables.readers import resolve_root
 
 CACHE_ENV = "WBSWEEP_DATA_CACHE"

@@ -176,7 +176,8 @@ class FusionSizes:
         from trainables.fuse_probe import probe_task
 
         share = self.gpus if 0 < self.gpus < 1 else None  # a fraction of a GPU; else the probe's default
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(probe_task)
+        # max_calls=1: the worker exits after it, with its memory (a GPU context, the models, the data)
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=1)(probe_task)
         self.pending[kid] = (task.remote(cfg, share), cached_as, cfg)
         self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")
         return None

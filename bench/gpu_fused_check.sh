@@ -12,7 +12,8 @@
 # Measures resnet32 and resnet34 (paper widths) at batch 64: the single-model trainer (default knobs:
 # CUDA graph + channels_last; and eager), and K = 1, 2, 4, 8, 16 models fused (the whole fused step as
 # a CUDA graph, and eager; channels_last): per-model images/s, the ratio to fused K=1 and to the single trainer, and the Table 4
-# paper-preset estimate in GPU-minutes (30 models x 320 epochs x 10,847 images / best per-model img/s).
+# paper-preset estimate in GPU-minutes (30 models x 320 epochs x 10,847 images / best per-model img/s),
+# and what `fuse: auto` would choose for each model on this GPU (its probe, 10-20 s per model).
 # Extra arguments go to bench/gpu_fused_check.py (e.g. --ks 1,4,16 --images 4096).
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -131,7 +131,7 @@ def test_one_seed_twice_in_a_group_gives_its_run_twice(runs: dict[str, Any], tmp
     ({"width": 16}, "width"),
     ({"batch_size": 32}, "batch_size"),
     ({"epochs": 2}, "epochs"),
-    ({"stage2": True, "init_from": "x.pt"}, "stage2"),
+    ({"stage2": True, "init_from": "x.pt"}, "stage2"),  # never with first stages (tests/test_fused_stage2.py)
     ({"track_forgetting": True}, "track_forgetting"),
     ({"compile": "torch"}, "compile"),  # one step for the group: it runs one way
 ])

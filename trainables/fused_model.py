@@ -20,6 +20,7 @@ knob (the group's first run's; the knob changes no arithmetic beyond rounding).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -87,7 +88,11 @@ class FusedModels(CompiledStep):
     convolutional backbone (see the comments of the batched forward). ``runs`` are the models as
     :func:`build_training` built them (each with its optimizer groups, schedule and data generator);
     their own modules are only written to, after each epoch (:meth:`unstack`), to validate and
-    evaluate them with train.py's code."""
+    evaluate them with train.py's code.
+
+    A group of WB second stages (:attr:`frozen_backbone`) runs its backbone in eval mode and trains
+    only the classifier (the backbone's tensors have no gradient and no update), with each model's
+    MaxNorm projection after each step or epoch (:meth:`_apply_maxnorm`)."""
 
     def __init__(self, runs: list[Training], dd: DeviceData):
         self.runs, self.dd, self.k = runs, dd, len(runs)
@@ -123,9 +128,14 @@ class FusedModels(CompiledStep):
         self.template = runs[0].model  # the architecture the batched forward follows (its tensors are not used)
         _check_supported(self.template)
         self.channels_last = self.knobs.channels_last and has_conv(self.template)
-        self.fr = [float(r.cfg["fr"]) for r in runs]
+        # WB's second stage (all runs of a group or none, trainables.fused.SHARED_KEYS): the backbone is
+        # frozen in eval mode (BatchNorm with its running statistics, not updated), no FR, the stage-2
+        # loss, and MaxNorm on the classifier weight (train.py's EpochRunner, Training.runner)
+        self.frozen_backbone = runs[0].stage2
+        self.fr = [0.0 if r.stage2 else float(r.cfg["fr"]) for r in runs]
         self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
-        self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
+        self._ce = [i for i, r in enumerate(runs) if (r.cfg["stage2_loss"] if r.stage2 else r.cfg["loss"]) == "ce"]
+        self._maxnorm = {when: self._thresholds(when) for when in ("iter", "epoch")}
         self._ce_index = torch.tensor(self._ce, dtype=torch.long, device=dd.device)  # no host copy in a step
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
@@ -149,6 +159,26 @@ class FusedModels(CompiledStep):
                                        for i, per in enumerate(states)]).to(self.stack[n])
                           for j, n in enumerate(self.trained)]
 
+    def _thresholds(self, when: str) -> torch.Tensor | None:
+        """The MaxNorm radii (K, 1, 1) of the models projecting their classifier rows ``when``
+        ("iter": after every step, "epoch": after every epoch), +inf for the others (their rows are
+        multiplied by exactly 1), in the classifier weight's dtype; None when no model does."""
+        want = [r.stage2 and r.cfg["maxnorm"] == when and r.threshold is not None for r in self.runs]
+        if not any(want):
+            return None
+        radii = [float(r.threshold) if w else math.inf for r, w in zip(self.runs, want, strict=True)]
+        return _per_model(radii, self.stack["classifier.weight"])
+
+    @torch.no_grad()
+    def _apply_maxnorm(self, radii: torch.Tensor) -> None:
+        """:func:`trainables.heads.apply_maxnorm_` of each model's classifier weight (C, d) with its
+        own radius, on the stack (K, C, d) at once and in the same operations: the factor
+        min(1, radius / ||w_c||) (``radius / norms`` is ``norms.reciprocal() * radius`` in torch),
+        which is exactly 1 for a model with radius +inf."""
+        w = self.stack["classifier.weight"]
+        factor = (w.norm(dim=2, keepdim=True).reciprocal() * radii).clamp(max=1.0)
+        w.mul_(factor.to(w.dtype))
+
     # --- the batched forward ---
     # Activations are laid out (K, C, B): model, channel, image. A linear layer is then one batched
     # product W (K, out, in) @ h (K, in, B), and a BatchNorm1d of the K models is one BatchNorm of
@@ -166,12 +196,12 @@ class FusedModels(CompiledStep):
         images), the running statistics updated in place in the stacked buffers."""
         k, c, b = h.shape
         s = self.stack
-        if self.training:
+        if self.bn_training:
             s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
         out = F.batch_norm(h.reshape(1, k * c, b), s[f"{name}.running_mean"].view(-1),
                            s[f"{name}.running_var"].view(-1), None if w is None else w.reshape(-1),
-                           None if bias is None else bias.reshape(-1), self.training, m.momentum, m.eps)
+                           None if bias is None else bias.reshape(-1), self.bn_training, m.momentum, m.eps)
         return out.view(k, c, b)
 
     def _apply(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -216,12 +246,18 @@ class FusedModels(CompiledStep):
 
     def _bn2d(self, m: nn.BatchNorm2d, name: str, x: torch.Tensor) -> torch.Tensor:
         s = self.stack
-        if self.training:
+        if self.bn_training:
             s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
         return F.batch_norm(x, s[f"{name}.running_mean"].view(-1), s[f"{name}.running_var"].view(-1),
                             None if w is None else w.view(-1), None if bias is None else bias.view(-1),
-                            self.training, m.momentum, m.eps)
+                            self.bn_training, m.momentum, m.eps)
+
+    @property
+    def bn_training(self) -> bool:
+        """BatchNorm (only in the backbone) in train mode: batch statistics, the running ones
+        updated; not while predicting, nor in a second stage (its frozen backbone in eval mode)."""
+        return self.training and not self.frozen_backbone
 
     def _conv_bn(self, block: nn.Module, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
         return self._bn2d(getattr(block, f"bn{i}"), f"{name}.bn{i}", self._conv(getattr(block, f"conv{i}"),
@@ -327,7 +363,7 @@ class FusedModels(CompiledStep):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K models on their batches ``x`` (K, B, ...) of normalised images, in the current mode
-        (:attr:`training`: batch statistics, running statistics updated): features (K, B, d) and
+        (:attr:`bn_training`: batch statistics, running statistics updated): features (K, B, d) and
         logits (K, B, classes), float32 as train()'s step has them (its loss is always float32)."""
         with self.knobs.autocast(self.dd.device):
             h = self._apply(self.template.backbone, "backbone", x)
@@ -345,6 +381,8 @@ class FusedModels(CompiledStep):
         loss = forward(x, y)
         loss.sum().backward()
         self._sgd()
+        if self._maxnorm["iter"] is not None:  # WB's MaxNorm after every step (paper eq. 7)
+            self._apply_maxnorm(self._maxnorm["iter"])
         return loss.detach()
 
     def _clear_grads(self) -> None:
@@ -387,6 +425,8 @@ class FusedModels(CompiledStep):
             for i in range(0, len(idx[0]), bs):
                 yb = y[:, i : i + bs]
                 loss_sum += self.step(x[:, i : i + bs], yb) * yb.shape[1]
+        if self._maxnorm["epoch"] is not None:  # the authors' code: MaxNorm once after the epoch
+            self._apply_maxnorm(self._maxnorm["epoch"])
         for r in self.runs:
             r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the model stepped
         return loss_sum, seen

@@ -62,7 +62,7 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key({**base, "seed": 3, "wd": 1e-3, "loss": "cb", "lr": 0.1}) == fusion_key(base)
     assert fusion_key({**base, "width": 32}) != fusion_key(base)
     assert fusion_key({**base, "stage2": True, "parent_hash": "x"}) not in (None, fusion_key(base))  # WB's stage 2
-    assert fusion_key({**base, "track_forgetting": True}) is None
+    assert fusion_key({**base, "track_forgetting": True}) == fusion_key(base)  # counted per model
     assert fusion_key({**base, "compile": "torch"}) not in (None, fusion_key(base))  # one step for a group
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
 

@@ -73,7 +73,11 @@ The step of a group runs as the runs' ``compile`` knob says, as train()'s does
 or the whole batched step (forward, K losses, backward, the K models' SGD update with learning rates
 read from device tensors) replayed as one CUDA graph, the default on a GPU.
 
-Not yet (issue #14's later steps): forgetting tracking, bf16 of the convolutional models (untested).
+Forgetting events (``track_forgetting``, figure 4: Toneva et al.'s count per training image) are
+counted per model from each step's logits, as train() counts them, in (K, N) tensors; each run
+writes its own ``forgetting.npz`` and keeps its counts in its checkpoint.
+
+Not yet (issue #14's later steps): bf16 of the convolutional models (untested).
 """
 
 from __future__ import annotations
@@ -123,14 +127,14 @@ if TYPE_CHECKING:
 SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment", "data_fingerprint",
                "model", "width", "batch_size", "epochs", "stage2", "precision", "compile", "device", "threads")
 
-#: Options a fused run cannot do yet, with the value it needs (a second stage tracks no forgetting
-#: events, as train()'s: its ``track_forgetting`` is not refused, see :func:`refused`).
-REFUSED: dict[str, Any] = {"track_forgetting": False}
+#: Options a fused run cannot do yet, with the value it needs: none since WB's second stage and
+#: forgetting tracking are fused (kept for the options to come).
+REFUSED: dict[str, Any] = {}
 
 
 def refused(cfg: dict[str, Any]) -> list[str]:
     """The options of :data:`REFUSED` a resolved config sets to what fused training cannot do."""
-    return [k for k, need in REFUSED.items() if cfg[k] != need and not (k == "track_forgetting" and cfg["stage2"])]
+    return [k for k, need in REFUSED.items() if cfg[k] != need]
 
 
 def training_epochs(cfg: dict[str, Any]) -> int:
@@ -281,6 +285,11 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
 
     started = time.time()
     fused = FusedModels(runs, dd)
+    # Toneva et al.'s forgetting events, per model and training image, as train() counts them (a
+    # second stage counts none): from each run's checkpoint, else from zero
+    tracks = [r.cfg["track_forgetting"] and not r.stage2 for r in runs]
+    if any(tracks):
+        fused.track_forgetting([p.get("forgetting") if t else None for p, t in zip(progress, tracks, strict=True)])
     first, c = runs[0].cfg, dd.data.num_classes
     epochs = runs[0].epochs
     every = min(r.cfg["checkpoint_seconds"] for r in runs)
@@ -316,6 +325,8 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
                 if i not in diverged:
                     fused.unstack(i, with_momentum=True)
+                    if tracks[i]:
+                        p["forgetting"] = fused.forgetting_of(i)
                     save_checkpoint(out, r.cfg, r.model, r.opt, r.sched, r.gen, p, seconds)
             if on_checkpoint is not None:
                 on_checkpoint()
@@ -331,6 +342,10 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             continue
         r.model.load_state_dict(p["best_state"])
         train_seconds = p["seconds"] + (trained_at - started) / k  # with the attempts before a resume
+        if tracks[i]:  # train()'s file
+            f = fused.forgetting_of(i)
+            np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
+                                ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
                                   history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
                                   extra={"fused_k": k}))

@@ -140,6 +140,7 @@ class FusedModels(CompiledStep):
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
         self.training = True  # BatchNorm with batch statistics, updating the running ones
+        self.forgetting: dict[str, torch.Tensor] | None = None  # (K, N) per-image states (track_forgetting)
         # the SGD's per-model factors, broadcast to each tensor (views, no memory)
         self._params = [self.stack[n] for n in self.trained]
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
@@ -371,19 +372,25 @@ class FusedModels(CompiledStep):
             logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
         return feats.float(), logits.float()
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The K models' losses (K,) on their batches: what torch.compile compiles."""
-        return self.losses(*self.forward(x), y)
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K models' losses (K,) on their batches, and their logits (K, B, classes): what
+        torch.compile compiles."""
+        feats, logits = self.forward(x)
+        return self.losses(feats, logits, y), logits
 
-    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor,
+                    forward: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
-        Returns the K losses (detached; the static output of a captured step)."""
-        loss = forward(x, y)
+        Returns the K losses (detached) and, while forgetting is tracked, whether each model's
+        prediction of each of its images was right (K, B), from the logits before the update (as
+        train()'s step): the static outputs of a captured step."""
+        loss, logits = forward(x, y)
         loss.sum().backward()
         self._sgd()
         if self._maxnorm["iter"] is not None:  # WB's MaxNorm after every step (paper eq. 7)
             self._apply_maxnorm(self._maxnorm["iter"])
-        return loss.detach()
+        correct = None if self.forgetting is None else logits.detach().argmax(2) == y
+        return loss.detach(), correct
 
     def _clear_grads(self) -> None:
         for p in self._params:
@@ -422,14 +429,48 @@ class FusedModels(CompiledStep):
             idx = [o[start : start + self.chunk] for o in orders]
             x = torch.stack([dd.prepare(x_all[j], augment, r.gen) for j, r in zip(idx, self.runs, strict=True)])
             y = torch.stack([y_all[j] for j in idx])
+            images = torch.stack(idx) if self.forgetting is not None else None
             for i in range(0, len(idx[0]), bs):
                 yb = y[:, i : i + bs]
-                loss_sum += self.step(x[:, i : i + bs], yb) * yb.shape[1]
+                loss, correct = self.step(x[:, i : i + bs], yb)
+                loss_sum += loss * yb.shape[1]
+                if correct is not None:
+                    self._count_forgetting(images[:, i : i + bs], correct)
         if self._maxnorm["epoch"] is not None:  # the authors' code: MaxNorm once after the epoch
             self._apply_maxnorm(self._maxnorm["epoch"])
         for r in self.runs:
             r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the model stepped
         return loss_sum, seen
+
+    # --- forgetting events (Toneva et al.), per model and training image ---
+
+    def track_forgetting(self, states: Sequence[dict[str, torch.Tensor] | None]) -> None:
+        """Count each model's forgetting events from now on (:meth:`trainables.train.EpochRunner._track_forgetting`
+        for the K models at once): ``states[i]`` is model i's per-image state as train() keeps it
+        (``events``, ``prev_correct``, ``ever_correct``, (N,) each: fresh zeros or a checkpoint's), or
+        None for a model that tracks none (counted, never read). Stacked (K, N) in :attr:`forgetting`."""
+        n, device = len(self.dd.x["train"]), self.dd.device
+        fresh = {"events": torch.zeros(n, dtype=torch.long, device=device),
+                 "prev_correct": torch.zeros(n, dtype=torch.bool, device=device),
+                 "ever_correct": torch.zeros(n, dtype=torch.bool, device=device)}
+        self.forgetting = {key: torch.stack([zero if s is None else s[key].to(zero) for s in states])
+                           for key, zero in fresh.items()}
+
+    def forgetting_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Model ``i``'s forgetting state, (N,) tensors in train()'s form (for its checkpoint and files)."""
+        assert self.forgetting is not None
+        return {key: v[i].clone() for key, v in self.forgetting.items()}
+
+    def _count_forgetting(self, images: torch.Tensor, correct: torch.Tensor) -> None:
+        """A step's forgetting events: ``images`` (K, B) each model's training images, ``correct``
+        (K, B) whether its prediction was right. An image forgotten (right at its previous step,
+        wrong now) adds an event; the images of a batch are distinct, so gather + scatter along
+        each model's row do what train()'s indexing does."""
+        f = self.forgetting
+        assert f is not None
+        f["events"].scatter_add_(1, images, (f["prev_correct"].gather(1, images) & ~correct).long())
+        f["ever_correct"].scatter_(1, images, f["ever_correct"].gather(1, images) | correct)
+        f["prev_correct"].scatter_(1, images, correct)
 
     @torch.no_grad()
     def unstack(self, i: int, with_momentum: bool = False) -> None:

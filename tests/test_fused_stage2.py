@@ -157,6 +157,34 @@ def test_the_comparisons_can_fail(runs: dict[str, Any], tmp_path: Path, monkeypa
         assert_same_run(tmp_path / "mn0", tmp_path / "alone0")
 
 
+def test_a_killed_second_stage_group_resumes_from_its_checkpoints(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Killed at the end of epoch 2 (after each run's checkpoint: its classifier, momentum, schedule),
+    the group started again resumes both runs and each ends as it does trained alone."""
+    import os
+    import subprocess
+    import sys
+
+    group = [{**cfg, "checkpoint_seconds": 0} for cfg in runs["cfgs"][:2]]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    script = ("import json, sys; from trainables.fused import train_fused; "
+              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
+    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    for out in outs:
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    rows: list[tuple[int, dict[str, Any]]] = []
+    results = train_fused(group, outs, report=lambda epoch_rows: rows.extend(epoch_rows.items()))
+    assert sorted((i, r["epoch"]) for i, r in rows) == [(0, 3), (1, 3)]
+    for i, out in enumerate(outs):
+        a, b = model_state(out), model_state(runs["root"] / f"alone{i}")
+        for name in a:
+            assert_close(a[name], b[name], **WEIGHTS, msg=lambda m, n=name, i=i: f"run {i} {n}: {m}")
+        assert results[i]["best_epoch"] == runs["alone"][i]["best_epoch"]
+        assert_backbone_is_parents(out, runs["root"] / f"parent{GROUP[i][0]}")
+
+
 def test_first_and_second_stages_are_never_fused_together(runs: dict[str, Any], tmp_path: Path) -> None:
     first, second = resolve_config(PARENTS[0]), resolve_config(runs["cfgs"][0])
     with pytest.raises(WbsweepError, match="stage2"):

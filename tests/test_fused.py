@@ -131,8 +131,7 @@ def test_one_seed_twice_in_a_group_gives_its_run_twice(runs: dict[str, Any], tmp
     ({"width": 16}, "width"),
     ({"batch_size": 32}, "batch_size"),
     ({"epochs": 2}, "epochs"),
-    ({"stage2": True, "init_from": "x.pt"}, "stage2"),
-    ({"track_forgetting": True}, "track_forgetting"),
+    ({"stage2": True, "init_from": "x.pt"}, "stage2"),  # never with first stages (tests/test_fused_stage2.py)
     ({"compile": "torch"}, "compile"),  # one step for the group: it runs one way
 ])
 def test_unfusable_groups_are_refused(change: dict[str, Any], message: str, tmp_path: Path) -> None:
@@ -506,5 +505,83 @@ def test_conv_runs_are_fused_by_the_sweep() -> None:
     assert fusion_key(conv) == fusion_key({**conv, "seed": 1, "loss": "cb", "channels_last": False})
     assert fusion_key(conv) != fusion_key({**conv, "width": 8})
     assert fusion_key({**conv, "model": "resnext50"}) is not None
-    assert fusion_key({**conv, "track_forgetting": True}) is None
+    assert fusion_key({**conv, "track_forgetting": True}) == fusion_key(conv)  # counted per model
     assert fusion_key({**conv, "compile": "torch"}) not in (None, fusion_key(conv))  # another step
+
+
+# --- forgetting events (track_forgetting, figure 4) ---------------------------------------------------------------
+
+#: runs 0 and 2 count forgetting events, run 1 does not (a group may mix them)
+FORGETTING = [{**GROUP[0], "track_forgetting": True}, GROUP[1], {**GROUP[2], "track_forgetting": True,
+                                                                 "analyses": ["forgetting"]}]
+
+
+def assert_same_forgetting(fused: Path, alone: Path) -> None:
+    """forgetting.npz as train() writes it: the same arrays, exactly (integer counts of argmax
+    flips; no near-tie of the logits flips here)."""
+    a, b = np.load(fused / "forgetting.npz"), np.load(alone / "forgetting.npz")
+    assert a.files == b.files == ["events", "ever_correct", "labels"]
+    for key in a.files:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    assert a["events"].sum() > 0 and a["ever_correct"].any()  # something to compare
+
+
+def test_fused_runs_count_their_own_forgetting_events(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Each tracking run of a group writes the forgetting.npz train() writes alone (and its
+    metrics and model as alone); the run that does not track writes none."""
+    threads = torch.get_num_threads()
+    outs = [tmp_path / f"f{i}" for i in range(len(FORGETTING))]
+    fused = train_fused(FORGETTING, outs)
+    for i in (0, 2):
+        train(FORGETTING[i], tmp_path / f"a{i}")
+        assert_same_forgetting(outs[i], tmp_path / f"a{i}")
+        assert_same_run(outs[i], tmp_path / f"a{i}")
+        assert fused[i]["best_epoch"] == runs["alone"][i]["best_epoch"]
+        a, b = model_state(outs[i]), model_state(runs["root"] / f"alone{i}")  # tracking changes no weight
+        for name in a:
+            assert_close(a[name], b[name], **WEIGHTS)
+    assert not (outs[1] / "forgetting.npz").exists()
+    assert_same_run(outs[1], runs["root"] / "alone1")
+    torch.set_num_threads(threads)
+    # the comparison can fail: another seed's events differ
+    train({**FORGETTING[0], "seed": 7}, tmp_path / "other")
+    with pytest.raises(AssertionError):
+        assert_same_forgetting(outs[0], tmp_path / "other")
+
+
+def test_no_host_reads_while_counting_forgetting(monkeypatch: pytest.MonkeyPatch, forbid_host_reads) -> None:
+    """Counting forgetting events adds no host read to a fused epoch (nor to a captured step)."""
+    group, cfgs = group_on_cpu(FORGETTING)
+    group.track_forgetting([None] * len(cfgs))
+    forbid_host_reads()
+    group.epoch()
+    monkeypatch.undo()
+    assert int(group.forgetting["ever_correct"].sum()) > 0
+
+
+def test_forgetting_counts_resume_from_a_fused_checkpoint(tmp_path: Path) -> None:
+    """A group killed at the end of epoch 2 keeps each run's counts in its checkpoint: run 0 resumed
+    in a (new) fused group and run 1 resumed alone by train() both end with the counts of their
+    runs trained alone without a break."""
+    import os
+    import subprocess
+    import sys
+
+    group = [{**FORGETTING[0], "checkpoint_seconds": 0}, {**FORGETTING[2], "checkpoint_seconds": 0}]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    script = ("import json, sys; from trainables.fused import train_fused; "
+              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
+    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    for out in outs:
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert state["epoch"] == 2 and state["forgetting"]["events"].sum() > 0
+    threads = torch.get_num_threads()
+    train_fused(group[:1], outs[:1])
+    train(group[1], outs[1])
+    for i, cfg in enumerate(group):
+        train(cfg, tmp_path / f"alone{i}")
+        assert_same_forgetting(outs[i], tmp_path / f"alone{i}")
+    torch.set_num_threads(threads)

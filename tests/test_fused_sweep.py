@@ -63,8 +63,8 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key(base) is not None
     assert fusion_key({**base, "seed": 3, "wd": 1e-3, "loss": "cb", "lr": 0.1}) == fusion_key(base)
     assert fusion_key({**base, "width": 32}) != fusion_key(base)
-    assert fusion_key({**base, "stage2": True, "parent_hash": "x"}) is None  # WB's second stage
-    assert fusion_key({**base, "track_forgetting": True}) is None
+    assert fusion_key({**base, "stage2": True, "parent_hash": "x"}) not in (None, fusion_key(base))  # WB's stage 2
+    assert fusion_key({**base, "track_forgetting": True}) == fusion_key(base)  # counted per model
     assert fusion_key({**base, "compile": "torch"}) not in (None, fusion_key(base))  # one step for a group
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
 
@@ -118,3 +118,75 @@ def test_member_result_reads_nested_and_flattened_reports() -> None:
     assert member_result(flat, 0)["objective"] == 80.0
     assert member_result(flat, 1) is None and member_result(None, 0) is None
     assert [member_id("abc", i) for i in range(3)] == ["abc", "abc/1", "abc/2"]
+
+
+WB_SPEC = """\
+name: wbfused
+title: "WB's second stages, fused"
+default_preset: tiny
+methods:
+  - {method: wd, la: [none]}
+  - {method: wb, la: [none]}
+  - {method: wd_norm_cb, la: [none]}
+presets:
+  tiny:
+    description: digits-LT, MLP3 of width 16, 2 + 2 epochs, 2 seeds, no search
+    train: {dataset: digits-lt, model: mlp3, width: 16, epochs: 2, batch_size: 64, lr: 0.05, stage2_epochs: 2,
+            maxnorm: iter}
+    hyper: {wd: 5.0e-3, stage2_wd: 0.1}
+    seeds: [0, 1]
+    resources: {cpus_per_trial: 1, gpus_per_trial: 0}
+"""
+
+
+@pytest.mark.slow  # a real Ray sweep: ~30 s on 2 idle cores
+def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
+    """`wbsweep run --fuse 4` of WD and its two second stages (WB: MaxNorm per step; WD&Norm&CB:
+    unit-norm rows, no MaxNorm), 2 seeds, one trial at a time (so each trial finds every model its
+    inputs allow): WD's seeds train as one trial, then the four second stages -- two methods, two
+    parents -- as one (each run's metrics carry fused_k = 4). Each equals the run train() makes of
+    its config alone (what ``--fuse off`` trains: the same config, from the same parent model) to
+    float32 rounding, and its backbone is its parent's: the same train FDR, bit for bit."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch.testing import assert_close
+
+    from trainables.train import train
+
+    spec, out = tmp_path / "wbfused.yaml", tmp_path / "out"
+    spec.write_text(WB_SPEC)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--out", str(out), "--fuse",
+                           "4", "--max-concurrent", "1", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_parquet(out / "results")
+    assert sorted(df["method"]) == ["wb", "wb", "wd", "wd", "wd_norm_cb", "wd_norm_cb"]
+    parents = df[df["method"] == "wd"].set_index("seed")
+    stage2 = df[df["method"] != "wd"]
+    threads = torch.get_num_threads()
+    try:
+        for row in stage2.itertuples():
+            run = out / "runs" / row.config_hash / f"seed{row.seed}"
+            metrics = json.loads((run / "metrics.json").read_text())
+            assert metrics["fused_k"] == 4 and metrics["epochs"] == 2
+            assert row.parent_hash == parents.loc[row.seed, "config_hash"]
+            assert row.fdr_train == parents.loc[row.seed, "fdr_train"]  # the parent's features
+            mine = tmp_path / "alone" / run.parent.name / run.name
+            alone = train(json.loads((run / "config.json").read_text()), mine)
+            assert alone["best_epoch"] == metrics["best_epoch"]
+            assert alone["la"]["none"]["avg"] == row.acc_avg
+            for key in ("fdr_train", "fdr_test", "objective"):
+                assert_close(alone[key], metrics[key], rtol=1e-5, atol=1e-6)
+            a = torch.load(run / "model.pt", weights_only=True)["model"]
+            b = torch.load(mine / "model.pt", weights_only=True)["model"]
+            for name in a:
+                assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
+            la, lb = np.load(run / "logits.npz"), np.load(mine / "logits.npz")
+            assert_close(torch.from_numpy(la["test_logits"]), torch.from_numpy(lb["test_logits"]), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

@@ -33,6 +33,19 @@ Nothing of a model's science is shared. Each model
   every epoch its slice of the stack is copied into its own :class:`~trainables.models.Network`,
   and from there on the code is :func:`train`'s (``predict``, ``balanced_acc``, ``finish_run``).
 
+WB's second stage (``stage2``) is fused as the first: a group of second stages (never mixed with
+first stages: ``stage2`` is a shared key, and ``epochs`` is what each run trains, its ``stage2_epochs``)
+is built by :func:`build_training` as train() builds each (its parent's model loaded from
+``init_from``, the classifier rows scaled to unit norm with ``stage2_init_norm``, its MaxNorm radius
+from the loaded rows, the stage-2 loss and weight decay, the backbone not trained). The batched
+step then runs the stacked backbone in eval mode (each model's BatchNorm with its own running
+statistics, none updated: the backbone's tensors stay bit for bit its parent's), trains only the
+classifier (no FR, as train()'s stage 2), and projects each model's classifier rows onto its own
+MaxNorm ball after every step (``maxnorm: iter``) or every epoch (``epoch``), as
+:func:`trainables.heads.apply_maxnorm_` does for one. The runs of a group may have different parents,
+seeds, radii, losses, weight decays and MaxNorm timings. In a sweep, :func:`fusion_key` keys a
+second stage from its config (its parent's model is not read), so a WB method's seeds are fused.
+
 The losses are summed over the models before the backward pass; the models share no tensor, so
 each model's gradient is the gradient of its own loss. What differs from K separate runs is only
 floating-point rounding: batched matrix products and reductions may sum in another order than
@@ -60,8 +73,11 @@ The step of a group runs as the runs' ``compile`` knob says, as train()'s does
 or the whole batched step (forward, K losses, backward, the K models' SGD update with learning rates
 read from device tensors) replayed as one CUDA graph, the default on a GPU.
 
-Not yet (issue #14's later steps): WB's second stage, forgetting tracking, bf16 of the convolutional
-models (untested).
+Forgetting events (``track_forgetting``, figure 4: Toneva et al.'s count per training image) are
+counted per model from each step's logits, as train() counts them, in (K, N) tensors; each run
+writes its own ``forgetting.npz`` and keeps its counts in its checkpoint.
+
+Not yet (issue #14's later steps): bf16 of the convolutional models (untested).
 """
 
 from __future__ import annotations
@@ -99,16 +115,40 @@ if TYPE_CHECKING:
     from trainables.fused_model import FusedModels
 
 #: Config keys every run of a fused group must share: the data (and where it comes from), the
-#: architecture, the batches' shape and count, the arithmetic and how the step runs (``compile``: one
-#: step for the group), the device and the process's threads.
+#: architecture, the batches' shape and count (``epochs``: the epochs the run trains, ``stage2_epochs``
+#: for a second stage, see :func:`shared_values`), which stage it is (``stage2``: a second stage trains
+#: only the classifier, its backbone frozen in eval mode), the arithmetic and how the step runs
+#: (``compile``: one step for the group), the device and the process's threads.
 #: Every other key may differ between the runs (seed, lr, momentum, lr_step, select, wd, wd_scope,
 #: conv_only_linear, bn, bn_scale, fr, loss, cb_beta, cb_form, classifier, etf_bias, the LA and
-#: evaluation options, analyses), except those of :data:`REFUSED`.
+#: evaluation options, analyses, track_forgetting; for a second stage its parent (init_from,
+#: parent_hash), stage2_wd, stage2_loss, maxnorm, maxnorm_alpha, stage2_init_norm), except those of
+#: :data:`REFUSED`.
 SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment", "data_fingerprint",
-               "model", "width", "batch_size", "epochs", "precision", "compile", "device", "threads")
+               "model", "width", "batch_size", "epochs", "stage2", "precision", "compile", "device", "threads")
 
-#: Options a fused run cannot do yet, with the value it needs.
-REFUSED = {"stage2": False, "track_forgetting": False}
+#: Options a fused run cannot do yet, with the value it needs: none since WB's second stage and
+#: forgetting tracking are fused (kept for the options to come).
+REFUSED: dict[str, Any] = {}
+
+
+def refused(cfg: dict[str, Any]) -> list[str]:
+    """The options of :data:`REFUSED` a resolved config sets to what fused training cannot do."""
+    return [k for k, need in REFUSED.items() if cfg[k] != need]
+
+
+def training_epochs(cfg: dict[str, Any]) -> int:
+    """The epochs a resolved config trains: ``stage2_epochs`` for WB's second stage, else ``epochs``."""
+    return int(cfg["stage2_epochs"] if cfg["stage2"] else cfg["epochs"])
+
+
+def shared_values(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The values of :data:`SHARED_KEYS` of a resolved config, ``epochs`` the epochs it trains
+    (:func:`training_epochs`): a second stage shares its own epochs, not its parent's."""
+    values = {k: cfg[k] for k in SHARED_KEYS}
+    values["epochs"] = training_epochs(cfg)
+    return values
+
 
 FusedReporter = Callable[[dict[int, dict[str, Any]]], None]
 
@@ -120,18 +160,18 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
     """Raise WbsweepError unless the resolved configs ``cfgs`` can be trained as one fused group."""
     if not cfgs:
         raise WbsweepError("a fused group needs at least one config.")
-    first = cfgs[0]
+    first = shared_values(cfgs[0])
     for i, cfg in enumerate(cfgs):
-        differ = [k for k in SHARED_KEYS if cfg[k] != first[k]]
+        mine = shared_values(cfg)
+        differ = [k for k in SHARED_KEYS if mine[k] != first[k]]
         if differ:
-            what = ", ".join(f"{k}={cfg[k]!r} (run 0: {first[k]!r})" for k in differ)
+            what = ", ".join(f"{k}={mine[k]!r} (run 0: {first[k]!r})" for k in differ)
             raise WbsweepError(
                 f"fused run {i} differs from run 0 in {what}; the runs of a fused group must share "
-                f"{', '.join(SHARED_KEYS)}.")
-        for key, need in REFUSED.items():
-            if cfg[key] != need:
-                raise WbsweepError(f"fused run {i} has {key}={cfg[key]!r}; fused training does not do that yet "
-                                   f"({key} must be {need!r}): train this run alone.")
+                f"{', '.join(SHARED_KEYS)} (epochs: stage2_epochs for a second stage).")
+        for key in refused(cfg):
+            raise WbsweepError(f"fused run {i} has {key}={cfg[key]!r}; fused training does not do that yet "
+                               f"({key} must be {REFUSED[key]!r}): train this run alone.")
 
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
@@ -143,18 +183,29 @@ def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
     return FusedModels(build_runs(cfgs, dd), dd)
 
 
+#: What ``init_from`` reads when :func:`fusion_key` resolves a second stage whose parent's model
+#: path is not filled in yet (the sweep's stage configs name their parent by ``parent_hash``): the
+#: key never depends on the path, and nothing is loaded.
+_PARENT_PLACEHOLDER = "<the parent's model.pt>"
+
+
 def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str, ...] | None:
-    """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values), or
-    None when it trains alone: a model the batched forward cannot run (not in :data:`FUSABLE_MODELS`),
-    an option of :data:`REFUSED`, or a shared key among ``varies`` (the knobs a search changes from
-    trial to trial). The sweep groups runs with equal keys; :func:`check_fusable` holds for any such group."""
-    if cfg_in.get("stage2"):  # before resolving: a second stage resolves only with its parent's model
-        return None
+    """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values, see
+    :func:`shared_values`), or None when it trains alone: a model the batched forward cannot run (not
+    in :data:`FUSABLE_MODELS`), an option of :data:`REFUSED`, or a shared key among ``varies`` (the
+    knobs a search changes from trial to trial; ``stage2_epochs`` counts as one). The sweep groups runs
+    with equal keys; :func:`check_fusable` holds for any such group.
+
+    A second stage (``stage2``) is keyed from its config alone: its parent's model is not read (it
+    need not exist yet), so the seeds of a WB method, whatever their parents, get one key."""
+    if cfg_in.get("stage2") and not cfg_in.get("init_from"):
+        cfg_in = {**cfg_in, "init_from": _PARENT_PLACEHOLDER}
     cfg = resolve_config(cfg_in)
-    if (cfg["model"] not in FUSABLE_MODELS or any(cfg[k] != v for k, v in REFUSED.items())
-            or set(varies) & set(SHARED_KEYS)):
+    if (cfg["model"] not in FUSABLE_MODELS or refused(cfg)
+            or set(varies) & {*SHARED_KEYS, "stage2_epochs"}):
         return None
-    return tuple(json.dumps(cfg[k], sort_keys=True, default=str) for k in SHARED_KEYS)
+    values = shared_values(cfg)
+    return tuple(json.dumps(values[k], sort_keys=True, default=str) for k in SHARED_KEYS)
 
 
 def _resume(run: Training, out: Path) -> dict[str, Any]:
@@ -234,6 +285,11 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
 
     started = time.time()
     fused = FusedModels(runs, dd)
+    # Toneva et al.'s forgetting events, per model and training image, as train() counts them (a
+    # second stage counts none): from each run's checkpoint, else from zero
+    tracks = [r.cfg["track_forgetting"] and not r.stage2 for r in runs]
+    if any(tracks):
+        fused.track_forgetting([p.get("forgetting") if t else None for p, t in zip(progress, tracks, strict=True)])
     first, c = runs[0].cfg, dd.data.num_classes
     epochs = runs[0].epochs
     every = min(r.cfg["checkpoint_seconds"] for r in runs)
@@ -269,6 +325,8 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
                 if i not in diverged:
                     fused.unstack(i, with_momentum=True)
+                    if tracks[i]:
+                        p["forgetting"] = fused.forgetting_of(i)
                     save_checkpoint(out, r.cfg, r.model, r.opt, r.sched, r.gen, p, seconds)
             if on_checkpoint is not None:
                 on_checkpoint()
@@ -284,6 +342,10 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             continue
         r.model.load_state_dict(p["best_state"])
         train_seconds = p["seconds"] + (trained_at - started) / k  # with the attempts before a resume
+        if tracks[i]:  # train()'s file
+            f = fused.forgetting_of(i)
+            np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
+                                ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
                                   history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
                                   extra={"fused_k": k}))

@@ -20,6 +20,7 @@ knob (the group's first run's; the knob changes no arithmetic beyond rounding).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -87,7 +88,11 @@ class FusedModels(CompiledStep):
     convolutional backbone (see the comments of the batched forward). ``runs`` are the models as
     :func:`build_training` built them (each with its optimizer groups, schedule and data generator);
     their own modules are only written to, after each epoch (:meth:`unstack`), to validate and
-    evaluate them with train.py's code."""
+    evaluate them with train.py's code.
+
+    A group of WB second stages (:attr:`frozen_backbone`) runs its backbone in eval mode and trains
+    only the classifier (the backbone's tensors have no gradient and no update), with each model's
+    MaxNorm projection after each step or epoch (:meth:`_apply_maxnorm`)."""
 
     def __init__(self, runs: list[Training], dd: DeviceData):
         self.runs, self.dd, self.k = runs, dd, len(runs)
@@ -123,13 +128,19 @@ class FusedModels(CompiledStep):
         self.template = runs[0].model  # the architecture the batched forward follows (its tensors are not used)
         _check_supported(self.template)
         self.channels_last = self.knobs.channels_last and has_conv(self.template)
-        self.fr = [float(r.cfg["fr"]) for r in runs]
+        # WB's second stage (all runs of a group or none, trainables.fused.SHARED_KEYS): the backbone is
+        # frozen in eval mode (BatchNorm with its running statistics, not updated), no FR, the stage-2
+        # loss, and MaxNorm on the classifier weight (train.py's EpochRunner, Training.runner)
+        self.frozen_backbone = runs[0].stage2
+        self.fr = [0.0 if r.stage2 else float(r.cfg["fr"]) for r in runs]
         self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
-        self._ce = [i for i, r in enumerate(runs) if r.cfg["loss"] == "ce"]
+        self._ce = [i for i, r in enumerate(runs) if (r.cfg["stage2_loss"] if r.stage2 else r.cfg["loss"]) == "ce"]
+        self._maxnorm = {when: self._thresholds(when) for when in ("iter", "epoch")}
         self._ce_index = torch.tensor(self._ce, dtype=torch.long, device=dd.device)  # no host copy in a step
         self._heads = [SimpleNamespace(classifier=SimpleNamespace(weight=None)) for _ in runs]
         self.chunk = chunk_images(dd, self.bs)
         self.training = True  # BatchNorm with batch statistics, updating the running ones
+        self.forgetting: dict[str, torch.Tensor] | None = None  # (K, N) per-image states (track_forgetting)
         # the SGD's per-model factors, broadcast to each tensor (views, no memory)
         self._params = [self.stack[n] for n in self.trained]
         self._wd_full = [self._wd[n].expand_as(self.stack[n]) for n in self.trained]
@@ -149,6 +160,26 @@ class FusedModels(CompiledStep):
                                        for i, per in enumerate(states)]).to(self.stack[n])
                           for j, n in enumerate(self.trained)]
 
+    def _thresholds(self, when: str) -> torch.Tensor | None:
+        """The MaxNorm radii (K, 1, 1) of the models projecting their classifier rows ``when``
+        ("iter": after every step, "epoch": after every epoch), +inf for the others (their rows are
+        multiplied by exactly 1), in the classifier weight's dtype; None when no model does."""
+        want = [r.stage2 and r.cfg["maxnorm"] == when and r.threshold is not None for r in self.runs]
+        if not any(want):
+            return None
+        radii = [float(r.threshold) if w else math.inf for r, w in zip(self.runs, want, strict=True)]
+        return _per_model(radii, self.stack["classifier.weight"])
+
+    @torch.no_grad()
+    def _apply_maxnorm(self, radii: torch.Tensor) -> None:
+        """:func:`trainables.heads.apply_maxnorm_` of each model's classifier weight (C, d) with its
+        own radius, on the stack (K, C, d) at once and in the same operations: the factor
+        min(1, radius / ||w_c||) (``radius / norms`` is ``norms.reciprocal() * radius`` in torch),
+        which is exactly 1 for a model with radius +inf."""
+        w = self.stack["classifier.weight"]
+        factor = (w.norm(dim=2, keepdim=True).reciprocal() * radii).clamp(max=1.0)
+        w.mul_(factor.to(w.dtype))
+
     # --- the batched forward ---
     # Activations are laid out (K, C, B): model, channel, image. A linear layer is then one batched
     # product W (K, out, in) @ h (K, in, B), and a BatchNorm1d of the K models is one BatchNorm of
@@ -166,12 +197,12 @@ class FusedModels(CompiledStep):
         images), the running statistics updated in place in the stacked buffers."""
         k, c, b = h.shape
         s = self.stack
-        if self.training:
+        if self.bn_training:
             s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
         out = F.batch_norm(h.reshape(1, k * c, b), s[f"{name}.running_mean"].view(-1),
                            s[f"{name}.running_var"].view(-1), None if w is None else w.reshape(-1),
-                           None if bias is None else bias.reshape(-1), self.training, m.momentum, m.eps)
+                           None if bias is None else bias.reshape(-1), self.bn_training, m.momentum, m.eps)
         return out.view(k, c, b)
 
     def _apply(self, m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -216,12 +247,18 @@ class FusedModels(CompiledStep):
 
     def _bn2d(self, m: nn.BatchNorm2d, name: str, x: torch.Tensor) -> torch.Tensor:
         s = self.stack
-        if self.training:
+        if self.bn_training:
             s[f"{name}.num_batches_tracked"].add_(1)
         w, bias = s.get(f"{name}.weight"), s.get(f"{name}.bias")
         return F.batch_norm(x, s[f"{name}.running_mean"].view(-1), s[f"{name}.running_var"].view(-1),
                             None if w is None else w.view(-1), None if bias is None else bias.view(-1),
-                            self.training, m.momentum, m.eps)
+                            self.bn_training, m.momentum, m.eps)
+
+    @property
+    def bn_training(self) -> bool:
+        """BatchNorm (only in the backbone) in train mode: batch statistics, the running ones
+        updated; not while predicting, nor in a second stage (its frozen backbone in eval mode)."""
+        return self.training and not self.frozen_backbone
 
     def _conv_bn(self, block: nn.Module, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
         return self._bn2d(getattr(block, f"bn{i}"), f"{name}.bn{i}", self._conv(getattr(block, f"conv{i}"),
@@ -327,7 +364,7 @@ class FusedModels(CompiledStep):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K models on their batches ``x`` (K, B, ...) of normalised images, in the current mode
-        (:attr:`training`: batch statistics, running statistics updated): features (K, B, d) and
+        (:attr:`bn_training`: batch statistics, running statistics updated): features (K, B, d) and
         logits (K, B, classes), float32 as train()'s step has them (its loss is always float32)."""
         with self.knobs.autocast(self.dd.device):
             h = self._apply(self.template.backbone, "backbone", x)
@@ -335,17 +372,25 @@ class FusedModels(CompiledStep):
             logits = self._apply(self.template.classifier, "classifier", h).transpose(1, 2)
         return feats.float(), logits.float()
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The K models' losses (K,) on their batches: what torch.compile compiles."""
-        return self.losses(*self.forward(x), y)
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K models' losses (K,) on their batches, and their logits (K, B, classes): what
+        torch.compile compiles."""
+        feats, logits = self.forward(x)
+        return self.losses(feats, logits, y), logits
 
-    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor,
+                    forward: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One SGD step of every model on its batch: ``x`` (K, B, ...) normalised images, ``y`` (K, B).
-        Returns the K losses (detached; the static output of a captured step)."""
-        loss = forward(x, y)
+        Returns the K losses (detached) and, while forgetting is tracked, whether each model's
+        prediction of each of its images was right (K, B), from the logits before the update (as
+        train()'s step): the static outputs of a captured step."""
+        loss, logits = forward(x, y)
         loss.sum().backward()
         self._sgd()
-        return loss.detach()
+        if self._maxnorm["iter"] is not None:  # WB's MaxNorm after every step (paper eq. 7)
+            self._apply_maxnorm(self._maxnorm["iter"])
+        correct = None if self.forgetting is None else logits.detach().argmax(2) == y
+        return loss.detach(), correct
 
     def _clear_grads(self) -> None:
         for p in self._params:
@@ -384,12 +429,48 @@ class FusedModels(CompiledStep):
             idx = [o[start : start + self.chunk] for o in orders]
             x = torch.stack([dd.prepare(x_all[j], augment, r.gen) for j, r in zip(idx, self.runs, strict=True)])
             y = torch.stack([y_all[j] for j in idx])
+            images = torch.stack(idx) if self.forgetting is not None else None
             for i in range(0, len(idx[0]), bs):
                 yb = y[:, i : i + bs]
-                loss_sum += self.step(x[:, i : i + bs], yb) * yb.shape[1]
+                loss, correct = self.step(x[:, i : i + bs], yb)
+                loss_sum += loss * yb.shape[1]
+                if correct is not None:
+                    self._count_forgetting(images[:, i : i + bs], correct)
+        if self._maxnorm["epoch"] is not None:  # the authors' code: MaxNorm once after the epoch
+            self._apply_maxnorm(self._maxnorm["epoch"])
         for r in self.runs:
             r.opt._opt_called = True  # type: ignore[attr-defined]  # the schedule must know the model stepped
         return loss_sum, seen
+
+    # --- forgetting events (Toneva et al.), per model and training image ---
+
+    def track_forgetting(self, states: Sequence[dict[str, torch.Tensor] | None]) -> None:
+        """Count each model's forgetting events from now on (:meth:`trainables.train.EpochRunner._track_forgetting`
+        for the K models at once): ``states[i]`` is model i's per-image state as train() keeps it
+        (``events``, ``prev_correct``, ``ever_correct``, (N,) each: fresh zeros or a checkpoint's), or
+        None for a model that tracks none (counted, never read). Stacked (K, N) in :attr:`forgetting`."""
+        n, device = len(self.dd.x["train"]), self.dd.device
+        fresh = {"events": torch.zeros(n, dtype=torch.long, device=device),
+                 "prev_correct": torch.zeros(n, dtype=torch.bool, device=device),
+                 "ever_correct": torch.zeros(n, dtype=torch.bool, device=device)}
+        self.forgetting = {key: torch.stack([zero if s is None else s[key].to(zero) for s in states])
+                           for key, zero in fresh.items()}
+
+    def forgetting_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Model ``i``'s forgetting state, (N,) tensors in train()'s form (for its checkpoint and files)."""
+        assert self.forgetting is not None
+        return {key: v[i].clone() for key, v in self.forgetting.items()}
+
+    def _count_forgetting(self, images: torch.Tensor, correct: torch.Tensor) -> None:
+        """A step's forgetting events: ``images`` (K, B) each model's training images, ``correct``
+        (K, B) whether its prediction was right. An image forgotten (right at its previous step,
+        wrong now) adds an event; the images of a batch are distinct, so gather + scatter along
+        each model's row do what train()'s indexing does."""
+        f = self.forgetting
+        assert f is not None
+        f["events"].scatter_add_(1, images, (f["prev_correct"].gather(1, images) & ~correct).long())
+        f["ever_correct"].scatter_(1, images, f["ever_correct"].gather(1, images) | correct)
+        f["prev_correct"].scatter_(1, images, correct)
 
     @torch.no_grad()
     def unstack(self, i: int, with_momentum: bool = False) -> None:

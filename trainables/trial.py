@@ -150,6 +150,21 @@ class Member:
         storage.upload(self.out, self.home, ["attempts.log", "ray_node_id"])
         return None
 
+    def fetch_parent(self) -> None:
+        """A second stage's first-stage model (``init_from``), copied from an object store to its
+        scratch folder (a shared folder's is read where it lies)."""
+        cfg, seed = self.cfg, self.seed
+        if cfg.get("stage2") and storage.is_remote(self.runs):
+            parent = storage.read_bytes(storage.join(run_location(self.runs, cfg["parent_hash"], seed), "model.pt"))
+            if parent is None:
+                raise FileNotFoundError(f"the first stage's model of seed {seed} is not in {self.runs}")
+            (self.out / PARENT_MODEL).write_bytes(parent)  # init_from is not hashed: where it lies is ours to say
+            cfg["init_from"] = str(self.out / PARENT_MODEL)
+
+    def drop_parent(self) -> None:
+        """Remove the copy :meth:`fetch_parent` made (the parent's folder has the original)."""
+        (self.out / PARENT_MODEL).unlink(missing_ok=True)
+
     def checkpointed(self) -> None:
         storage.upload(self.out, self.home, PROGRESS_FILES)
 
@@ -199,15 +214,10 @@ def reporter(caught: TrialWarnings) -> Callable[[dict[str, Any]], None]:
 
 def _train_and_report(member: Member, caught: TrialWarnings) -> None:
     report = reporter(caught)
-    cfg, out, seed = member.cfg, member.out, member.seed
+    cfg, out = member.cfg, member.out
     metrics = member.open()
     if metrics is None:
-        if cfg.get("stage2") and storage.is_remote(member.runs):  # the first stage's model, from the object store
-            parent = storage.read_bytes(storage.join(run_location(member.runs, cfg["parent_hash"], seed), "model.pt"))
-            if parent is None:
-                raise FileNotFoundError(f"the first stage's model of seed {seed} is not in {member.runs}")
-            (out / PARENT_MODEL).write_bytes(parent)  # init_from is not hashed: where it lies is ours to say
-            cfg["init_from"] = str(out / PARENT_MODEL)
+        member.fetch_parent()
         try:
             metrics = train(cfg, out, report=ThrottledReport(report, always=member.config.get("_report_epochs", ())),
                             on_checkpoint=member.checkpointed)
@@ -216,7 +226,7 @@ def _train_and_report(member: Member, caught: TrialWarnings) -> None:
             report({"objective": float("nan"), "diverged": str(exc)})
             return
         finally:
-            (out / PARENT_MODEL).unlink(missing_ok=True)  # a copy: the parent's folder has the original
+            member.drop_parent()
     final = member.final(metrics)
     report({"objective": final["objective"], "final": final})
 
@@ -258,8 +268,14 @@ def train_group(config: dict[str, Any]) -> None:
                 for i in todo:
                     members[i].checkpointed()
 
-            trained = train_fused([members[i].cfg for i in todo], [members[i].out for i in todo],
-                                  report=per_epoch, on_checkpoint=checkpointed)
+            try:
+                for i in todo:  # a second stage's parent model, from the object store
+                    members[i].fetch_parent()
+                trained = train_fused([members[i].cfg for i in todo], [members[i].out for i in todo],
+                                      report=per_epoch, on_checkpoint=checkpointed)
+            finally:
+                for i in todo:
+                    members[i].drop_parent()
             results.update(zip(todo, trained, strict=True))
         group: dict[str, dict[str, Any]] = {}
         for i, m in enumerate(members):

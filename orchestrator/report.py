@@ -360,7 +360,7 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                   method_order: list[str] | None) -> str:
     """Draw each analysis of ``a`` per (dataset, model), aggregated over seeds, into
     ``out/figures``; return their paths with a summary of the numbers behind them."""
-    from trainables.analysis import TITLES, _pyplot, plot_heatmap, plot_layers, plot_per_class
+    from trainables.plots import TITLES, _pyplot, plot_heatmap, plot_layers, plot_per_class
 
     plt = _pyplot()
     figdir = out / "figures"

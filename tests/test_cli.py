@@ -89,7 +89,7 @@ def test_train_one_model_without_ray(tmp_path):
 
 
 def test_set_values_read_exponents_as_numbers_and_bad_yaml_is_one_line():
-    from orchestrator.cli import _parse_set
+    from orchestrator.commands import _parse_set
     from trainables.errors import WbsweepError
 
     # PyYAML alone reads 1e-3 as the string "1e-3" (YAML 1.1): the README's own example failed

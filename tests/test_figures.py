@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
-from trainables.analysis import _pyplot, format_plain, plot_heatmap, plot_layers, plot_per_class
+from trainables.plots import _pyplot, format_plain, plot_heatmap, plot_layers, plot_per_class
 
 PLAIN = re.compile(r"^-?[0-9][0-9,]*(\.[0-9]+)?$|^0\.[0-9]+$")
 

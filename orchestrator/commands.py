@@ -1,0 +1,390 @@
+"""What each ``wbsweep`` command does: one ``cmd_<name>(args)`` per subcommand of the parser in
+orchestrator/cli.py (``wbsweep train`` is :func:`cmd_train`, ``wbsweep mlflow-server``
+:func:`cmd_mlflow_server`), and the checks of the arguments they share (``--out``, ``--storage``,
+``--data-root``, ``--set``), each a one-line :class:`WbsweepError` when wrong.
+
+A command imports what it needs when it runs: importing this module (and so the CLI) loads
+neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestrator.reproduce import reproduction, saved_config
+from orchestrator.yaml_loader import load as load_yaml
+from trainables.errors import WbsweepError
+
+# --- the arguments the commands share ------------------------------------------------------------
+
+
+def _out_dir(path: str, create: bool, flag: str = "--out") -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise WbsweepError(f"{flag} {out} is a file; give a folder for the results.")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WbsweepError(f"cannot create {flag} {out}: {exc.strerror}.") from None
+        if not os.access(out, os.W_OK):
+            raise WbsweepError(f"{flag} {out} is not writable; choose another folder.")
+    return out
+
+
+def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool = False) -> str:
+    """Where the results live: ``--storage``, else the storage a sweep in ``out`` recorded in its
+    status file (so `report` after `run --storage s3://...` needs no flag), else ``out`` itself."""
+    from orchestrator.status import malformed_status
+    from trainables import storage
+
+    if arg:
+        if storage.is_remote(arg):
+            return arg
+        arg = arg.removeprefix("file://")
+        return str(_out_dir(arg, create=create, flag="--storage").resolve())
+    recorded = []
+    for f in sorted((out / "status").glob("*.json")) if out.is_dir() else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if malformed_status(doc):  # not a status file of ours: `wbsweep status` names it
+            continue
+        if spec is None or doc["spec"] == spec:
+            recorded.append((doc["updated"], storage.recorded_storage(doc, f, out)))
+    latest = max(recorded, key=lambda t: t[0])[1] if recorded else None
+    return latest or str(out.resolve())
+
+
+def _data_root(path: str | None) -> str | None:
+    if path is None:
+        return None
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise WbsweepError(f"--data-root {root} is not a folder; point it at the folder that holds the datasets.")
+    return str(root)
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise WbsweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=5.")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise WbsweepError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                               "quote strings, write lists as [a, b].") from exc
+    return out
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.report import report
+    from orchestrator.spec import load_experiments
+    from orchestrator.sweep import Sweep, SweepOptions
+
+    exps = load_experiments(args.spec, args.preset)  # one, or one per variant (dataset/model) of the preset
+    exp = exps[0]
+    if args.plan:  # stages, models, epochs, estimated device time and cost (orchestrator.cost)
+        from orchestrator import cost
+
+        return cost.plan_command(exps, args)
+    out = _out_dir(args.out, create=True)
+    from orchestrator.tracking import default_tracking_uri
+
+    store = _storage(args.storage, out, create=True) if args.storage else str(out.resolve())
+    opts = SweepOptions(
+        out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), storage=store,
+        data_root=_data_root(args.data_root),
+        address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        fuse=args.fuse,
+        quiet=args.quiet,
+    )
+    started = time.time()
+    failures = []
+    sweeps = [Sweep(e, opts) for e in exps]  # every variant's preflight (data, resources) before any runs
+    for exp, sweep in zip(exps, sweeps, strict=True):
+        if len(exps) > 1 and not args.quiet:
+            print(f"[variant {exp.variant}]", file=sys.stderr)
+        sweep.run()
+        failures += sweep.progress.failures
+    from orchestrator.analyses import ensure_analyses  # models reused from elsewhere get theirs now
+
+    ensure_analyses(store, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
+                    tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
+    minutes = (time.time() - started) / 60
+    analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
+    try:
+        args_ = (out, exp.name, exp.preset)
+        kw = dict(table=exp.paper_table, method_order=[m.method.name for m in exp.methods], title=exp.title,
+                  layout=exp.layout, analyses=analyses, store=store)
+        text = report(*args_, "table", **kw)
+        print(text)
+        _report_to_mlflow(opts.tracking_uri, out, store, exp.name, exp.preset, text,
+                          lambda: report(*args_, "csv", **kw))
+    except WbsweepError as exc:
+        if not failures:
+            raise
+        print(f"no table: {exc}")  # every trial failed: the reasons follow
+    from trainables.storage import join
+
+    print(f"done in {minutes:.1f} min; results: {join(store, 'results')} (Parquet), MLflow: {opts.tracking_uri}"
+          + (f"; {len(failures)} failure(s):" if failures else ""))
+    for failure in failures:
+        print(f"  FAILED {failure}")
+    return 1 if failures else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report
+    from orchestrator.spec import load_experiments
+
+    table, order, title, layout, analyses, unknown = None, None, None, "accuracy", None, None
+    try:
+        exps = load_experiments(args.spec, args.preset)
+        exp = exps[0]
+        table, order, title, spec = exp.paper_table, [m.method.name for m in exp.methods], exp.title, exp.name
+        layout = exp.layout
+        analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
+    except WbsweepError as exc:
+        if Path(args.spec).suffix in (".yaml", ".yml"):
+            raise
+        spec, unknown = args.spec, exc  # a spec no longer on disk: the Parquet rows are enough
+    out = _out_dir(args.out, create=False)
+    if args.claims is not None or args.paper:
+        return _report_claims(args, out, spec, table, unknown)
+    try:
+        text = report(out, spec, args.preset, args.format, table, order, title, layout=layout, analyses=analyses,
+                      store=_storage(args.storage, out, spec))
+    except WbsweepError:
+        if unknown is not None:  # no rows and no such spec: say that (not "run it first")
+            raise unknown from None
+        raise
+    sys.stdout.write(text)
+    from orchestrator.tracking import default_tracking_uri
+
+    store = _storage(args.storage, out, spec)
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    _report_to_mlflow(uri, out, store, spec, args.preset, text,
+                      lambda: text if args.format == "csv" else report(out, spec, args.preset, "csv", table, order,
+                                                                       title, layout=layout, analyses=analyses,
+                                                                       store=store))
+    return 0
+
+
+def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset: str | None, text: str,
+                      table_csv) -> None:
+    """The spec-level MLflow run of the report (orchestrator/mlflow_views.py), where there is a store;
+    ``table_csv()`` gives the report's table as CSV."""
+    if not uri:
+        return
+    from orchestrator.mlflow_views import report_to_mlflow
+
+    try:
+        csv = table_csv()
+    except WbsweepError:
+        csv = None
+    report_to_mlflow(uri, out, store, spec, preset, text, csv, log=lambda m: print(m, file=sys.stderr))
+
+
+def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
+                   unknown: WbsweepError | None) -> int:
+    """`report SPEC --claims [PATH] [--paper]`: the claims file (default: claims/<spec>.yaml beside
+    the spec) tested on the results and on the paper's numbers (orchestrator/claims.py)."""
+    from orchestrator.claims import claims_report, default_path
+    from orchestrator.spec import find_spec
+    from orchestrator.tracking import default_tracking_uri
+
+    path = args.claims
+    if not path:
+        if unknown is not None:
+            raise unknown
+        path = default_path(find_spec(args.spec), spec)
+        if not path.is_file():
+            raise WbsweepError(f"spec '{spec}' has no claims file ({path}); write one (docs/claims.md) and give it "
+                               "with --claims PATH.")
+    paper = args.paper
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    store = None if paper else _storage(args.storage, out, spec)
+    sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
+                                   paper_only=paper, tracking_uri=uri))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_experiment
+    from trainables.config import config_hash, resolve_config
+    from trainables.datacache import dataset_fingerprint
+    from trainables.methods import get_method, method_config
+    from trainables.train import CHECKPOINT, load_metrics, train
+
+    saved = None
+    if args.config:
+        if args.method:
+            raise WbsweepError("give either --config (a saved run's config.json) or --method, not both.")
+        saved, cfg = saved_config(args.config)
+        for key, value in (("seed", args.seed), ("device", args.device)):
+            if value is not None:
+                cfg[key] = value
+    elif not args.method:
+        raise WbsweepError("say what to train: --method M (wbsweep list), or --config PATH/config.json to train a "
+                           "saved run again.")
+    else:
+        exp = load_experiment(args.spec, args.preset)
+        method = get_method(args.method)
+        cfg = {**exp.train, **method_config(method, exp.hyper), "seed": args.seed or 0,
+               "device": args.device or "auto"}
+    if args.data_root:
+        cfg["data_root"] = _data_root(args.data_root)
+    cfg.update(_parse_set(args.set or []))
+    full = resolve_config(cfg)
+    fingerprint = dataset_fingerprint(full["dataset"], full["data_root"], full["rho"], full["val_per_class"],
+                                      full["split"])
+    if saved is not None and cfg.get("data_fingerprint") not in (None, fingerprint):
+        raise WbsweepError(f"the data here differ from the saved run's ({full['dataset']} fingerprint {fingerprint}, "
+                           f"the run's {cfg['data_fingerprint']}); point --data-root at the data it was trained on.")
+    if saved is not None and cfg.get("init_from") and not Path(str(cfg["init_from"])).is_file():
+        raise WbsweepError(f"the saved run starts from {cfg['init_from']} (its stage-1 model), which does not exist "
+                           "here; copy that model.pt there, or --set init_from=PATH.")
+    cfg["data_fingerprint"] = fingerprint
+    args.seed = int(full["seed"])
+    # one folder per config and seed, as a sweep's runs/<hash>/seed<k>: another method or seed never
+    # overwrites (or resumes) this one's files, and the same command again continues a cut-short run
+    out = _out_dir(args.out, create=True) / config_hash(resolve_config(cfg)) / f"seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model folder: {out}", file=sys.stderr)
+    metrics = load_metrics(out)
+    if metrics is not None and not args.force:
+        print("this model is already trained (its metrics.json exists): its numbers follow; --force trains it "
+              "again, replacing its files", file=sys.stderr)
+    else:
+        if metrics is not None:
+            for name in ("metrics.json", CHECKPOINT):  # a fresh start, not a resume of the finished run
+                (out / name).unlink(missing_ok=True)
+
+        def show(m: dict) -> None:
+            print(f"epoch {m['epoch']:4d}  loss {m['train_loss']:.4f}  val acc {m['val_acc']:.1f}%", file=sys.stderr)
+
+        # numpy's BLAS on as many threads as torch (a Ray trial's OMP_NUM_THREADS): float64 sums in the
+        # same order as in the sweep, so a saved run's FDR is reproduced to the last bit
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(int(full["threads"])) if full["threads"] else contextlib.nullcontext():
+            metrics = train(cfg, out, report=show)
+    summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
+    summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
+                     for la, r in metrics["la"].items()}
+    print(json.dumps(summary, indent=2))
+    if saved is not None:
+        from trainables.train import load_metrics as saved_metrics
+
+        before = saved_metrics(saved.parent)
+        if before is not None:
+            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): {reproduction(before, metrics)}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from orchestrator.analyses import ensure_analyses
+    from orchestrator.results import read_rows
+    from orchestrator.tracking import default_tracking_uri
+    from trainables.storage import join
+
+    out = _out_dir(args.out, create=False)
+    store = _storage(args.storage, out, args.spec)
+    df = read_rows(join(store, "results"))
+    specs = [args.spec] if args.spec else sorted(set(df["spec"]))
+    if df.empty or not set(specs) & set(df["spec"]):
+        raise WbsweepError(f"no results{' for spec ' + repr(args.spec) if args.spec else ''} in "
+                           f"{join(store, 'results')}; run the spec first (`wbsweep run SPEC --out DIR`).")
+    uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    for spec in specs:
+        counts = ensure_analyses(store, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
+                                 data_root=_data_root(args.data_root), tracking_uri=uri,
+                                 log=lambda m: print(m, file=sys.stderr))
+        skipped = f", {counts['skipped']} without a checkpoint" if counts["skipped"] else ""
+        print(f"{spec}: {counts['analysed']} of {counts['models']} model(s) analysed, {counts['rows']} rows written "
+              f"to {join(store, 'analyses')}{skipped}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from trainables import mini_imagenet
+    from trainables.data import default_data_root
+
+    try:
+        per_class = tuple(int(x) for x in args.per_class.split(","))
+        assert len(per_class) == 3 and min(per_class) >= 1
+    except (ValueError, AssertionError):
+        raise WbsweepError(f"--per-class {args.per_class!r}: write three positive counts, e.g. 500,100,100.") from None
+    out = Path(args.out).expanduser() if args.out else default_data_root() / mini_imagenet.FOLDER
+    info = mini_imagenet.prepare(args.imagenet_root, out, size=args.size, seed=args.seed, per_class=per_class,
+                                 resize=args.resize)
+    print(f"mini-imagenet: {info['counts']} images of {info['num_classes']} classes (train at {info['resize']} px, "
+          f"val/test at {info['size']} px) in {out}; "
+          f"use --data-root {out.parent} (datasets mini-imagenet, mini-imagenet-lt)")
+    return 0
+
+
+def cmd_mlflow_server(args: argparse.Namespace) -> int:
+    """Serve DIR's MLflow store for the UI and for sweeps logging over HTTP (--tracking-uri), the
+    way cluster/a100.yaml does on the head node. Binds 127.0.0.1 unless --host says otherwise."""
+    import shutil
+
+    out = _out_dir(args.out, create=True)
+    from orchestrator.tracking import default_tracking_uri, prepare_store
+
+    mlflow = shutil.which("mlflow")
+    if mlflow is None:
+        raise WbsweepError("the `mlflow` command is not on PATH; reinstall wbsweep (pip install -e .).")
+    # built whole here, not step by step by the server; the Default experiment's artifacts go
+    # through the server, as in a store the server creates
+    for note in prepare_store(default_tracking_uri(out), "mlflow-artifacts:/"):
+        print(note, file=sys.stderr)
+    cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(out),
+           "--artifacts-destination", str((out / "mlartifacts").resolve()),
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow server for {out} on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    os.execv(mlflow, cmd)
+    return 0  # not reached
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.status import status_text
+
+    sys.stdout.write(status_text(Path(args.out).expanduser()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import run_bench
+
+    return run_bench(args, _parse_set(args.set or []))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from orchestrator.spec import spec_names
+    from trainables.data import dataset_names
+    from trainables.methods import METHODS
+    from trainables.models import model_names
+
+    print("specs:    " + ", ".join(spec_names()))
+    print("methods:  " + ", ".join(f"{m.name} ({m.label})" for m in METHODS.values()))
+    print("datasets: " + ", ".join(dataset_names()))
+    print("models:   " + ", ".join(model_names()))
+    return 0

@@ -9,8 +9,10 @@ batched model in one Ray Tune trial. :class:`FusionSizes` says, per fusion key, 
 * ``auto`` (the default): K as measured where the trials run. The first time a fusion key is seen,
   a Ray task with one trial's resources (so on an autoscaling cluster it asks for the node a trial
   would) runs :func:`trainables.fuse_probe.probe_fusion`: the device's memory and a short timing
-  of train()'s single-model step against fused steps of 2, 4, 8, ... models. Its K (1 where fusing
-  does not pay) is used for every model of that key; the stages of other keys go on meanwhile.
+  of train()'s single-model training against fused groups of 2, 4, 8, ... models. Its K (1 where
+  fusing does not pay) is used for every model of that key, and of any key whose models train at
+  the same speed (WB's second stages take their architecture's); the stages of other keys go on
+  meanwhile.
 
 What was measured is kept:
 
@@ -95,7 +97,7 @@ def write_record(path: Path, key: str, record: dict[str, Any]) -> None:
     doc[key] = record
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -103,16 +105,18 @@ class FusionSizes:
     """The most models a trial of each fusion key trains (see the module docstring).
 
     ``value``: the ``fuse`` resource; ``out``: the results folder; ``cpus``/``gpus``: one trial's
-    resources; ``machine``: the hardware of a local cluster for the per-machine cache (None: a remote
-    or autoscaling cluster, no per-machine cache); ``note``: where a measurement's one line goes."""
+    resources; ``note``: where a measurement's one line goes. Fusion keys whose models train at the
+    same speed (the same :data:`SPEED_KEYS`: e.g. WB's second stages and the first stages of their
+    architecture) share one measurement."""
 
     def __init__(self, value: Any, out: Path, cpus: float, gpus: float, note: Callable[[str], None] = print):
         self.fixed = fuse_size(value)
         self.file = Path(out) / FUSION_FILE
         self.cpus, self.gpus, self.note = cpus, gpus, note
         self.machine: str | None = None
-        self.known: dict[str, int] = {}
-        self.pending: dict[str, tuple[Any, str | None, dict[str, Any]]] = {}  # key id -> (ref, cache key, cfg)
+        self.known: dict[str, int] = {}  # key id -> K
+        self.by_speed: dict[str, dict[str, Any]] = {}  # speed id -> the measurement's record
+        self.pending: dict[str, tuple[Any, str | None, dict[str, Any]]] = {}  # speed id -> (ref, cache key, cfg)
 
     @property
     def auto(self) -> bool:
@@ -124,14 +128,28 @@ class FusionSizes:
         return self.fixed is None or self.fixed > 1
 
     def start(self, machine: str | None) -> None:
-        """Called once Ray is up: ``machine`` describes a local cluster's hardware (None: remote)."""
+        """Called once Ray is up: ``machine`` describes a local cluster's hardware for the per-machine
+        cache (:func:`machine_of`; None: a remote or autoscaling cluster, no per-machine cache)."""
         self.machine = machine
         if self.auto:
-            self.known = {k: int(v["k"]) for k, v in _read(self.file).items() if isinstance(v, dict) and "k" in v}
+            for kid, record in _read(self.file).items():
+                if isinstance(record, dict) and "k" in record:
+                    self.known[kid] = int(record["k"])
+                    if record.get("speed_id") and "failed" not in record:
+                        self.by_speed.setdefault(record["speed_id"], record)
 
     def measuring(self) -> bool:
         """Whether a measurement is under way (the sweep is not done while one is)."""
         return bool(self.pending)
+
+    def speed_id(self, cfg: dict[str, Any]) -> str:
+        """What a config's measurement depends on in this sweep: :data:`SPEED_KEYS` and the trial's resources."""
+        return key_id({"config": {k: cfg.get(k) for k in SPEED_KEYS}, "cpus": self.cpus, "gpus": self.gpus})
+
+    def cache_key(self, cfg: dict[str, Any]) -> str:
+        """The per-machine cache's key of a config's measurement: its :meth:`speed_id`, this machine's
+        hardware and torch's version."""
+        return key_id({"speed": self.speed_id(cfg), "machine": self.machine, "torch": _torch_version()})
 
     def limit(self, key: tuple[str, ...], cfg: dict[str, Any]) -> int | None:
         """The most models of fusion key ``key`` a trial trains, or None while it is being measured
@@ -141,27 +159,30 @@ class FusionSizes:
         kid = key_id(key)
         if kid in self.known:
             return self.known[kid]
-        if kid not in self.pending:
-            return self._look_up_or_measure(kid, cfg)
-        ref, cached_as, cfg = self.pending[kid]
+        speed = self.speed_id(cfg)
+        if speed in self.by_speed:  # measured in this sweep for models of the same speed
+            return self._record(kid, self.by_speed[speed])
+        if speed not in self.pending:
+            return self._look_up_or_measure(kid, speed, cfg)
+        ref, cached_as, cfg = self.pending[speed]
         import ray
 
         ready, _ = ray.wait([ref], timeout=0)
         if not ready:
             return None
-        del self.pending[kid]
+        del self.pending[speed]
         try:
             probe = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - any failure of the task: one model per trial, said once
             from orchestrator.tracking import first_line
 
             self.note(f"fuse auto: measuring {describe(cfg)} failed ({first_line(exc)}); one model per trial")
-            return self._record(kid, {"k": 1, "failed": first_line(exc)}, None)
+            return self._record(kid, {"k": 1, "failed": first_line(exc), "speed_id": speed})
         self.note(f"fuse auto: {describe(cfg)} on {probe['device']}: K={probe['k']} ({probe['reason']}; "
                   f"per-model img/s {rates_text(probe)}; measured in {probe['seconds']:.1f} s)")
-        return self._record(kid, probe, cached_as)
+        return self._record(kid, {**probe, "speed_id": speed}, cached_as)
 
-    def _look_up_or_measure(self, kid: str, cfg: dict[str, Any]) -> int | None:
+    def _look_up_or_measure(self, kid: str, speed: str, cfg: dict[str, Any]) -> int | None:
         cache, cached_as = cache_path() if self.machine is not None else None, None
         if cache is not None:
             cached_as = self.cache_key(cfg)
@@ -170,7 +191,7 @@ class FusionSizes:
                 self.note(f"fuse auto: {describe(cfg)}: K={hit['k']} as measured on this machine "
                           f"{hit.get('measured_at', '')} ({hit.get('reason', '')}; {cache} keeps it: delete it "
                           "to measure again)")
-                return self._record(kid, hit, None)
+                return self._record(kid, {**hit, "speed_id": speed})
         import ray
 
         from trainables.fuse_probe import probe_task
@@ -178,20 +199,17 @@ class FusionSizes:
         share = self.gpus if 0 < self.gpus < 1 else None  # a fraction of a GPU; else the probe's default
         # max_calls=1: the worker exits after it, with its memory (a GPU context, the models, the data)
         task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=1)(probe_task)
-        self.pending[kid] = (task.remote(cfg, share), cached_as, cfg)
+        self.pending[speed] = (task.remote(cfg, share), cached_as, cfg)
         self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")
         return None
 
-    def cache_key(self, cfg: dict[str, Any]) -> str:
-        """The per-machine cache's key of a config's measurement: what sets its speed (:data:`SPEED_KEYS`,
-        the trial's resources, this machine's hardware, torch's version)."""
-        return key_id({"config": {k: cfg.get(k) for k in SPEED_KEYS}, "cpus": self.cpus, "gpus": self.gpus,
-                        "machine": self.machine, "torch": _torch_version()})
-
-    def _record(self, kid: str, probe: dict[str, Any], cached_as: str | None) -> int:
+    def _record(self, kid: str, probe: dict[str, Any], cached_as: str | None = None) -> int:
+        """Use and keep a measurement for fusion key ``kid`` (and in the machine's cache under ``cached_as``)."""
         record = {**probe, "measured_at": probe.get("measured_at") or time.strftime("%Y-%m-%d %H:%M:%S")}
         k = int(record["k"])
         self.known[kid] = k
+        if "failed" not in record:
+            self.by_speed.setdefault(record["speed_id"], record)
         try:
             write_record(self.file, kid, record)
             if cached_as is not None and "failed" not in record:

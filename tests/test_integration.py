@@ -176,7 +176,6 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
     assert len(summary) == 1 and "tune-stage trials whose choice was recorded" in summary[0], proc.stderr[-4000:]
     assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
-    assert "fuse auto" not in proc.stderr  # the folder's fusion.json holds the K of these models
     assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
     assert trained_models(out) == before_models and sorted(os.listdir(out / "runs")) == folders
     after_rows = pd.read_parquet(out / "results")

@@ -64,8 +64,8 @@ def test_probe_measures_a_ladder_and_stays_in_memory(monkeypatch: pytest.MonkeyP
     assert small.k_memory == 3 and max(small.img_per_s_per_model) == 2 and small.k <= 2
 
 
-def test_probe_needs_two_batches_of_training_images() -> None:
-    """digits-lt's 423 training images hold one batch of 256, not two: refused in one line (the sweep
-    then trains one model per trial, orchestrator/fusion.py)."""
-    with pytest.raises(WbsweepError, match="two batches of 256 training images; the dataset has 423"):
-        probe_fusion({**CFG, "batch_size": 256})
+def test_probe_needs_a_batch_of_training_images() -> None:
+    """digits-lt's 423 training images hold no batch of 512: refused in one line (the sweep then
+    trains one model per trial, orchestrator/fusion.py)."""
+    with pytest.raises(WbsweepError, match="a batch of 512 training images; the dataset has 423"):
+        probe_fusion({**CFG, "batch_size": 512})

@@ -361,8 +361,10 @@ def test_conv_group_equals_alone_in_float64(float64: None, model: str, width: in
         for h, g in zip(fm["history"], am["history"], strict=True):
             assert h["val_acc"] == g["val_acc"]
             assert_close(h["train_loss"], g["train_loss"], **SCALARS64)
-        for key in ("fdr_train", "fdr_test", "objective"):
-            assert_close(fm[key], am[key], **SCALARS64)
+        assert_close(fm["objective"], am["objective"], **SCALARS64)
+        for key in ("fdr_train", "fdr_test"):  # a ratio of scatter matrices (an inverse) amplifies the
+            # float64 rounding: 1.08e-9 relative seen for resnet34 on one machine's CPU
+            assert_close(fm[key], am[key], rtol=1e-8, atol=0)
         a, b = model_state(tmp_path / f"f{i}"), model_state(tmp_path / f"a{i}")
         assert a.keys() == b.keys()
         for name in a:
@@ -481,11 +483,12 @@ def test_gpu_fused_check_runs_on_a_cpu() -> None:
     torch.set_num_threads(1)
     try:
         out = module.main(["--device", "cpu", "--models", "resnet32", "--width", "2", "--ks", "1,2", "--images", "64",
-                           "--variants", "graph"])
+                           "--variants", "graph", "--no-probe"])  # the probe: tests/test_fuse_probe.py
     finally:
         torch.set_num_threads(threads)
     assert out["failures"] == []
     row = out["models"]["resnet32"]
+    assert "auto_probe" not in row
     assert row["single"]["default_knobs"] > 0 and row["single"]["eager"] > 0
     rates = row["fused"]["graph"]
     assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())

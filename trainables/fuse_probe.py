@@ -182,8 +182,8 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
     if data is None:
         data = config_dataset(cfg)
     bs = int(cfg["batch_size"])
-    if len(data.y_train) < 2 * bs:
-        raise WbsweepError(f"the probe needs two batches of {bs} training images; the dataset has {len(data.y_train)}.")
+    if len(data.y_train) < bs:
+        raise WbsweepError(f"the probe needs a batch of {bs} training images; the dataset has {len(data.y_train)}.")
     n = min(len(data.y_train), PROBE_BATCHES * bs)  # an epoch of the probe: the first n training images
     dd = DeviceData(dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n]), device,
                     cfg["augment"])

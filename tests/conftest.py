@@ -8,6 +8,7 @@ real formats rather than against whatever this repository's own writer happens t
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import shutil
@@ -303,3 +304,45 @@ def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
             monkeypatch.setattr(torch.Tensor, name, host_read)
 
     return forbid
+
+
+@pytest.fixture
+def float64(monkeypatch: pytest.MonkeyPatch):
+    """Everything in float64 (exactness tests of the fused trainer against train() alone, where
+    float32 rounding grows chaotically): the default dtype (models, normalised images, losses), the ETF matrix
+    (built in float64, stored float32) and train()'s float32 casts of features and logits for the loss
+    (``Tensor.float()`` leaves float64 as it is)."""
+    import torch
+
+    import trainables.heads as heads
+
+    etf = heads.etf_matrix
+    monkeypatch.setattr(heads, "etf_matrix", lambda *a, **k: etf(*a, **k).double())
+    to_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda self, *a, **k: self if self.dtype == torch.float64 else to_float(self, *a, **k))
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def crash_fused_group() -> Callable[..., None]:
+    """``crash_fused_group(configs, outs, epoch, seeds=None)``: train the configs as one fused group in
+    a process of its own, killed (``WBSWEEP_INJECT_CRASH``: exit status 17) at the end of ``epoch``,
+    after the runs' checkpoints (``seeds``: ``WBSWEEP_INJECT_CRASH_SEEDS``)."""
+
+    def crash(configs: list[dict], outs: list[Path], epoch: int, seeds: str | None = None) -> None:
+        script = ("import json, sys; from trainables.fused import train_fused; "
+                  "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
+        env = {**os.environ, "WBSWEEP_INJECT_CRASH": str(epoch)}
+        if seeds is not None:
+            env["WBSWEEP_INJECT_CRASH_SEEDS"] = seeds
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(configs), *map(str, outs)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 17, proc.stderr[-2000:]
+
+    return crash

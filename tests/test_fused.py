@@ -245,22 +245,14 @@ def test_a_diverging_run_does_not_stop_the_others(runs: dict[str, Any], tmp_path
     assert_same_run(tmp_path / "ok", runs["root"] / "alone0")
 
 
-def test_a_killed_group_resumes_each_run_from_its_checkpoint(runs: dict[str, Any], tmp_path: Path) -> None:
+def test_a_killed_group_resumes_each_run_from_its_checkpoint(runs: dict[str, Any], tmp_path: Path,
+                                                            crash_fused_group) -> None:
     """The process dies at the end of epoch 2 (after every run's checkpoint); one run's checkpoint is
     then removed (a kill between two checkpoint writes): started again, the group resumes three runs
     at epoch 2 and trains the fourth from the start, and every run ends as it does trained alone."""
-    import os
-    import subprocess
-    import sys
-
     group = [{**cfg, "checkpoint_seconds": 0} for cfg in GROUP]
     outs = [tmp_path / f"seed{cfg['seed']}" for cfg in group]  # inject_crash names runs by their folder
-    script = ("import json, sys; from trainables.fused import train_fused; "
-              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
-    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2", "WBSWEEP_INJECT_CRASH_SEEDS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    crash_fused_group(group, outs, epoch=2, seeds="1")
     for out in outs:
         state = torch.load(out / "checkpoint.pt", weights_only=True)
         assert state["epoch"] == 2 and not (out / "metrics.json").exists()
@@ -285,20 +277,11 @@ def test_a_killed_group_resumes_each_run_from_its_checkpoint(runs: dict[str, Any
             assert h["train_loss"] == pytest.approx(g["train_loss"], rel=1e-5)
 
 
-def test_a_fused_checkpoint_resumes_alone(runs: dict[str, Any], tmp_path: Path) -> None:
+def test_a_fused_checkpoint_resumes_alone(runs: dict[str, Any], tmp_path: Path, crash_fused_group) -> None:
     """A fused run's checkpoint is train()'s: a run killed in a group may be finished alone."""
-    import os
-    import subprocess
-    import sys
-
     group = [{**cfg, "checkpoint_seconds": 0} for cfg in GROUP[:2]]
     outs = [tmp_path / "a", tmp_path / "b"]
-    script = ("import json, sys; from trainables.fused import train_fused; "
-              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
-    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    crash_fused_group(group, outs, epoch=1)
     metrics = train(group[1], outs[1])  # momentum buffers and schedule continue where the group left them
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     a, b = model_state(outs[1]), model_state(runs["root"] / "alone1")
@@ -318,26 +301,6 @@ def test_a_fused_checkpoint_resumes_alone(runs: dict[str, Any], tmp_path: Path) 
 
 WEIGHTS64 = {"rtol": 1e-7, "atol": 1e-7}
 SCALARS64 = {"rtol": 1e-9, "atol": 1e-12}
-
-
-@pytest.fixture
-def float64(monkeypatch: pytest.MonkeyPatch):
-    """Everything in float64: the default dtype (models, normalised images, losses), the ETF matrix
-    (built in float64, stored float32) and train()'s float32 casts of features and logits for the loss
-    (``Tensor.float()`` leaves float64 as it is)."""
-    import trainables.heads as heads
-
-    etf = heads.etf_matrix
-    monkeypatch.setattr(heads, "etf_matrix", lambda *a, **k: etf(*a, **k).double())
-    to_float = torch.Tensor.float
-    monkeypatch.setattr(torch.Tensor, "float",
-                        lambda self, *a, **k: self if self.dtype == torch.float64 else to_float(self, *a, **k))
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
 
 
 def conv_group(model: str, width: int, **extra: Any) -> list[dict[str, Any]]:
@@ -562,22 +525,14 @@ def test_no_host_reads_while_counting_forgetting(monkeypatch: pytest.MonkeyPatch
     assert int(group.forgetting["ever_correct"].sum()) > 0
 
 
-def test_forgetting_counts_resume_from_a_fused_checkpoint(tmp_path: Path) -> None:
+def test_forgetting_counts_resume_from_a_fused_checkpoint(tmp_path: Path, crash_fused_group) -> None:
     """A group killed at the end of epoch 2 keeps each run's counts in its checkpoint: run 0 resumed
     in a (new) fused group and run 1 resumed alone by train() both end with the counts of their
     runs trained alone without a break."""
-    import os
-    import subprocess
-    import sys
 
     group = [{**FORGETTING[0], "checkpoint_seconds": 0}, {**FORGETTING[2], "checkpoint_seconds": 0}]
     outs = [tmp_path / "a", tmp_path / "b"]
-    script = ("import json, sys; from trainables.fused import train_fused; "
-              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
-    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    crash_fused_group(group, outs, epoch=2)
     for out in outs:
         state = torch.load(out / "checkpoint.pt", weights_only=True)
         assert state["epoch"] == 2 and state["forgetting"]["events"].sum() > 0

@@ -157,21 +157,14 @@ def test_the_comparisons_can_fail(runs: dict[str, Any], tmp_path: Path, monkeypa
         assert_same_run(tmp_path / "mn0", tmp_path / "alone0")
 
 
-def test_a_killed_second_stage_group_resumes_from_its_checkpoints(runs: dict[str, Any], tmp_path: Path) -> None:
+def test_a_killed_second_stage_group_resumes_from_its_checkpoints(runs: dict[str, Any], tmp_path: Path,
+                                                                   crash_fused_group) -> None:
     """Killed at the end of epoch 2 (after each run's checkpoint: its classifier, momentum, schedule),
     the group started again resumes both runs and each ends as it does trained alone."""
-    import os
-    import subprocess
-    import sys
 
     group = [{**cfg, "checkpoint_seconds": 0} for cfg in runs["cfgs"][:2]]
     outs = [tmp_path / "a", tmp_path / "b"]
-    script = ("import json, sys; from trainables.fused import train_fused; "
-              "train_fused(json.loads(sys.argv[1]), sys.argv[2:])")
-    env = {**os.environ, "WBSWEEP_INJECT_CRASH": "2"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(group), *map(str, outs)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 17, proc.stderr[-2000:]
+    crash_fused_group(group, outs, epoch=2)
     for out in outs:
         assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -218,24 +211,6 @@ def test_second_stages_are_keyed_without_their_parents_model() -> None:
 
 WEIGHTS64 = {"rtol": 1e-7, "atol": 1e-7}
 SCALARS64 = {"rtol": 1e-9, "atol": 1e-12}
-
-
-@pytest.fixture
-def float64(monkeypatch: pytest.MonkeyPatch):
-    """Everything in float64 (see tests/test_fused.py's fixture of that name)."""
-    import trainables.heads as heads
-
-    etf = heads.etf_matrix
-    monkeypatch.setattr(heads, "etf_matrix", lambda *a, **k: etf(*a, **k).double())
-    to_float = torch.Tensor.float
-    monkeypatch.setattr(torch.Tensor, "float",
-                        lambda self, *a, **k: self if self.dtype == torch.float64 else to_float(self, *a, **k))
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
 
 
 def test_conv_second_stage_equals_alone_in_float64(float64: None, tmp_path: Path) -> None:

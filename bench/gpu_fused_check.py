@@ -4,7 +4,7 @@ For each model (default resnet32 and resnet34, the paper's widths) at batch 64 o
 CIFAR100-LT-shaped data (orchestrator/bench_setup.py's ``synthetic_dataset``: random pixels, the real
 shapes and label profile, nothing to download):
 
-* the single-model trainer (train.py's EpochRunner) with its default knobs (on a GPU: the whole step
+* the single-model trainer (trainables/runner.py's EpochRunner) with its default knobs (on a GPU: the whole step
   as a CUDA graph, channels_last) and with eager steps (compile off): images/s;
 * K = 1, 2, 4, 8, 16 models fused (trainables/fused.py: one grouped convolution per layer for the K
   models, HFTA-style), in the variants of ``--variants``: "graph" (the default knobs: on a GPU the
@@ -42,10 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.bench_setup import bench_config, device_name, synthetic_dataset  # noqa: E402
+from trainables.device_data import DeviceData  # noqa: E402
 from trainables.fuse_probe import probe_fusion  # noqa: E402
 from trainables.fused import build_runs  # noqa: E402
 from trainables.fused_model import FusedModels  # noqa: E402
-from trainables.train import DeviceData, build_training, pick_device  # noqa: E402
+from trainables.train import build_training, pick_device  # noqa: E402
 
 #: The fused runs' knobs per ``--variants`` name ("graph": the defaults, a CUDA graph on a GPU).
 VARIANTS = {"graph": {"compile": "auto", "channels_last": True}, "eager": {"compile": "off", "channels_last": True},
@@ -70,7 +71,7 @@ def table4_minutes(img_per_s_per_model: float) -> float:
 
 
 def time_single(cfg: dict[str, Any], dd: DeviceData, epochs: int) -> float:
-    """Images/s of one model trained by train.py's EpochRunner (knobs from ``cfg``)."""
+    """Images/s of one model trained by runner.py's EpochRunner (knobs from ``cfg``)."""
     torch.manual_seed(cfg["seed"])
     run = build_training(cfg, dd)
     runner = run.runner()

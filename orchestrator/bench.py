@@ -8,8 +8,8 @@ train at the same speed as real ones.
 Sections (each returns a dict; the CLI prints them as text or one JSON object):
 
 * :func:`compare`: the naive trainer of trainables/reference.py (DataLoader, per-sample
-  torchvision transforms, fp32, ``.item()`` per step) and wbsweep's trainer (trainables/train.py's
-  :class:`~trainables.train.EpochRunner`), same model, same init, same data, in one process,
+  torchvision transforms, fp32, ``.item()`` per step) and wbsweep's trainer (trainables/runner.py's
+  :class:`~trainables.runner.EpochRunner`), same model, same init, same data, in one process,
   alternating epochs after a warm-up round: training images per second of each and the ratio.
 * :func:`check_knobs`: a few epochs from the same init on the same batches with each speed knob
   (channels_last, bf16, CUDA graph, torch.compile) against eager fp32: weights and loss agree?

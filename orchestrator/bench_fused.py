@@ -18,15 +18,16 @@ from orchestrator.bench_setup import (
     load_average,
     synthetic_dataset,
 )
+from trainables.device_data import DeviceData
 from trainables.errors import WbsweepError
-from trainables.train import DeviceData, build_training, pick_device
+from trainables.train import build_training, pick_device
 
 
 def fused(device: str = "cpu", model: str = "mlp3", k: int = 5, batch_size: int = 64, width: int | None = 128,
           rounds: int = 3, dataset: str = "digits-lt", images: int | None = None,
           overrides: dict[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
     """K models (seeds 0..K-1) trained fused (trainables/fused.py) against the same K trained one after
-    the other with train()'s :class:`~trainables.train.EpochRunner`, in one process, alternating: a
+    the other with train()'s :class:`~trainables.runner.EpochRunner`, in one process, alternating: a
     warm-up round, then ``rounds`` timed rounds of one epoch of each of the K sequential models and
     one fused epoch. Training only (no validation), as :func:`compare`.
 

@@ -16,8 +16,9 @@ import torch
 
 from orchestrator.bench_setup import Log, _setup, _sync, bench_config, data_kind, device_name, synthetic_dataset
 from trainables.data import LTDataset
+from trainables.device_data import DeviceData
 from trainables.models import ModelSpec, build_model
-from trainables.train import DeviceData, build_training
+from trainables.train import build_training
 
 # --- do the knobs keep the numbers? ----------------------------------------------------------------
 

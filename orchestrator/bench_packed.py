@@ -27,8 +27,11 @@ from orchestrator.bench_setup import (
     default_images,
     synthetic_dataset,
 )
+from trainables.device_data import DeviceData
 from trainables.errors import WbsweepError
-from trainables.train import DeviceData, Knobs, build_training, pick_device, predict
+from trainables.evaluation import predict
+from trainables.runner import Knobs
+from trainables.train import build_training, pick_device
 
 
 def _trial_epoch(run: Any, runner: Any, dd: DeviceData, knobs: Knobs) -> int:

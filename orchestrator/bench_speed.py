@@ -28,9 +28,11 @@ from orchestrator.bench_setup import (
     load_average,
     synthetic_dataset,
 )
+from trainables.device_data import DeviceData
 from trainables.models import ModelSpec, build_model
 from trainables.reference import ReferenceTrainer
-from trainables.train import DeviceData, Knobs, build_training, train
+from trainables.runner import Knobs
+from trainables.train import build_training, train
 
 # --- naive vs wbsweep ------------------------------------------------------------------------------
 

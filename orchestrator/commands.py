@@ -230,7 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.config import config_hash, resolve_config
     from trainables.datacache import dataset_fingerprint
     from trainables.methods import get_method, method_config
-    from trainables.train import CHECKPOINT, load_metrics, train
+    from trainables.run_files import CHECKPOINT, load_metrics
+    from trainables.train import train
 
     saved = None
     if args.config:
@@ -290,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      for la, r in metrics["la"].items()}
     print(json.dumps(summary, indent=2))
     if saved is not None:
-        from trainables.train import load_metrics as saved_metrics
+        from trainables.run_files import load_metrics as saved_metrics
 
         before = saved_metrics(saved.parent)
         if before is not None:

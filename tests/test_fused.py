@@ -141,8 +141,9 @@ def test_unfusable_groups_are_refused(change: dict[str, Any], message: str, tmp_
 
 def group_on_cpu(cfgs: list[dict[str, Any]]):
     """The fused group of ``cfgs`` (resolved) on the CPU, its learning rates set: (group, configs)."""
+    from trainables.device_data import DeviceData
     from trainables.fused import build_fused
-    from trainables.train import DeviceData, config_dataset
+    from trainables.train import config_dataset
 
     resolved = [resolve_config(c) for c in cfgs]
     group = build_fused(resolved, DeviceData(config_dataset(resolved[0]), torch.device("cpu"), "auto"))
@@ -236,7 +237,8 @@ def test_bench_fused_reports_its_figures() -> None:
 
 
 def test_a_diverging_run_does_not_stop_the_others(runs: dict[str, Any], tmp_path: Path) -> None:
-    from trainables.train import TrainingDiverged, load_metrics
+    from trainables.run_files import load_metrics
+    from trainables.train import TrainingDiverged
 
     group = [GROUP[0], {**GROUP[0], "seed": 9, "lr": 1.0e6}]
     result = train_fused(group, [tmp_path / "ok", tmp_path / "nan"])
@@ -363,10 +365,10 @@ def one_step_data(channels: int, size: int, n: int = 32) -> Any:
 def one_step(model: str, width: int, channels: int, size: int, channels_last: bool) -> float:
     """The largest difference of a training-mode forward and backward of a fused group of 3 from each
     model's own (logits, every gradient, BN running statistics), relative to the largest value of each."""
+    from trainables.device_data import DeviceData
     from trainables.fused import build_runs
     from trainables.fused_model import FusedModels
     from trainables.losses import feature_regularisation
-    from trainables.train import DeviceData
 
     data = one_step_data(channels, size)
     dd = DeviceData(data, torch.device("cpu"), "none")

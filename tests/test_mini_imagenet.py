@@ -169,7 +169,7 @@ def test_prepared_images_are_the_authors_transforms(prepared: Path) -> None:
     from torchvision.transforms import functional as TF
 
     from trainables.data import LTDataset
-    from trainables.train import DeviceData
+    from trainables.device_data import DeviceData
 
     folder = prepared / "data" / "mini-imagenet"
     src = prepared / "imagenet" / "train"

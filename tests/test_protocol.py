@@ -17,8 +17,9 @@ from sklearn.model_selection import train_test_split
 
 from trainables.config import config_hash, resolve_config
 from trainables.data import data_fingerprint, load_dataset
+from trainables.device_data import DeviceData
 from trainables.errors import WbsweepError
-from trainables.train import DeviceData, lr_at_epoch_start, train
+from trainables.train import lr_at_epoch_start, train
 
 
 def test_pooled_split_is_sklearns_stratified_draw(tmp_path: Path, make_mnist) -> None:

@@ -20,20 +20,13 @@ from PIL import Image
 from orchestrator.bench import bench_config, synthetic_dataset
 from orchestrator.cli import main
 from trainables.config import DEFAULTS, config_hash, resolve_config
+from trainables.device_data import DeviceData, crop_flip, crop_flip_at, draw_crop_flip
 from trainables.errors import WbsweepError
 from trainables.models import ModelSpec, build_model
 from trainables.reference import ImageArrayDataset, ReferenceTrainer, reference_transform
-from trainables.train import (
-    AUTO_COMPILE_MIN_STEPS,
-    DeviceData,
-    Knobs,
-    build_training,
-    crop_flip,
-    crop_flip_at,
-    draw_crop_flip,
-    load_metrics,
-    train,
-)
+from trainables.run_files import load_metrics
+from trainables.runner import AUTO_COMPILE_MIN_STEPS, Knobs
+from trainables.train import build_training, train
 
 CPU = torch.device("cpu")
 

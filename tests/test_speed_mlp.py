@@ -1,4 +1,4 @@
-"""The CPU step's SGD inside the backward pass (trainables/train.py, EpochRunner._sgd_hook): the same
+"""The CPU step's SGD inside the backward pass (trainables/runner.py, EpochRunner._sgd_hook): the same
 update as the optimizer's fused step, bit for bit, and nothing outside a training step."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from orchestrator.bench import bench_config, synthetic_dataset
-from trainables.train import DeviceData, build_training
+from trainables.device_data import DeviceData
+from trainables.train import build_training
 
 CPU = torch.device("cpu")
 

@@ -307,7 +307,7 @@ def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
 
 def test_a_torn_metrics_file_means_not_finished(tmp_path):
     """A zero-length or cut metrics.json (power loss) must not fail the sweep: the model is trained again."""
-    from trainables.train import load_metrics
+    from trainables.run_files import load_metrics
     from trainables.trial import finished_metrics
 
     folder = storage.run_dir(str(tmp_path), "abc", 0)

@@ -15,8 +15,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from trainables.config import config_hash, resolve_config
 from trainables.data import load_dataset
+from trainables.device_data import crop_flip
 from trainables.models import ModelSpec, build_model
-from trainables.train import TrainingDiverged, crop_flip, load_metrics, train
+from trainables.run_files import load_metrics
+from trainables.train import TrainingDiverged, train
 
 PAD = 4
 

@@ -246,8 +246,9 @@ class _Context:
 
     def __init__(self, run_dir: Path, device: str, data_root: str | None):
         from trainables.config import DEFAULTS
+        from trainables.device_data import DeviceData
         from trainables.models import ModelSpec, build_model
-        from trainables.train import DeviceData, config_dataset, pick_device
+        from trainables.train import config_dataset, pick_device
 
         path = run_dir / "model.pt"
         if not path.exists():
@@ -279,7 +280,7 @@ class _Context:
     def features(self, split: str, augment: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Classifier-input features (eval mode) and labels of a split; ``augment`` draws the
         crops and flips as the trainer's train FDR does (same seed), so both see the same images."""
-        from trainables.train import features_and_logits
+        from trainables.evaluation import features_and_logits
 
         key = (split, augment)
         if key not in self._feats:

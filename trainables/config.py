@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,  # torch threads; None leaves torch's default
     "eval_batch_size": 1024,
     "channels_last": True,  # NHWC memory layout for convolutional models (faster convolutions, same math)
-    "compile": "auto",  # auto | off | torch | cudagraph | cudagraph+torch; auto: train.py Knobs.resolve
+    "compile": "auto",  # auto | off | torch | cudagraph | cudagraph+torch; auto: runner.py Knobs.resolve
     "checkpoint_seconds": 60.0,  # save a resumable checkpoint at most this often (0: every epoch)
     "init_from": None,  # path of the parent's model.pt for stage 2
 }

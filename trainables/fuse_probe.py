@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 from trainables.config import resolve_config
+from trainables.device_data import DeviceData
 from trainables.errors import WbsweepError
 from trainables.step import GRAPH_WARMUP_STEPS
-from trainables.train import DeviceData, build_training, config_dataset, pick_device
+from trainables.train import build_training, config_dataset, pick_device
 
 #: The largest K the probe tries, per device type: a CPU's fused products saturate its cores sooner,
 #: and a larger group leaves fewer trials to run side by side.

@@ -22,7 +22,7 @@ Nothing of a model's science is shared. Each model
 * is built by :func:`trainables.train.build_training` after seeding the global RNGs with its own
   seed, exactly as :func:`trainables.train.train` builds it (its initialisation, its ETF head);
 * draws its own data order and augmentation from its own generator, in the same chunks
-  (:func:`trainables.train.chunk_images`), so it sees exactly the batches it would see alone;
+  (:func:`trainables.device_data.chunk_images`), so it sees exactly the batches it would see alone;
 * has its own BatchNorm batch statistics and running statistics (its channels of the stacked buffers);
 * has its own loss (CE, CB, DR), FR zeta, learning rate, momentum, cosine schedule and its timing,
   weight decay and its scope, and frozen parameters: the SGD update (PyTorch's coupled weight
@@ -94,21 +94,19 @@ import torch
 
 from trainables.config import resolve_config
 from trainables.data import LTDataset
+from trainables.device_data import DeviceData
 from trainables.errors import WbsweepError
+from trainables.evaluation import balanced_acc
+from trainables.run_files import inject_crash, resume, save_checkpoint
+from trainables.runner import Knobs
 from trainables.train import (
-    DeviceData,
-    Knobs,
     Training,
     TrainingDiverged,
-    balanced_acc,
     build_training,
     config_dataset,
     finish_run,
-    inject_crash,
     lr_at_epoch_start,
     pick_device,
-    resume,
-    save_checkpoint,
 )
 
 if TYPE_CHECKING:
@@ -209,7 +207,7 @@ def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str,
 
 
 def _resume(run: Training, out: Path) -> dict[str, Any]:
-    """A run's progress from its own checkpoint (:func:`trainables.train.resume`: the format train()
+    """A run's progress from its own checkpoint (:func:`trainables.run_files.resume`: the format train()
     writes, so a fused run resumes alone or in another group, and a run of train() in a group)."""
     return resume(out, run.cfg, run.model, run.opt, run.sched, run.gen)
 
@@ -279,7 +277,7 @@ def build_runs(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> list[Training]
 def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[str, Any]], dd: DeviceData,
                   start: int, report: FusedReporter | None, on_checkpoint: Callable[[], None] | None,
                   k: int) -> list[dict[str, Any] | TrainingDiverged]:
-    """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.train.resume`
+    """Train ``runs`` (all at epoch ``start``, their ``progress`` as :func:`trainables.run_files.resume`
     returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
     from trainables.fused_model import FusedModels
 

@@ -29,16 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from trainables.device_data import DeviceData, chunk_images
 from trainables.errors import WbsweepError
 from trainables.heads import ETFClassifier
 from trainables.models import BasicBlock, CifarResNet, NarrowResNet, Network, ResBlock1d
+from trainables.runner import has_conv
 from trainables.step import CompiledStep
-from trainables.train import (
-    DeviceData,
-    Training,
-    chunk_images,
-    has_conv,
-)
+from trainables.train import Training
 
 #: Modules the batched forward runs as a whole (their children are checked by :func:`_check_supported`).
 _CONV_CONTAINERS = (CifarResNet, NarrowResNet, tv_resnet.ResNet, BasicBlock, tv_resnet.BasicBlock,
@@ -130,7 +127,7 @@ class FusedModels(CompiledStep):
         self.channels_last = self.knobs.channels_last and has_conv(self.template)
         # WB's second stage (all runs of a group or none, trainables.fused.SHARED_KEYS): the backbone is
         # frozen in eval mode (BatchNorm with its running statistics, not updated), no FR, the stage-2
-        # loss, and MaxNorm on the classifier weight (train.py's EpochRunner, Training.runner)
+        # loss, and MaxNorm on the classifier weight (runner.py's EpochRunner, train.py's Training.runner)
         self.frozen_backbone = runs[0].stage2
         self.fr = [0.0 if r.stage2 else float(r.cfg["fr"]) for r in runs]
         self._zeta = torch.tensor(self.fr, dtype=torch.float64, device=dd.device)  # cast to the loss's dtype
@@ -346,7 +343,7 @@ class FusedModels(CompiledStep):
     @torch.no_grad()
     def predict(self, split: str, batch: int) -> torch.Tensor:
         """Every model's predicted classes (K, N) of a split, in eval mode (BatchNorm with each model's
-        running statistics), left on the device: :func:`trainables.train.predict` for the K models at once.
+        running statistics), left on the device: :func:`trainables.evaluation.predict` for the K models at once.
         ``batch // K`` images per model at a time, ``batch`` in all: the K models' activations take
         the memory of one model's at ``batch``."""
         self.training = False
@@ -415,7 +412,7 @@ class FusedModels(CompiledStep):
 
     def epoch(self, augment: bool = True) -> tuple[torch.Tensor, int]:
         """Train every model one epoch on its own batches: each draws its order and augmentation from
-        its own generator, chunk by chunk, as :meth:`trainables.train.EpochRunner.epoch` does.
+        its own generator, chunk by chunk, as :meth:`trainables.runner.EpochRunner.epoch` does.
         Returns (the K losses summed over the epoch's images, on the device; their number)."""
         dd, bs, device = self.dd, self.bs, self.dd.device
         x_all, y_all = dd.x["train"], dd.y["train"]
@@ -445,7 +442,7 @@ class FusedModels(CompiledStep):
     # --- forgetting events (Toneva et al.), per model and training image ---
 
     def track_forgetting(self, states: Sequence[dict[str, torch.Tensor] | None]) -> None:
-        """Count each model's forgetting events from now on (:meth:`trainables.train.EpochRunner._track_forgetting`
+        """Count each model's forgetting events from now on (:meth:`trainables.runner.EpochRunner._track_forgetting`
         for the K models at once): ``states[i]`` is model i's per-image state as train() keeps it
         (``events``, ``prev_correct``, ``ever_correct``, (N,) each: fresh zeros or a checkpoint's), or
         None for a model that tracks none (counted, never read). Stacked (K, N) in :attr:`forgetting`."""

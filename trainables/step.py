@@ -1,6 +1,6 @@
 """How a training step runs: eagerly, through torch.compile, or replayed as a CUDA graph.
 
-The single-model trainer (:class:`trainables.train.EpochRunner`) and the fused one
+The single-model trainer (:class:`trainables.runner.EpochRunner`) and the fused one
 (:class:`trainables.fused_model.FusedModels`) each write their eager step (forward, loss,
 backward, SGD update); :class:`CompiledStep` runs it as the ``compile`` knob says
 (trainables/config.py):
@@ -54,7 +54,7 @@ class CompiledStep:
 
     :meth:`step` then runs a batch (x, y) as :attr:`mode` says and returns the step's output."""
 
-    knobs: Any  # trainables.train.Knobs (compile, strict)
+    knobs: Any  # trainables.runner.Knobs (compile, strict)
     device: torch.device
     bs: int
 

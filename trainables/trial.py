@@ -23,8 +23,9 @@ from typing import Any
 
 from trainables import storage
 from trainables.config import config_hash, objective, resolve_config
+from trainables.run_files import CHECKPOINT, load_metrics
 from trainables.storage import run_dir, run_location
-from trainables.train import CHECKPOINT, TrainingDiverged, load_metrics, train
+from trainables.train import TrainingDiverged, train
 
 
 def training_config(trial_config: dict[str, Any]) -> dict[str, Any]:

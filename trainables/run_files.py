@@ -1,0 +1,109 @@
+"""What a run writes to its folder: the checkpoint it resumes from after a crash or preemption
+(:func:`save_checkpoint`, :func:`resume`; :func:`inject_crash`, the fault injection the resilience
+tests use), and its result (:func:`save_run`: config.json, model.pt, logits.npz, metrics.json;
+:func:`load_metrics` reads the last back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables import storage
+from trainables.config import config_hash
+from trainables.models import Network
+
+# --- checkpoints: nothing lost when a trial is killed -----------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator,
+                    progress: dict[str, Any], seconds: float) -> None:
+    """Everything needed to continue bit-for-bit: weights, optimizer and schedule, the data RNG and
+    the best epoch so far. Written to a temporary name and renamed, so a crash mid-write leaves the
+    previous checkpoint intact."""
+    state = {
+        "config_hash": config_hash(cfg), "seed": cfg["seed"], "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+        **{k: v for k, v in progress.items() if k != "seconds"}, "seconds": progress["seconds"] + seconds,
+    }
+    torch.save(state, out / f"{CHECKPOINT}.tmp")
+    os.replace(out / f"{CHECKPOINT}.tmp", out / CHECKPOINT)
+
+
+def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torch.Generator) -> dict[str, Any]:
+    """The training progress to continue from: this run's checkpoint if it has one (of the same
+    config and seed: the seed is not in the config hash, and a folder reused for another seed
+    must not continue that seed's training), else a fresh start."""
+    fresh: dict[str, Any] = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "best_state": None, "history": [],
+                             "seconds": 0.0}
+    path = out / CHECKPOINT
+    if not path.exists():
+        return fresh
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves to device
+    except Exception:  # a torn or foreign file: start over rather than fail the trial
+        return fresh
+    if state.get("config_hash") != config_hash(cfg) or state.get("seed", cfg["seed"]) != cfg["seed"]:
+        return fresh
+    model.load_state_dict(state["model"])
+    # How the update is computed (fused or not) is this process's choice, not the checkpoint's.
+    how = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])
+    for group, flags in zip(opt.param_groups, how, strict=True):
+        group.update(flags)
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    progress = {k: state[k] for k in (*fresh, "forgetting") if k in state}
+    if "forgetting" in progress:
+        progress["forgetting"] = {k: v.to(gen.device) for k, v in progress["forgetting"].items()}
+    return progress
+
+
+def inject_crash(*outs: Path, epoch: int) -> None:
+    """Fault injection for tests: with WBSWEEP_INJECT_CRASH=N the process dies at the end of epoch
+    N, once per run (a marker file stops the retried trial from dying again); with
+    WBSWEEP_INJECT_CRASH_SEEDS=1,2 only the runs of those seeds (fewer restarts, a shorter test).
+    ``outs``: the run folders of the process (a fused group's several); every run due to crash is
+    marked before the process dies."""
+    at = os.environ.get("WBSWEEP_INJECT_CRASH")
+    if not at or int(at) != epoch:
+        return
+    seeds = os.environ.get("WBSWEEP_INJECT_CRASH_SEEDS")
+    due = [out for out in outs if not (out / ".crash-injected").exists()
+           and not (seeds and out.name not in {f"seed{s.strip()}" for s in seeds.split(",")})]
+    for out in due:
+        (out / ".crash-injected").write_text(str(epoch))
+    if due:
+        os._exit(17)
+
+
+# --- the finished run ---------------------------------------------------------------------
+
+
+def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, Any]) -> None:
+    """Write config, checkpoint, logits and metrics; metrics.json last and atomically, because its
+    presence is what marks the run as finished."""
+    arrays = metrics.pop("_arrays")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the plain layout, whatever trained
+    torch.save({"model": state, "config": cfg}, out / "model.pt.tmp")
+    os.replace(out / "model.pt.tmp", out / "model.pt")
+    with open(out / "logits.npz.tmp", "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(out / "logits.npz.tmp", out / "logits.npz")
+    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, default=float))
+    os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt now holds the result
+
+
+def load_metrics(run: str | Path) -> dict[str, Any] | None:
+    """The metrics of a finished run (a local folder or a storage location), or None if it has not
+    finished. A torn metrics.json counts as not finished: the model is trained again."""
+    return storage.read_json_object(storage.join(run, "metrics.json"))

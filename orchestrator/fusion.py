@@ -132,10 +132,10 @@ class FusionSizes:
         cache (:func:`machine_of`; None: a remote or autoscaling cluster, no per-machine cache)."""
         self.machine = machine
         if self.auto:
-            for kid, record in _read(self.file).items():
-                if isinstance(record, dict) and "k" in record:
+            for kid, record in _read(self.file).items():  # a failed measurement is tried again
+                if isinstance(record, dict) and "k" in record and "failed" not in record:
                     self.known[kid] = int(record["k"])
-                    if record.get("speed_id") and "failed" not in record:
+                    if record.get("speed_id"):
                         self.by_speed.setdefault(record["speed_id"], record)
 
     def measuring(self) -> bool:
@@ -160,13 +160,45 @@ class FusionSizes:
         if kid in self.known:
             return self.known[kid]
         speed = self.speed_id(cfg)
-        if speed in self.by_speed:  # measured in this sweep for models of the same speed
-            return self._record(kid, self.by_speed[speed])
-        if speed not in self.pending:
-            return self._look_up_or_measure(kid, speed, cfg)
-        ref, cached_as, cfg = self.pending[speed]
+        self.prefetch(cfg)
+        record = self.by_speed.get(speed) or self._poll(speed)
+        return None if record is None else self._record(kid, record)
+
+    def prefetch(self, cfg: dict[str, Any]) -> None:
+        """Start measuring the models of training config ``cfg`` unless this sweep or this machine
+        already has (called at the sweep's start for the stages it knows, so the measurement runs
+        while MLflow and Ray Tune start)."""
+        if self.fixed is not None:
+            return
+        speed = self.speed_id(cfg)
+        if speed in self.by_speed or speed in self.pending:
+            return
+        cache, cached_as = cache_path() if self.machine is not None else None, None
+        if cache is not None:
+            cached_as = self.cache_key(cfg)
+            hit = _read(cache).get(cached_as)
+            if isinstance(hit, dict) and "k" in hit:
+                self.note(f"fuse auto: {describe(cfg)}: K={hit['k']} as measured on this machine "
+                          f"{hit.get('measured_at', '')} ({hit.get('reason', '')}; {cache} keeps it: delete it "
+                          "to measure again)")
+                self.by_speed[speed] = {**hit, "speed_id": speed}
+                return
         import ray
 
+        from trainables.fuse_probe import probe_task
+
+        share = self.gpus if 0 < self.gpus < 1 else None  # a fraction of a GPU; else the probe's default
+        # max_calls=1: the worker exits after it, with its memory (a GPU context, the models, the data)
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=1)(probe_task)
+        self.pending[speed] = (task.remote(cfg, share), cached_as, cfg)
+        self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")
+
+    def _poll(self, speed: str) -> dict[str, Any] | None:
+        """The measurement of ``speed`` once its task has ended (kept in :attr:`by_speed` and, where it
+        succeeded on a local cluster, in the machine's cache), or None while it runs."""
+        import ray
+
+        ref, cached_as, cfg = self.pending[speed]
         ready, _ = ray.wait([ref], timeout=0)
         if not ready:
             return None
@@ -177,46 +209,28 @@ class FusionSizes:
             from orchestrator.tracking import first_line
 
             self.note(f"fuse auto: measuring {describe(cfg)} failed ({first_line(exc)}); one model per trial")
-            return self._record(kid, {"k": 1, "failed": first_line(exc), "speed_id": speed})
-        self.note(f"fuse auto: {describe(cfg)} on {probe['device']}: K={probe['k']} ({probe['reason']}; "
-                  f"per-model img/s {rates_text(probe)}; measured in {probe['seconds']:.1f} s)")
-        return self._record(kid, {**probe, "speed_id": speed}, cached_as)
+            record = {"k": 1, "failed": first_line(exc), "speed_id": speed}
+        else:
+            self.note(f"fuse auto: {describe(cfg)} on {probe['device']}: K={probe['k']} ({probe['reason']}; "
+                      f"per-model img/s {rates_text(probe)}; measured in {probe['seconds']:.1f} s)")
+            record = {**probe, "speed_id": speed, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if cached_as is not None:
+                try:
+                    write_record(cache_path(), cached_as, record)  # type: ignore[arg-type]
+                except OSError as exc:
+                    self.note(f"WARNING fuse auto: could not keep the measurement for this machine ({exc})")
+        self.by_speed[speed] = record
+        return record
 
-    def _look_up_or_measure(self, kid: str, speed: str, cfg: dict[str, Any]) -> int | None:
-        cache, cached_as = cache_path() if self.machine is not None else None, None
-        if cache is not None:
-            cached_as = self.cache_key(cfg)
-            hit = _read(cache).get(cached_as)
-            if isinstance(hit, dict) and "k" in hit:
-                self.note(f"fuse auto: {describe(cfg)}: K={hit['k']} as measured on this machine "
-                          f"{hit.get('measured_at', '')} ({hit.get('reason', '')}; {cache} keeps it: delete it "
-                          "to measure again)")
-                return self._record(kid, {**hit, "speed_id": speed})
-        import ray
-
-        from trainables.fuse_probe import probe_task
-
-        share = self.gpus if 0 < self.gpus < 1 else None  # a fraction of a GPU; else the probe's default
-        # max_calls=1: the worker exits after it, with its memory (a GPU context, the models, the data)
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=1)(probe_task)
-        self.pending[speed] = (task.remote(cfg, share), cached_as, cfg)
-        self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")
-        return None
-
-    def _record(self, kid: str, probe: dict[str, Any], cached_as: str | None = None) -> int:
-        """Use and keep a measurement for fusion key ``kid`` (and in the machine's cache under ``cached_as``)."""
-        record = {**probe, "measured_at": probe.get("measured_at") or time.strftime("%Y-%m-%d %H:%M:%S")}
-        k = int(record["k"])
-        self.known[kid] = k
-        if "failed" not in record:
-            self.by_speed.setdefault(record["speed_id"], record)
+    def _record(self, kid: str, record: dict[str, Any]) -> int:
+        """Use a measurement for fusion key ``kid`` and keep it in the results folder."""
+        record = {**record, "measured_at": record.get("measured_at") or time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.known[kid] = int(record["k"])
         try:
             write_record(self.file, kid, record)
-            if cached_as is not None and "failed" not in record:
-                write_record(cache_path(), cached_as, record)  # type: ignore[arg-type]
         except OSError as exc:  # the measurement still holds for this run
             self.note(f"WARNING fuse auto: could not record the measurement ({exc}); the next run measures again")
-        return k
+        return self.known[kid]
 
 
 def describe(cfg: dict[str, Any]) -> str:

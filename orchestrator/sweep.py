@@ -192,6 +192,16 @@ class Sweep:
         sweep trains them one per trial (``fuse: off``, or a model that cannot be fused)."""
         return fusion_key(cfg, varies) if self.fusion.fuses else None
 
+    def prefetch_fusion(self) -> None:
+        """``fuse: auto``: start measuring the models of the stages whose configs are known at the start
+        (every first stage), so the measurement runs while MLflow and Ray Tune start."""
+        if not self.fusion.auto:
+            return
+        for node in self.nodes:
+            cfg = self.base_config(node.entry)
+            if isinstance(cfg, dict) and self.fusion_key(cfg, tuple(self.exp.searched_for(node.entry.method))):
+                self.fusion.prefetch(cfg)
+
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         return {**cfg, "seed": seed, "_runs": self.runs}
 
@@ -226,6 +236,7 @@ class Sweep:
         self.shape = cluster_shape(local)
         check_trial_fits(self.shape, self.cpus, self.gpus, local)
         self.fusion.start(machine_of(ray.nodes()) if local else None)
+        self.prefetch_fusion()
         self.note_stale_results()  # once nothing can refuse the sweep any more: errors stay one line
         self.upgrade_old_files()
         # A local store keeps artifacts beside the results; a tracking server decides where they go

@@ -70,9 +70,15 @@ def test_plan_prints_the_stages_without_running(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.fixture(scope="module")
+def listing() -> subprocess.CompletedProcess:
+    """One `wbsweep list`, read by each case of test_list (the command is the same for all four)."""
+    return wbsweep("list")
+
+
 @pytest.mark.parametrize("what", ["specs:", "methods:", "datasets:", "models:"])
-def test_list(what):
-    proc = wbsweep("list")
+def test_list(what, listing):
+    proc = listing
     assert proc.returncode == 0 and what in proc.stdout
     assert "table4" in proc.stdout and "cifar100-lt" in proc.stdout and "resnet34" in proc.stdout
 

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainables.config import DEFAULTS
 from trainables.errors import WbsweepError
 
 #: The results folder's record of ``fuse: auto``'s measurements.
@@ -144,7 +145,8 @@ class FusionSizes:
 
     def speed_id(self, cfg: dict[str, Any]) -> str:
         """What a config's measurement depends on in this sweep: :data:`SPEED_KEYS` and the trial's resources."""
-        return key_id({"config": {k: cfg.get(k) for k in SPEED_KEYS}, "cpus": self.cpus, "gpus": self.gpus})
+        config = {k: cfg[k] if cfg.get(k) is not None else DEFAULTS.get(k) for k in SPEED_KEYS}  # defaults spelled out
+        return key_id({"config": config, "cpus": self.cpus, "gpus": self.gpus})
 
     def cache_key(self, cfg: dict[str, Any]) -> str:
         """The per-machine cache's key of a config's measurement: its :meth:`speed_id`, this machine's

@@ -118,6 +118,7 @@ class FusionSizes:
         self.known: dict[str, int] = {}  # key id -> K
         self.by_speed: dict[str, dict[str, Any]] = {}  # speed id -> the measurement's record
         self.pending: dict[str, tuple[Any, str | None, dict[str, Any]]] = {}  # speed id -> (ref, cache key, cfg)
+        self.said: dict[str, str] = {}  # speed id -> the line prefetch() keeps until a stage needs the measurement
 
     @property
     def auto(self) -> bool:
@@ -163,6 +164,8 @@ class FusionSizes:
             return self.known[kid]
         speed = self.speed_id(cfg)
         self.prefetch(cfg)
+        if speed in self.said:  # said when the sweep first needs it (a start that fails says only its error)
+            self.note(self.said.pop(speed))
         record = self.by_speed.get(speed) or self._poll(speed)
         return None if record is None else self._record(kid, record)
 
@@ -180,10 +183,10 @@ class FusionSizes:
             cached_as = self.cache_key(cfg)
             hit = _read(cache).get(cached_as)
             if isinstance(hit, dict) and "k" in hit:
-                self.note(f"fuse auto: {describe(cfg)}: K={hit['k']} as measured on this machine "
-                          f"{hit.get('measured_at', '')} ({hit.get('reason', '')}; {cache} keeps it: delete it "
-                          "to measure again)")
                 self.by_speed[speed] = {**hit, "speed_id": speed}
+                self.said[speed] = (f"fuse auto: {describe(cfg)}: K={hit['k']} as measured on this machine "
+                                    f"{hit.get('measured_at', '')} ({hit.get('reason', '')}; {cache} keeps it: "
+                                    "delete it to measure again)")
                 return
         import ray
 
@@ -193,7 +196,7 @@ class FusionSizes:
         # max_calls=1: the worker exits after it, with its memory (a GPU context, the models, the data)
         task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=1)(probe_task)
         self.pending[speed] = (task.remote(cfg, share), cached_as, cfg)
-        self.note(f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)")
+        self.said[speed] = f"fuse auto: measuring how many {describe(cfg)} models to fuse per trial (a few seconds)"
 
     def _poll(self, speed: str) -> dict[str, Any] | None:
         """The measurement of ``speed`` once its task has ended (kept in :attr:`by_speed` and, where it

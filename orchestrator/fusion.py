@@ -214,16 +214,16 @@ class FusionSizes:
             from orchestrator.tracking import first_line
 
             self.note(f"fuse auto: measuring {describe(cfg)} failed ({first_line(exc)}); one model per trial")
-            record = {"k": 1, "failed": first_line(exc), "speed_id": speed}
+            probe = {"k": 1, "failed": first_line(exc)}
         else:
             self.note(f"fuse auto: {describe(cfg)} on {probe['device']}: K={probe['k']} ({probe['reason']}; "
                       f"per-model img/s {rates_text(probe)}; measured in {probe['seconds']:.1f} s)")
-            record = {**probe, "speed_id": speed, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            if cached_as is not None:
-                try:
-                    write_record(cache_path(), cached_as, record)  # type: ignore[arg-type]
-                except OSError as exc:
-                    self.note(f"WARNING fuse auto: could not keep the measurement for this machine ({exc})")
+        record = {**probe, "speed_id": speed, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if "failed" not in record and cached_as is not None:
+            try:
+                write_record(cache_path(), cached_as, record)  # type: ignore[arg-type]
+            except OSError as exc:
+                self.note(f"WARNING fuse auto: could not keep the measurement for this machine ({exc})")
         self.by_speed[speed] = record
         return record
 

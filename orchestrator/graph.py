@@ -476,12 +476,10 @@ class StageGraph(Searcher):
             node_key = node.fusion_key() if fuses else None
             if members and (node_key is None or node_key != key):
                 continue
-            if node_key is not None and not members:
-                limit = self.sizes.limit(node_key, node.fusion_config())  # type: ignore[union-attr]
+            if not members:  # the first model's stage sets the group's size (a later one shares its key)
+                limit = 1 if node_key is None else self.sizes.limit(node_key, node.fusion_config())  # type: ignore[union-attr]
                 if limit is None:  # being measured
                     continue
-            elif node_key is None:
-                limit = 1
             while len(members) < limit:
                 mid = member_id(trial_id, len(members))
                 config = node.next_config(mid)

@@ -131,11 +131,6 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Ladder:
     """One trainer of the ladder: K models (K = 1: train()'s single-model trainer), trained epochs of
     the probe's few batches exactly as a run trains (its order, augmentation and steps)."""
@@ -210,8 +205,7 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
             base = torch.cuda.memory_allocated(device)
         try:
             ladder = _Ladder(cfg, dd, k)
-            ladder.epochs(warmup)
-            _sync(device)
+            ladder.epochs(warmup)  # ends with a host read: the device has finished
         except torch.OutOfMemoryError:
             k_memory = max(1, k // 2)
             break

@@ -40,7 +40,7 @@ def dataset_available(name: str) -> bool:
 
 
 def write_spec(spec: str, preset: str, dataset: str, seed: int, scheduler, folder: Path) -> Path:
-    from orchestrator.spec import find_spec
+    from orchestrator.spec.experiment import find_spec
 
     doc = yaml.safe_load(find_spec(spec).read_text())
     p = doc["presets"][preset]

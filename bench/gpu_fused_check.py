@@ -1,7 +1,7 @@
 """Fused training of the convolutional models on one GPU (issue #14; run by bench/gpu_fused_check.sh).
 
 For each model (default resnet32 and resnet34, the paper's widths) at batch 64 on synthetic
-CIFAR100-LT-shaped data (orchestrator/bench_setup.py's ``synthetic_dataset``: random pixels, the real
+CIFAR100-LT-shaped data (orchestrator/bench/setup.py's ``synthetic_dataset``: random pixels, the real
 shapes and label profile, nothing to download):
 
 * the single-model trainer (trainables/runner.py's EpochRunner) with its default knobs (on a GPU: the whole step
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.bench_setup import bench_config, device_name, synthetic_dataset  # noqa: E402
+from orchestrator.bench.setup import bench_config, device_name, synthetic_dataset  # noqa: E402
 from trainables.device_data import DeviceData  # noqa: E402
 from trainables.fuse_probe import probe_fusion  # noqa: E402
 from trainables.fused import build_runs  # noqa: E402

@@ -14,7 +14,7 @@ what is wrong and what to do, and exits with status 2; ``--debug`` shows the tra
 
 Exit status: 0 done; 1 a sweep finished with failed trials; 2 a user error (one line); 3 the
 sweep's watchdog stopped it (its Ray cluster is gone, or it made no progress: one line;
-orchestrator/watchdog.py), and the same command resumes it; 130 interrupted (Ctrl-C, SIGTERM).
+orchestrator/sweep/watchdog.py), and the same command resumes it; 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.reproduce import reproduction, saved_config
-from orchestrator.yaml_loader import load as load_yaml
+from orchestrator.report.reproduce import reproduction, saved_config
+from orchestrator.spec.yaml_loader import load as load_yaml
 from trainables.errors import WbsweepError
 
 # --- the arguments the commands share ------------------------------------------------------------
@@ -43,7 +43,7 @@ def _out_dir(path: str, create: bool, flag: str = "--out") -> Path:
 def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool = False) -> str:
     """Where the results live: ``--storage``, else the storage a sweep in ``out`` recorded in its
     status file (so `report` after `run --storage s3://...` needs no flag), else ``out`` itself."""
-    from orchestrator.status import malformed_status
+    from orchestrator.sweep.status import malformed_status
     from trainables import storage
 
     if arg:
@@ -92,18 +92,18 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.report import report
-    from orchestrator.spec import load_experiments
-    from orchestrator.sweep import Sweep, SweepOptions
+    from orchestrator.report.tables import report
+    from orchestrator.spec.experiment import load_experiments
+    from orchestrator.sweep.driver import Sweep, SweepOptions
 
     exps = load_experiments(args.spec, args.preset)  # one, or one per variant (dataset/model) of the preset
     exp = exps[0]
-    if args.plan:  # stages, models, epochs, estimated device time and cost (orchestrator.cost)
-        from orchestrator import cost
+    if args.plan:  # stages, models, epochs, estimated device time and cost (orchestrator.report.plan)
+        from orchestrator.report import plan as cost
 
         return cost.plan_command(exps, args)
     out = _out_dir(args.out, create=True)
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking.tracker import default_tracking_uri
 
     store = _storage(args.storage, out, create=True) if args.storage else str(out.resolve())
     opts = SweepOptions(
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"[variant {exp.variant}]", file=sys.stderr)
         sweep.run()
         failures += sweep.progress.failures
-    from orchestrator.analyses import ensure_analyses  # models reused from elsewhere get theirs now
+    from orchestrator.record.analyses import ensure_analyses  # models reused from elsewhere get theirs now
 
     ensure_analyses(store, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
                     tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
@@ -150,8 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import report
-    from orchestrator.spec import load_experiments
+    from orchestrator.report.tables import report
+    from orchestrator.spec.experiment import load_experiments
 
     table, order, title, layout, analyses, unknown = None, None, None, "accuracy", None, None
     try:
@@ -175,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise unknown from None
         raise
     sys.stdout.write(text)
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking.tracker import default_tracking_uri
 
     store = _storage(args.storage, out, spec)
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
@@ -188,11 +188,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset: str | None, text: str,
                       table_csv) -> None:
-    """The spec-level MLflow run of the report (orchestrator/mlflow_views.py), where there is a store;
+    """The spec-level MLflow run of the report (orchestrator/sweep/stage_runs.py), where there is a store;
     ``table_csv()`` gives the report's table as CSV."""
     if not uri:
         return
-    from orchestrator.mlflow_views import report_to_mlflow
+    from orchestrator.sweep.stage_runs import report_to_mlflow
 
     try:
         csv = table_csv()
@@ -204,10 +204,10 @@ def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset:
 def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
                    unknown: WbsweepError | None) -> int:
     """`report SPEC --claims [PATH] [--paper]`: the claims file (default: claims/<spec>.yaml beside
-    the spec) tested on the results and on the paper's numbers (orchestrator/claims.py)."""
-    from orchestrator.claims import claims_report, default_path
-    from orchestrator.spec import find_spec
-    from orchestrator.tracking import default_tracking_uri
+    the spec) tested on the results and on the paper's numbers (orchestrator/report/claims.py)."""
+    from orchestrator.report.claims import claims_report, default_path
+    from orchestrator.spec.experiment import find_spec
+    from orchestrator.tracking.tracker import default_tracking_uri
 
     path = args.claims
     if not path:
@@ -226,7 +226,7 @@ def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.spec import load_experiment
+    from orchestrator.spec.experiment import load_experiment
     from trainables.config import config_hash, resolve_config
     from trainables.datacache import dataset_fingerprint
     from trainables.methods import get_method, method_config
@@ -301,9 +301,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from orchestrator.analyses import ensure_analyses
-    from orchestrator.results import read_rows
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.record.analyses import ensure_analyses
+    from orchestrator.record.results import read_rows
+    from orchestrator.tracking.tracker import default_tracking_uri
     from trainables.storage import join
 
     out = _out_dir(args.out, create=False)
@@ -348,7 +348,7 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
     import shutil
 
     out = _out_dir(args.out, create=True)
-    from orchestrator.tracking import default_tracking_uri, prepare_store
+    from orchestrator.tracking.tracker import default_tracking_uri, prepare_store
 
     mlflow = shutil.which("mlflow")
     if mlflow is None:
@@ -366,20 +366,20 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.status import status_text
+    from orchestrator.sweep.status import status_text
 
     sys.stdout.write(status_text(Path(args.out).expanduser()))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from orchestrator.bench import run_bench
+    from orchestrator.bench.command import run_bench
 
     return run_bench(args, _parse_set(args.set or []))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from orchestrator.spec import spec_names
+    from orchestrator.spec.experiment import spec_names
     from trainables.data import dataset_names
     from trainables.methods import METHODS
     from trainables.models import model_names

@@ -262,7 +262,7 @@ def _node_caches_in_a_temp_folder(tmp_path_factory):
     """The per-node dataset cache and scratch folders of this test session (and of the sweeps it
     starts, which inherit the environment) live in its temporary folder, not in /tmp for good; so
     does this machine's record of ``fuse: auto``'s measurements (the session's first fused sweep
-    measures, the others read it: orchestrator/fusion.py)."""
+    measures, the others read it: orchestrator/sweep/fusion.py)."""
     base = tmp_path_factory.mktemp("node")
     saved = {k: os.environ.get(k) for k in ("WBSWEEP_DATA_CACHE", "WBSWEEP_SCRATCH", "WBSWEEP_FUSION_CACHE")}
     os.environ["WBSWEEP_DATA_CACHE"] = str(base / "data-cache")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.analyses import read_analysis_rows
 from orchestrator.cli import main
-from orchestrator.results import read_rows
-from orchestrator.spec import load_experiments
+from orchestrator.record.analyses import read_analysis_rows
+from orchestrator.record.results import read_rows
+from orchestrator.spec.experiment import load_experiments
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.results import read_rows, rows_for_run, write_rows
-from orchestrator.spec import load_experiment
+from orchestrator.record.results import read_rows, rows_for_run, write_rows
+from orchestrator.spec.experiment import load_experiment
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
 
@@ -221,7 +221,7 @@ def test_files_of_an_earlier_version_are_upgraded_so_pandas_sees_every_column(tm
     later (here the first by name) hides that column of every row from ``pd.read_parquet``."""
     import pyarrow.parquet as pq
 
-    from orchestrator.results import SCHEMA, upgrade_files
+    from orchestrator.record.results import SCHEMA, upgrade_files
 
     write_model(tmp_path, seed=0)
     write_model(tmp_path, seed=1)

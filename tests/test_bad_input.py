@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.results import rows_for_run, write_rows
+from orchestrator.record.results import rows_for_run, write_rows
 from trainables.config import resolve_config
 
 SPEC = """name: mine

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from orchestrator.claims import FAILS, FEW_SEEDS, HOLDS, NO_STD, claims_report, load_claims, welch_from_stats
 from orchestrator.cli import main
-from orchestrator.results import SCHEMA, write_rows
+from orchestrator.record.results import SCHEMA, write_rows
+from orchestrator.report.claims import FAILS, FEW_SEEDS, HOLDS, NO_STD, claims_report, load_claims, welch_from_stats
 
 # acc_avg per seed: means 52 and 49, both sample variances 2.5 (so Welch's t = 3, ν = 8 by hand)
 OURS = [50.0, 52.0, 54.0, 53.0, 51.0]
@@ -194,8 +194,8 @@ def test_missing_claims_file_and_missing_results_are_one_line(tmp_path, capsys):
 
 
 def test_every_shipped_claims_file_loads_and_names_methods_of_its_spec():
-    from orchestrator.claims import default_path
-    from orchestrator.spec import find_spec, load_experiment, spec_names
+    from orchestrator.report.claims import default_path
+    from orchestrator.spec.experiment import find_spec, load_experiment, spec_names
 
     found = 0
     for name in spec_names():

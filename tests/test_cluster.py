@@ -49,7 +49,7 @@ def test_cluster_config_is_valid_once_ray_up_fills_its_defaults(path):
 def test_a100_workers_start_on_demand_and_declare_their_gpus():
     from ray.autoscaler.sdk import fillout_defaults
 
-    from orchestrator.cluster import ClusterShape, check_trial_fits, node_types_of_config, pending_trials
+    from orchestrator.sweep.cluster import ClusterShape, check_trial_fits, node_types_of_config, pending_trials
 
     config = fillout_defaults(yaml.safe_load((CLUSTER / "a100.yaml").read_text()))
     a100 = config["available_node_types"]["a100"]

@@ -1,12 +1,12 @@
 """What a sweep refuses before it runs on a cluster, and how many trials it keeps pending (no Ray
-cluster needed: the shapes are what orchestrator.cluster reads from an autoscaler's config or the
+cluster needed: the shapes are what orchestrator.sweep.cluster reads from an autoscaler's config or the
 live nodes)."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.cluster import ClusterShape, NodeType, check_trial_fits, pending_trials
+from orchestrator.sweep.cluster import ClusterShape, NodeType, check_trial_fits, pending_trials
 from trainables.errors import WbsweepError
 from trainables.trial import TrialWarnings, check_gpu_usable
 
@@ -89,7 +89,7 @@ def test_the_autoscaler_report_is_told_in_a_few_words():
 
     from ray.autoscaler._private.autoscaler import AutoscalerSummary
 
-    from orchestrator.cluster import describe_autoscaler_report
+    from orchestrator.sweep.cluster import describe_autoscaler_report
 
     summary = AutoscalerSummary(active_nodes={"head": 1}, idle_nodes=None,
                                 pending_nodes=[("10.0.0.7", "a100", "setting-up")],

@@ -16,10 +16,11 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator import cost, early_stop
-from orchestrator.graph import TuneNode
-from orchestrator.progress import Progress
-from orchestrator.spec import load_experiment, load_experiments
+from orchestrator.report import plan as cost
+from orchestrator.spec import early_stopping as early_stop
+from orchestrator.spec.experiment import load_experiment, load_experiments
+from orchestrator.sweep.graph import TuneNode
+from orchestrator.sweep.progress import Progress
 from trainables.errors import WbsweepError
 
 PRUNE_SPEC = """

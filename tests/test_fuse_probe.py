@@ -66,6 +66,6 @@ def test_probe_measures_a_ladder_and_stays_in_memory(monkeypatch: pytest.MonkeyP
 
 def test_probe_needs_a_batch_of_training_images() -> None:
     """digits-lt's 423 training images hold no batch of 512: refused in one line (the sweep then
-    trains one model per trial, orchestrator/fusion.py)."""
+    trains one model per trial, orchestrator/sweep/fusion.py)."""
     with pytest.raises(WbsweepError, match="a batch of 512 training images; the dataset has 423"):
         probe_fusion({**CFG, "batch_size": 512})

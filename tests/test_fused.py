@@ -217,7 +217,7 @@ def test_resblock_with_augmentation_equals_alone(tmp_path: Path) -> None:
 
 
 def test_bench_fused_reports_its_figures() -> None:
-    from orchestrator.bench import fused
+    from orchestrator.bench.command import fused
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.fusion import CACHE_ENV, FUSION_FILE, cache_path, fuse_size, key_id, write_record
-from orchestrator.graph import member_id, member_result, trial_members
-from orchestrator.spec import load_experiment
-from orchestrator.sweep import Sweep, SweepOptions
+from orchestrator.spec.experiment import load_experiment
+from orchestrator.sweep.driver import Sweep, SweepOptions
+from orchestrator.sweep.fusion import CACHE_ENV, FUSION_FILE, cache_path, fuse_size, key_id, write_record
+from orchestrator.sweep.graph import member_id, member_result, trial_members
 from trainables.errors import WbsweepError
 from trainables.fused import fusion_key
 from trainables.trial import training_config

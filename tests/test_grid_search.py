@@ -15,9 +15,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator.graph import TuneNode
-from orchestrator.progress import Progress
-from orchestrator.space import discrete_points, grid_values
+from orchestrator.spec.space import discrete_points, grid_values
+from orchestrator.sweep.graph import TuneNode
+from orchestrator.sweep.progress import Progress
 
 GRID = [round(0.01 * i, 2) for i in range(1, 21)]
 
@@ -107,8 +107,8 @@ def test_of_equal_objectives_the_first_proposed_trial_is_chosen_not_the_first_fi
     """A coarse validation accuracy ties easily (two wd values, one val acc). The choice must not
     depend on which trial happened to finish first (a node killed under one, a busier worker): of
     equal objectives the trial Optuna proposed first wins, as Optuna's best_trial does."""
-    from orchestrator.spec import load_experiment
-    from orchestrator.sweep import Sweep, SweepOptions
+    from orchestrator.spec.experiment import load_experiment
+    from orchestrator.sweep.driver import Sweep, SweepOptions
 
     out = tmp_path / "out"
     sweep = Sweep(load_experiment("table4", "smoke"),

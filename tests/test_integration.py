@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator.spec import load_experiment
+from orchestrator.spec.experiment import load_experiment
 
 pytestmark = pytest.mark.slow
 

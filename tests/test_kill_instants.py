@@ -35,17 +35,17 @@ import pandas as pd
 import pytest
 from test_resilience import KEY, assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained
 
-from orchestrator.stores import open_optuna_storage
-from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.record.stores import open_optuna_storage
+from orchestrator.tracking.tracker import Tracker, default_tracking_uri
 
 pytestmark = pytest.mark.slow
 
-#: What `wbsweep run` does to open its stores (orchestrator/sweep.py, Sweep.run and Sweep.optuna_storage).
+#: What `wbsweep run` does to open its stores (orchestrator/sweep/driver.py, Sweep.run and Sweep.optuna_storage).
 OPEN_STORES = """
 import sys
 from pathlib import Path
-from orchestrator.stores import open_optuna_storage
-from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.record.stores import open_optuna_storage
+from orchestrator.tracking.tracker import Tracker, default_tracking_uri
 out = Path(sys.argv[1])
 Tracker(default_tracking_uri(out), "table4", out / "mlartifacts")
 open_optuna_storage(out / "optuna.db")

@@ -1,4 +1,4 @@
-"""The MLflow views of a sweep (orchestrator/mlflow_views.py), on the shared `table4 --preset smoke`
+"""The MLflow views of a sweep (orchestrator/sweep/stage_runs.py), on the shared `table4 --preset smoke`
 sweep (a real MLflow SQLite store): repeat parents hold the mean and std of their Parquet rows and
 list every seed (the tune stage's reused model as a reference run), the chosen tune trial is tagged,
 Optuna's trials name their model and run, the report is a spec-level run, the run folders' files
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.spec import load_experiment
+from orchestrator.spec.experiment import load_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import provenance
 from orchestrator.cli import main
-from orchestrator.results import SCHEMA, read_results, rows_for_run, write_rows
+from orchestrator.record import provenance
+from orchestrator.record.results import SCHEMA, read_results, rows_for_run, write_rows
 from trainables.config import resolve_config
 
 GIT = shutil.which("git")

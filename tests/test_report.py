@@ -7,8 +7,8 @@ import io
 import pandas as pd
 import pytest
 
-from orchestrator.report import paper_reference, report
-from orchestrator.results import read_rows, rows_for_run, write_rows
+from orchestrator.record.results import read_rows, rows_for_run, write_rows
+from orchestrator.report.tables import paper_reference, report
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
 

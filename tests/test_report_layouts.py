@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analyses import read_analysis_rows, rows_for_result, write_analysis_rows
-from orchestrator.report import paper_reference, report
-from orchestrator.results import rows_for_run, write_rows
+from orchestrator.record.analyses import read_analysis_rows, rows_for_result, write_analysis_rows
+from orchestrator.record.results import rows_for_run, write_rows
+from orchestrator.report.tables import paper_reference, report
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
 

@@ -1,4 +1,4 @@
-"""Tests of the experiment specs (orchestrator.spec): the table4 presets and the error messages."""
+"""Tests of the experiment specs (orchestrator.spec.experiment): the table4 presets and the error messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.spec import load_experiment
+from orchestrator.spec.experiment import load_experiment
 from trainables.errors import WbsweepError
 from trainables.methods import get_method
 

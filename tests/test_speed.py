@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from orchestrator.bench import bench_config, synthetic_dataset
+from orchestrator.bench.command import bench_config, synthetic_dataset
 from orchestrator.cli import main
 from trainables.config import DEFAULTS, config_hash, resolve_config
 from trainables.device_data import DeviceData, crop_flip, crop_flip_at, draw_crop_flip
@@ -157,7 +157,7 @@ def test_channels_last_is_fp32_accurate() -> None:
     gradient is within 1e-2 of the float64 one (TF32's level, what PyTorch uses for fp32 convolutions
     on NVIDIA GPUs by default). PyTorch's channels-last BatchNorm on CPUs rounds more than its NCHW
     kernel (about 2e-6 instead of 1e-7 per layer), which the deep net amplifies in the gradient."""
-    from orchestrator.bench_knobs import _grads
+    from orchestrator.bench.knobs import _grads
 
     data = synthetic_dataset("cifar", 80, seed=1)
     base = {"channels_last": False, "precision": "fp32", "compile": "off"}
@@ -418,7 +418,7 @@ def test_throttled_report_sends_the_first_epoch_then_at_most_one_per_interval(mo
 
 
 def test_only_synchronising_calls_count_as_host_syncs() -> None:
-    from orchestrator.bench import is_sync_warning
+    from orchestrator.bench.command import is_sync_warning
 
     assert is_sync_warning("called a synchronizing CUDA operation")
     assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "

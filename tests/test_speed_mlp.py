@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from orchestrator.bench import bench_config, synthetic_dataset
+from orchestrator.bench.command import bench_config, synthetic_dataset
 from trainables.device_data import DeviceData
 from trainables.train import build_training
 

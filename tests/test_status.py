@@ -9,8 +9,8 @@ import time
 
 import pandas as pd
 
-from orchestrator.results import rows_for_run, write_rows
-from orchestrator.status import status_text
+from orchestrator.record.results import rows_for_run, write_rows
+from orchestrator.sweep.status import status_text
 from trainables.config import resolve_config
 
 
@@ -60,7 +60,7 @@ def test_a_stopped_sweep_shows_no_trial_running(tmp_path):
 def test_the_last_progress_line_is_printed_once(capsys):
     """The sweep's end repeats the progress line only when the last trial's line is out of date (it
     was printed twice at the end of every run)."""
-    from orchestrator.progress import Progress
+    from orchestrator.sweep.progress import Progress
 
     progress = Progress(total_trials=2, total_stages=1)
     for trial in ("t0", "t1"):

@@ -15,7 +15,7 @@ import sys
 import pandas as pd
 import pytest
 
-from orchestrator.results import read_rows, rows_for_run, write_rows
+from orchestrator.record.results import read_rows, rows_for_run, write_rows
 from trainables import storage
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
@@ -245,7 +245,7 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     an = subprocess.run([sys.executable, "-m", "orchestrator.cli", "analyze", "--out", str(out), "--spec", "table4",
                          "--names", "weight_norms"], env=env, capture_output=True, text=True, timeout=600)
     assert an.returncode == 0 and "12 of 12 model(s) analysed" in an.stdout, an.stdout + an.stderr[-2000:]
-    from orchestrator.analyses import read_analysis_rows
+    from orchestrator.record.analyses import read_analysis_rows
 
     rows = read_analysis_rows(storage.join(store, "analyses"))
     assert rows.groupby(["config_hash", "seed"]).ngroups == 12 and set(rows["analysis"]) == {"weight_norms"}

@@ -1,4 +1,4 @@
-"""The SQLite stores are created whole (orchestrator/stores.py): under a temporary name, then linked
+"""The SQLite stores are created whole (orchestrator/record/stores.py): under a temporary name, then linked
 into place; what a killed creation leaves is removed, a store made meanwhile by another process is
 kept, and an unfinished store from an earlier version is made again or refused with what to do.
 (tests/test_kill_instants.py kills real creations.)"""
@@ -15,8 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from orchestrator import stores
-from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.record import stores
+from orchestrator.tracking.tracker import Tracker, default_tracking_uri
 from trainables.errors import WbsweepError
 
 

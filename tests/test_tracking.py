@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from orchestrator.callbacks import close_interrupted_runs
-from orchestrator.tracking import Outbox, Tracker
+from orchestrator.sweep.callbacks import close_interrupted_runs
+from orchestrator.tracking.tracker import Outbox, Tracker
 
 
 def test_runs_of_a_dead_driver_end_finished_or_killed(tmp_path):
@@ -118,7 +118,7 @@ def test_an_unavailable_store_is_named_by_its_innermost_cause() -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-    from orchestrator.tracking import first_line, transient, transient_cause
+    from orchestrator.tracking.tracker import first_line, transient, transient_cause
 
     def wrapped() -> MlflowException:
         try:
@@ -145,7 +145,7 @@ def test_an_unavailable_store_is_named_by_its_innermost_cause() -> None:
 def test_metrics_reach_mlflow_without_float_noise():
     """A percentage's float arithmetic leaves 88.00000000000001; MLflow gets 12 significant digits,
     small values keep theirs (a learning rate near the end of the cosine schedule)."""
-    from orchestrator.tracking import display_value
+    from orchestrator.tracking.tracker import display_value
 
     assert display_value(0.1 * 3 * 100 / 3 * 8.8 / 0.1 / 10) == 88.0 != 0.1 * 3 * 100 / 3 * 8.8 / 0.1 / 10
     assert display_value(1.2345678901234567e-9) == 1.23456789012e-9

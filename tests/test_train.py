@@ -217,7 +217,7 @@ def test_every_la_kind_is_evaluated_and_a_spec_reports_its_own(stage1: dict[str,
     all three (Table 4); each gets its own rows and its own objective."""
     import pandas as pd
 
-    from orchestrator.results import rows_for_run
+    from orchestrator.record.results import rows_for_run
     from trainables.config import objective
 
     metrics = stage1["metrics"]

@@ -1,6 +1,6 @@
 """A sweep never hangs on a dead backend, and what stops Ray or the command is one line with a
-known exit status: the watchdog (orchestrator/watchdog.py), the heartbeat `wbsweep status` checks,
-Ray's start-up traps (orchestrator/ray_start.py), and errors that exit 2 every time (cli.entry)."""
+known exit status: the watchdog (orchestrator/sweep/watchdog.py), the heartbeat `wbsweep status` checks,
+Ray's start-up traps (orchestrator/sweep/ray_start.py), and errors that exit 2 every time (cli.entry)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from test_cluster import _kill_tree
 
-from orchestrator.cluster import ClusterShape
-from orchestrator.status import status_text
-from orchestrator.watchdog import Limits, Node, SweepStopped, Watchdog
+from orchestrator.sweep.cluster import ClusterShape
+from orchestrator.sweep.status import status_text
+from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog
 
 
 def wbsweep(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -92,7 +92,7 @@ def test_the_drivers_raylet_refusing_twice_in_a_row_is_a_dead_node_before_the_gc
     now[0] += 5
     with pytest.raises(SweepStopped, match="the Ray node of this machine is dead"):
         dog.on_step_end(iteration=2, trials=trials("RUNNING"))
-    from orchestrator.watchdog import port_refuses
+    from orchestrator.sweep.watchdog import port_refuses
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -213,7 +213,7 @@ def test_address_auto_with_a_stale_session_file_is_one_line_not_minutes_of_retri
 
 def test_a_refused_results_file_exits_2_every_time(tmp_path):
     """The one line, then exit 2, ten times over: no abort while native pools shut down (134)."""
-    from orchestrator.results import rows_for_run, write_rows
+    from orchestrator.record.results import rows_for_run, write_rows
     from trainables.config import resolve_config
 
     metrics = {"config_hash": "abc", "fdr_train": 1.0, "fdr_test": 1.0, "objective": 50.0, "epochs": 1,

@@ -3,7 +3,7 @@
 Fusing K models (trainables/fused.py) pays only where one model leaves the device idle, and it
 stops paying, or runs out of memory, at a K that depends on the device, the architecture and the
 batch. :func:`probe_fusion` measures it where the models will train (the sweep runs it as a Ray task
-with a trial's resources, orchestrator/fusion.py):
+with a trial's resources, orchestrator/sweep/fusion.py):
 
 1. **Memory.** What one more model costs: its tensors as the fused trainer holds them (its own
    module, the stacked copy, the gradient, the momentum buffer and the best epoch's copy: 5x the

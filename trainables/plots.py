@@ -1,6 +1,6 @@
 """The figures of the analyses (trainables/analysis.py), drawn with matplotlib: one run's PNG
 (:func:`plot_run`) and the pieces the report's figures over seeds and methods are made of
-(orchestrator/report.py): per-class curves, per-layer curves, class x class heatmaps, with classes
+(orchestrator/report/tables.py): per-class curves, per-layer curves, class x class heatmaps, with classes
 at integer ticks, log axes labelled with plain numbers and the spread over seeds as a band.
 
 matplotlib is imported when a figure is drawn (:func:`_pyplot`), not with this module.

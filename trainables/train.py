@@ -17,7 +17,7 @@ Here: building a run (:func:`build_training`), the loop (:func:`train`) and its 
   (:func:`~trainables.evaluation.evaluate`);
 * trainables/run_files.py: the run folder (checkpoints and resuming, the result files).
 
-The benchmark (orchestrator/bench.py) trains with the same :func:`build_training` and
+The benchmark (orchestrator/bench/command.py) trains with the same :func:`build_training` and
 :class:`~trainables.runner.EpochRunner` that :func:`train` uses, against the naive trainer of
 trainables/reference.py.
 """

@@ -57,7 +57,7 @@ class ThrottledReport:
 
     def __init__(self, report: Callable[[dict[str, Any]], None], interval: float = 1.0, always=()):
         self.report, self.interval, self.last = report, interval, -float("inf")
-        self.always = set(always)  # epochs always reported: the rungs of early stopping (orchestrator.early_stop)
+        self.always = set(always)  # always reported: early stopping's rungs (orchestrator.spec.early_stopping)
 
     def __call__(self, epoch_metrics: dict[str, Any]) -> None:
         now = time.monotonic()

@@ -15,7 +15,7 @@ What goes wrong there, and how it surfaces without this module:
   reads the file and says which address does not answer.
 
 A local cluster picks free ports itself (a port in use is no trap); a remote one is checked for a
-TCP answer before ``ray.init`` (:func:`orchestrator.cluster.check_reachable`).
+TCP answer before ``ray.init`` (:func:`orchestrator.sweep.cluster.check_reachable`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from orchestrator.cluster import check_reachable
+from orchestrator.sweep.cluster import check_reachable
 from trainables.errors import WbsweepError
 
 #: The longest path of a Unix socket address: 108 bytes with the NUL on Linux, 104 on macOS.

@@ -25,7 +25,7 @@ Sections (each returns a dict; the CLI prints them as text or one JSON object):
   called directly. The only section that needs Ray (imported there, not here).
 
 The sections live in their own modules, this one runs them (:func:`run_bench`) and is the packed
-workers' entry point (:func:`main`): orchestrator/bench_setup.py (the synthetic data, the config,
+workers' entry point (:func:`main`): orchestrator/bench/setup.py (the synthetic data, the config,
 the machine), bench_speed.py (:func:`compare`, :func:`knob_timing`, :func:`full_run`),
 bench_fused.py (:func:`fused`), bench_knobs.py (:func:`check_knobs`), bench_packed.py
 (:func:`packed`) and bench_overhead.py (:func:`orchestration_overhead`). Their public names are
@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_fused import fused
-from orchestrator.bench_knobs import check_knobs, count_host_syncs, is_sync_warning
-from orchestrator.bench_overhead import orchestration_overhead
-from orchestrator.bench_packed import packed, worker
-from orchestrator.bench_setup import (
+from orchestrator.bench.fused import fused
+from orchestrator.bench.knobs import check_knobs, count_host_syncs, is_sync_warning
+from orchestrator.bench.overhead import orchestration_overhead
+from orchestrator.bench.packed import packed, worker
+from orchestrator.bench.setup import (
     SHAPES,
     available_cores,
     bench_config,
@@ -58,7 +58,7 @@ from orchestrator.bench_setup import (
     load_average,
     synthetic_dataset,
 )
-from orchestrator.bench_speed import compare, full_run, knob_timing
+from orchestrator.bench.speed import compare, full_run, knob_timing
 from trainables.errors import WbsweepError
 from trainables.models import BACKBONES, check_model_name
 
@@ -183,14 +183,14 @@ def _json_default(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.bench --worker JSON`` runs one packed trial (see :func:`worker`);
+    """``python -m orchestrator.bench.command --worker JSON`` runs one packed trial (see :func:`worker`);
     the benchmark itself is ``wbsweep bench`` (this module does not import the CLI: cli imports it)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
         worker(json.loads(argv[1]))
         return 0
-    print("usage: python -m orchestrator.bench --worker JSON (a packed trial); the benchmark is `wbsweep bench`",
-          file=sys.stderr)
+    print("usage: python -m orchestrator.bench.command --worker JSON (a packed trial); "
+          "the benchmark is `wbsweep bench`", file=sys.stderr)
     return 2
 
 

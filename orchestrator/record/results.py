@@ -56,7 +56,7 @@ def rows_for_run(
 ) -> list[dict[str, Any]]:
     """One row per LA variant the config reports (``cfg["la"]``; the model's metrics hold them all).
     FDR is a property of the features, so it is the same on every LA row of a model. ``versions``
-    is :func:`orchestrator.provenance.versions` (the code and package versions of the row)."""
+    is :func:`orchestrator.record.provenance.versions` (the code and package versions of the row)."""
     rows = []
     best = objective(metrics, cfg["la"])
     for la in cfg["la"]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_setup import (
+from orchestrator.bench.setup import (
     Log,
     bench_config,
     data_kind,

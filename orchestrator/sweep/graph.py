@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from orchestrator import early_stop
-from orchestrator.space import discrete_points, optuna_space, point_key
+from orchestrator.spec import early_stopping as early_stop
+from orchestrator.spec.space import discrete_points, optuna_space, point_key
 from trainables.config import config_hash
 from trainables.trial import finished_metrics, group_members, training_config
 
 if TYPE_CHECKING:
-    from orchestrator.fusion import FusionSizes
-    from orchestrator.spec import MethodEntry
-    from orchestrator.sweep import Sweep
+    from orchestrator.spec.experiment import MethodEntry
+    from orchestrator.sweep.driver import Sweep
+    from orchestrator.sweep.fusion import FusionSizes
 
 
 def finished(result: dict | None) -> bool:
@@ -172,7 +172,7 @@ class TuneNode(Node):
         self.results: list[tuple[float, int, dict[str, Any]]] = []  # (objective, Optuna trial number, config)
         self.search = sweep.exp.searched_for(entry.method)
         self.seed = sweep.exp.seeds[0]
-        self.pruned = 0  # trials stopped early (orchestrator.early_stop), this run's and a resumed study's
+        self.pruned = 0  # trials stopped early (orchestrator.spec.early_stopping), this run's and a resumed study's
 
     def step(self) -> None:
         if self.state != "waiting":
@@ -328,7 +328,7 @@ class TuneNode(Node):
         tmp.write_text(json.dumps({"config": chosen, "objective": objective, "searched": searched},
                                   indent=2, default=str))
         os.replace(tmp, self.record)
-        from orchestrator.mlflow_views import mark_chosen
+        from orchestrator.sweep.stage_runs import mark_chosen
 
         mark_chosen(self.sweep, self, best)  # its trial's run: wbsweep.chosen=true
         tracker = self.sweep.tracker
@@ -419,7 +419,7 @@ class RepeatNode(Node):
 
 class StageGraph(Searcher):
     """Ray Tune searcher over the nodes of a sweep (see the module docstring). ``sizes``: how many
-    models of a fusion key one trial trains (:class:`orchestrator.fusion.FusionSizes`; None: one)."""
+    models of a fusion key one trial trains (:class:`orchestrator.sweep.fusion.FusionSizes`; None: one)."""
 
     def __init__(self, nodes: list[Node], sizes: FusionSizes | None = None):
         super().__init__(metric="objective", mode="max")

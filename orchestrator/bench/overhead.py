@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_setup import Log
+from orchestrator.bench.setup import Log
 from trainables.errors import WbsweepError
 from trainables.train import train
 

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.results import read_rows, write_rows
+from orchestrator.record.results import read_rows, write_rows
 from trainables import storage
 from trainables.storage import run_location
 

@@ -6,7 +6,7 @@ ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parq
 a trial reports (``warnings`` in a result) are printed and kept in its run's ``wbsweep.warnings``
 tag; trials that wait for resources are counted after every step of Tune's loop.
 
-Every MLflow call goes through the sweep's :class:`~orchestrator.tracking.Outbox`: a tracking store
+Every MLflow call goes through the sweep's :class:`~orchestrator.tracking.tracker.Outbox`: a tracking store
 that is locked or unreachable for a while delays the logging, never the sweep. When the sweep
 stops (Ctrl-C, SIGTERM, an error), :meth:`TrialCallback.close` ends the runs of the trials it
 stopped.
@@ -19,19 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from orchestrator import early_stop
-from orchestrator.cluster import autoscaler_activity, env_seconds, free_resources
-from orchestrator.graph import member_id, trial_members
-from orchestrator.mlflow_views import log_pytorch_model, make_reference_run, optuna_attrs
-from orchestrator.tracking import display_value, final_metrics, flat_params
+from orchestrator.spec import early_stopping as early_stop
+from orchestrator.sweep.cluster import autoscaler_activity, env_seconds, free_resources
+from orchestrator.sweep.graph import member_id, trial_members
+from orchestrator.sweep.stage_runs import log_pytorch_model, make_reference_run, optuna_attrs
+from orchestrator.tracking.tracker import display_value, final_metrics, flat_params
 from trainables import storage
 from trainables.config import config_hash
 from trainables.storage import run_location
 from trainables.trial import finished_metrics, training_config
 
 if TYPE_CHECKING:
-    from orchestrator.sweep import Sweep
-    from orchestrator.tracking import Tracker
+    from orchestrator.sweep.driver import Sweep
+    from orchestrator.tracking.tracker import Tracker
 
 
 def knob_text(value: Any) -> str:
@@ -44,8 +44,8 @@ def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
     their metrics and files when the model did finish (its trial ended after the driver died), else
     KILLED with the reason (a tune trial in flight that the resumed study may never propose again).
     A model trained later re-attaches to its run, which then ends FINISHED. Reference runs
-    (orchestrator/mlflow_views.py) cut off while being made end FINISHED: they train nothing."""
-    from orchestrator.mlflow_views import end_reference_runs
+    (orchestrator/sweep/stage_runs.py) cut off while being made end FINISHED: they train nothing."""
+    from orchestrator.sweep.stage_runs import end_reference_runs
 
     end_reference_runs(tracker)
     for run_id, hash_, seed in tracker.running_model_runs():
@@ -66,7 +66,7 @@ class TrialCallback(Callback):
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
-        # Keyed by member id (orchestrator.graph.member_id): a trial's own id, or one per model of a fused group.
+        # Keyed by member id (orchestrator.sweep.graph.member_id): a trial's own id, or one per model of a fused group.
         self.run_ids: dict[str, str] = {}  # member id -> its MLflow run (set once the run exists)
         # member id -> the run of the model another spec trained, which this trial only re-reports
         self.sources: dict[str, str] = {}
@@ -257,7 +257,7 @@ class TrialCallback(Callback):
             self.model_failed(mid, config, reason)
             return
         tracker = self.sweep.tracker
-        from orchestrator.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
+        from orchestrator.record.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
 
         node = self.sweep.graph.node_of(config)
         cfg = training_config(config)

@@ -25,7 +25,7 @@ running the same command again resumes), after writing the status ``stopped`` wi
 The heartbeat: the same loop rewrites the status file every ``WBSWEEP_HEARTBEAT_S`` (default 15 s)
 and records that interval (``heartbeat_s``), so that `wbsweep status` can tell a "running" sweep
 whose loop has stopped turning (a hung driver, or a dead one on another host, whose pid it cannot
-check) from one that runs: see :func:`orchestrator.status.heartbeat_overdue`.
+check) from one that runs: see :func:`orchestrator.sweep.status.heartbeat_overdue`.
 
 A head node lost with the GCS on it ends the driver by Ray itself: its GCS client gives up after
 ``gcs_rpc_server_reconnect_timeout_s`` (60 s) and exits the process; the status file then ages
@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 
-from orchestrator.cluster import env_seconds, trial_bundle
+from orchestrator.sweep.cluster import env_seconds, trial_bundle
 from trainables.errors import WbsweepError
 
 if TYPE_CHECKING:
-    from orchestrator.sweep import Sweep
+    from orchestrator.sweep.driver import Sweep
 
 EXIT_STOPPED = 3
 

@@ -1,5 +1,5 @@
 """Spec search entries as Optuna distributions, and the points of a discrete space (used by the tune
-stages of :mod:`orchestrator.graph`)."""
+stages of :mod:`orchestrator.sweep.graph`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Packed trials (``wbsweep bench --packed N``): N worker processes training at once on one device,
 as Ray's fractional GPUs pack trials, against one process alone.
 
-Each worker is ``python -m orchestrator.bench --worker JSON`` (:func:`worker`; the entry point is
-orchestrator/bench.py's ``main``), driven through its stdin and stdout.
+Each worker is ``python -m orchestrator.bench.command --worker JSON`` (:func:`worker`; the entry point is
+orchestrator/bench/command.py's ``main``), driven through its stdin and stdout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_setup import (
+from orchestrator.bench.setup import (
     Log,
     _setup,
     available_cores,
@@ -66,13 +66,13 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def _run_workers(k: int, spec: dict[str, Any], timeout: float = 300.0) -> list[dict[str, Any]]:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
     procs = []
     for i in range(k):
-        # orchestrator.bench's main() runs worker(): the command module, importing this one, not the reverse
-        cmd = [sys.executable, "-m", "orchestrator.bench", "--worker", json.dumps({**spec, "seed": i})]
+        # orchestrator.bench.command's main() runs worker(): the command module, importing this one, not the reverse
+        cmd = [sys.executable, "-m", "orchestrator.bench.command", "--worker", json.dumps({**spec, "seed": i})]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=root))
     errors: list[str] = [""] * k

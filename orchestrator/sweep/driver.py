@@ -10,7 +10,7 @@ Per method of the spec:
 A WB-style method (``parent`` set) starts from its parent's checkpoint of the same seed. Finished
 models are keyed by config hash and seed (``DIR/runs/<hash>/seed<k>``) and never trained twice;
 a tune stage whose choice is recorded in ``DIR/stages`` is not searched again; so re-running an
-interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestrator.graph`.
+interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestrator.sweep.graph`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import early_stop, stores
-from orchestrator.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
-from orchestrator.fusion import FusionSizes, machine_of
-from orchestrator.graph import Node, RepeatNode, StageGraph, TuneNode
-from orchestrator.mlflow_views import log_repeat_summaries, reference_run
-from orchestrator.progress import Progress
-from orchestrator.ray_start import start_ray
-from orchestrator.results import read_rows, rows_for_run, upgrade_files, write_rows
-from orchestrator.spec import Experiment, MethodEntry
-from orchestrator.tracking import Outbox, Tracker, first_line
+from orchestrator.record import stores
+from orchestrator.record.results import read_rows, rows_for_run, upgrade_files, write_rows
+from orchestrator.spec import early_stopping as early_stop
+from orchestrator.spec.experiment import Experiment, MethodEntry
+from orchestrator.sweep.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
+from orchestrator.sweep.fusion import FusionSizes, machine_of
+from orchestrator.sweep.graph import Node, RepeatNode, StageGraph, TuneNode
+from orchestrator.sweep.progress import Progress
+from orchestrator.sweep.ray_start import start_ray
+from orchestrator.sweep.stage_runs import log_repeat_summaries, reference_run
+from orchestrator.tracking.tracker import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError, exception_chain
@@ -88,8 +89,8 @@ def plan(exp: Experiment) -> list[Stage]:
 
 
 def versions() -> dict[str, str]:
-    """The code and package versions every row records (orchestrator/provenance.py)."""
-    from orchestrator.provenance import versions as provenance
+    """The code and package versions every row records (orchestrator/record/provenance.py)."""
+    from orchestrator.record.provenance import versions as provenance
 
     return provenance()
 
@@ -101,7 +102,7 @@ def pending_limit(n: int) -> Iterator[None]:
     Tune reads the number from ``TUNE_MAX_PENDING_TRIALS_PG`` when it starts an experiment (for a
     custom searcher it is otherwise 1, or the ``max_concurrent_trials`` cap, which would also fix the
     number of trials in flight for the whole sweep). Pending trials are what the autoscaler scales
-    for; the number running is left to Tune and the cluster (see :func:`orchestrator.cluster.pending_trials`)."""
+    for; the number running is left to Tune and the cluster (see :func:`orchestrator.sweep.cluster.pending_trials`)."""
     key = "TUNE_MAX_PENDING_TRIALS_PG"
     saved = os.environ.get(key)
     os.environ[key] = str(int(n))
@@ -130,7 +131,7 @@ class Sweep:
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
-        # models per trial: fixed, or measured per fusion key once Ray is up (orchestrator/fusion.py)
+        # models per trial: fixed, or measured per fusion key once Ray is up (orchestrator/sweep/fusion.py)
         self.fusion = FusionSizes(opts.fuse if opts.fuse is not None else res.get("fuse", "auto"), self.out,
                                   self.cpus, self.gpus, note=lambda line: self.progress.note(line))
         self.check_resources()
@@ -219,8 +220,8 @@ class Sweep:
         import ray
         from ray import tune
 
-        from orchestrator.callbacks import TrialCallback, close_interrupted_runs
-        from orchestrator.watchdog import SweepStopped, Watchdog
+        from orchestrator.sweep.callbacks import TrialCallback, close_interrupted_runs
+        from orchestrator.sweep.watchdog import SweepStopped, Watchdog
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
@@ -376,7 +377,7 @@ class Sweep:
     def upgrade_old_files(self) -> None:
         """Result and trial files written by an earlier version get the columns added since (as
         nulls), so that ``pandas.read_parquet`` of the folder sees every column (see
-        :func:`orchestrator.results.upgrade_files`)."""
+        :func:`orchestrator.record.results.upgrade_files`)."""
         n = sum(upgrade_files(self.location(folder)) for folder in ("results", "trials"))
         if n:
             self.progress.note(f"upgraded {n} Parquet file(s) written by an earlier version to today's columns "
@@ -384,8 +385,8 @@ class Sweep:
 
     def status(self, state: str, reason: str | None = None) -> None:
         """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically). While
-        the sweep runs, its watchdog rewrites it every ``heartbeat_s`` (orchestrator.watchdog)."""
-        from orchestrator.watchdog import heartbeat_s
+        the sweep runs, its watchdog rewrites it every ``heartbeat_s`` (orchestrator.sweep.watchdog)."""
+        from orchestrator.sweep.watchdog import heartbeat_s
 
         folder = self.out / "status"
         p = self.progress

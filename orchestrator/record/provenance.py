@@ -21,7 +21,7 @@ from typing import Any
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "mlflow", "pyarrow", "pandas", "numpy", "scipy",
             "scikit-learn", "matplotlib", "pyyaml")
 #: The source tree of this wbsweep: the folder that holds ``orchestrator/``.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_state(root: str | Path) -> tuple[str, bool] | None:
@@ -76,7 +76,7 @@ def code_version(root: str | Path | None = None) -> dict[str, Any]:
 
 
 def versions(root: str | Path | None = None) -> dict[str, Any]:
-    """What the results rows record (:func:`orchestrator.results.rows_for_run`): the code
+    """What the results rows record (:func:`orchestrator.record.results.rows_for_run`): the code
     (:func:`code_version`), ``torch`` and ``ray`` (their own columns) and ``packages`` (every
     version of :func:`package_versions`, as JSON)."""
     pk = package_versions()

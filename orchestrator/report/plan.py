@@ -5,7 +5,7 @@ device time; in total the device-hours (GPU-hours on a GPU) with and without ear
 search trials, and, given a price per GPU-hour, the cost. Every figure is an estimate.
 
 The time of one model is ``setup + epochs x epoch + final`` seconds (the split of
-:func:`orchestrator.bench_speed.full_run`: setup and the first epoch, the steady epoch with its validation
+:func:`orchestrator.bench.speed.full_run`: setup and the first epoch, the steady epoch with its validation
 pass, the final evaluation), plus Ray Tune's per-trial overhead (``TRIAL_OVERHEAD_S``, measured by
 ``wbsweep bench --overhead``: docs/performance.md). Where the figures come from:
 
@@ -19,7 +19,7 @@ pass, the final evaluation), plus Ray Tune's per-trial overhead (``TRIAL_OVERHEA
   of this device's models (the plan says so);
 * a path to such a JSON file.
 
-Early stopping is counted at its nominal budget (:func:`orchestrator.early_stop.expected_epochs`,
+Early stopping is counted at its nominal budget (:func:`orchestrator.spec.early_stopping.expected_epochs`,
 Li et al. 2020): the spec's ``search_scheduler`` settings, else ASHA's defaults.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import early_stop
+from orchestrator.spec import early_stopping as early_stop
 from trainables.errors import WbsweepError
 
 #: Ray Tune's cost per trial (seconds) beyond the training itself: measured with `wbsweep bench
@@ -44,7 +44,7 @@ TRIAL_OVERHEAD_S = 1.3
 #: A sweep's fixed cost on this kind of machine (seconds): Python and Ray start, the first trial
 #: workers' imports, the final table. Measured: 20-30 s on the 2-core VM of docs/performance.md.
 SWEEP_START_S = 25.0
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 #: Images per class of the original training sets the CIFAR/MNIST-shaped recorded figures scale by.
 ORIGINAL_TRAIN = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "mnist": (60_000, 10),
                   "fashion-mnist": (60_000, 10)}
@@ -119,10 +119,10 @@ _MEASURED: dict[tuple, Speed] = {}
 
 def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
     """Train the spec's model for ``epochs`` epochs on this machine (as one trial runs: the spec's
-    ``cpus_per_trial`` threads) and split the time as :func:`orchestrator.bench_speed.full_run` does."""
+    ``cpus_per_trial`` threads) and split the time as :func:`orchestrator.bench.speed.full_run` does."""
     import torch
 
-    from orchestrator.bench_setup import data_kind, synthetic_dataset
+    from orchestrator.bench.setup import data_kind, synthetic_dataset
     from trainables.config import DEFAULTS, resolve_config
     from trainables.data import load_dataset
     from trainables.methods import method_config
@@ -200,7 +200,7 @@ def recorded_figures(device: str) -> dict[str, dict[str, Any]]:
 
 def recorded_speed(exp, device: str) -> Speed:
     """The spec's model on ``device`` from recorded bench figures (see the module docstring)."""
-    from orchestrator.bench_setup import data_kind
+    from orchestrator.bench.setup import data_kind
     from trainables.config import DEFAULTS
 
     model = str(exp.train.get("model", DEFAULTS["model"]))
@@ -243,7 +243,7 @@ def recorded_speed(exp, device: str) -> Speed:
 def finished_models(store: str | None, exp) -> tuple[dict[str, int], dict[str, int]]:
     """Per method: models already trained for this spec/preset (and variant's dataset/model) by its
     tune stage (``trials/`` rows, pruned ones too) and by its repeat stage (``results/`` rows)."""
-    from orchestrator.results import read_rows
+    from orchestrator.record.results import read_rows
     from trainables import storage
 
     out: list[dict[str, int]] = []
@@ -261,8 +261,8 @@ def finished_models(store: str | None, exp) -> tuple[dict[str, int], dict[str, i
 
 
 def stage_costs(exp, speed: Speed, store: str | None = None) -> list[StageCost]:
-    """The cost of each stage of ``exp`` (orchestrator.sweep.plan), finished models subtracted."""
-    from orchestrator.sweep import plan
+    """The cost of each stage of ``exp`` (orchestrator.sweep.driver.plan), finished models subtracted."""
+    from orchestrator.sweep.driver import plan
     from trainables.config import DEFAULTS
     from trainables.methods import method_config
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_setup import Log, _setup, _sync, bench_config, data_kind, device_name, synthetic_dataset
+from orchestrator.bench.setup import Log, _setup, _sync, bench_config, data_kind, device_name, synthetic_dataset
 from trainables.data import LTDataset
 from trainables.device_data import DeviceData
 from trainables.models import ModelSpec, build_model

@@ -4,7 +4,7 @@ All logging happens in the driver through an explicit :class:`MlflowClient` (no 
 from Ray Tune callbacks: the workers never open the tracking store, so a SQLite store works with
 many concurrent trials and a remote tracking server needs to be reachable from the driver only.
 Runs are found again by their tags, so a resumed sweep re-attaches to its runs instead of
-duplicating them. A SQLite store is created whole before MLflow opens it (see :mod:`orchestrator.stores`):
+duplicating them. A SQLite store is created whole before MLflow opens it (see :mod:`orchestrator.record.stores`):
 MLflow would create it step by step in place, and a kill in those seconds broke the folder for good.
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import stores
-from orchestrator.provenance import mlflow_tags
+from orchestrator.record import stores
+from orchestrator.record.provenance import mlflow_tags
 from trainables.errors import WbsweepError, exception_chain
 
 #: Tags of every experiment wbsweep makes: ``mlflow.experimentKind`` tells MLflow 3's UI these are
@@ -61,7 +61,7 @@ def store_error(tracking_uri: str, exc: Exception) -> WbsweepError:
 
 
 def prepare_store(tracking_uri: str, artifact_root: Path | str | None) -> list[str]:
-    """Make a SQLite tracking store whole before MLflow opens it (see :mod:`orchestrator.stores`:
+    """Make a SQLite tracking store whole before MLflow opens it (see :mod:`orchestrator.record.stores`:
     MLflow would create it step by step in place); notes of what was done (none for other stores)."""
     try:
         db = stores.sqlite_file(tracking_uri)
@@ -273,7 +273,7 @@ class Outbox:
     Calls are closures, run in order: one may use what an earlier one made (a run's id)."""
 
     def __init__(self, note: Callable[[str], None], retry_s: float | None = None):
-        from orchestrator.cluster import env_seconds
+        from orchestrator.sweep.cluster import env_seconds
 
         self.note = note
         self.retry_s = env_seconds("WBSWEEP_TRACKING_RETRY_S", 30.0) if retry_s is None else retry_s

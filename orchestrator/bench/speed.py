@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.bench_setup import (
+from orchestrator.bench.setup import (
     SHAPES,
     Log,
     _setup,

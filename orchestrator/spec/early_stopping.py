@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from trainables.errors import WbsweepError
 
 if TYPE_CHECKING:
-    from orchestrator.spec import Experiment
+    from orchestrator.spec.experiment import Experiment
 
 SCHEDULERS = ("none", "asha")
 METRICS = ("val_acc",)  # the per-epoch validation balanced accuracy the trainer reports
@@ -283,7 +283,7 @@ def record_pruned(callback, trial, epoch: int) -> None:
     numbers; its MLflow run ends FINISHED with ``wbsweep.pruned`` = true and ``wbsweep.pruned_epoch``."""
     import pandas as pd
 
-    from orchestrator.results import rows_for_run, write_rows
+    from orchestrator.record.results import rows_for_run, write_rows
     from trainables.config import config_hash
     from trainables.trial import training_config
 

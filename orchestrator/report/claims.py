@@ -27,7 +27,7 @@ when the interval lies wholly above 0 (equivalently p < 0.05 and d > 0), *does n
 otherwise, and has *not enough seeds* when either group has fewer than ``min_seeds``. Seeds are
 treated as independent samples (the methods' seeds are not paired).
 
-The paper's numbers (``orchestrator/reference/*.csv``: mean ± std over the paper's five seeds,
+The paper's numbers (``orchestrator/report/reference/*.csv``: mean ± std over the paper's five seeds,
 appendix 7.5.3; the std read as the sample std) give the same test from the summary statistics
 (``scipy.stats.ttest_ind_from_stats``); where the paper printed no std, only the difference is shown.
 """
@@ -107,7 +107,7 @@ def _group(raw: Any, where: str, analysis: bool) -> dict[str, str]:
 
 def load_claims(path: str | Path) -> Claims:
     """Read and check a claims file; a mistake in it is one :class:`WbsweepError` line naming the file."""
-    from orchestrator.yaml_loader import load as load_yaml
+    from orchestrator.spec.yaml_loader import load as load_yaml
     from trainables.methods import METHODS
 
     path = Path(path)
@@ -225,7 +225,7 @@ def seed_values(rows: pd.DataFrame, claim: Claim, group: dict[str, str], analyse
     if claim.analysis is None:
         sel = _select(rows, group, ("method", "la", "dataset", "model")).drop_duplicates("seed")
         return sel.set_index("seed")[claim.metric].astype(float).dropna()
-    from orchestrator.report import _group_of
+    from orchestrator.report.tables import _group_of
 
     analysis, key = claim.analysis
     if analysis == "" or analyses is None or analyses.empty:
@@ -252,7 +252,7 @@ def seed_values(rows: pd.DataFrame, claim: Claim, group: dict[str, str], analyse
 
 
 def _label(group: dict[str, str]) -> str:
-    from orchestrator.report import _label as method_label
+    from orchestrator.report.tables import _label as method_label
 
     text = method_label(group["method"])
     if group.get("la", "none") != "none":
@@ -312,7 +312,7 @@ def paper_claim(claim: Claim, table: int | None, min_seeds: int = MIN_SEEDS) -> 
              "paper_p": math.nan, "paper_verdict": None}
     if table is None or claim.analysis is not None:
         return empty
-    from orchestrator.report import TABLE2_METHODS, paper_reference
+    from orchestrator.report.tables import TABLE2_METHODS, paper_reference
 
     if table == 2:  # Table 2's own file: FDR per method and dataset, no LA, no std
         ref = paper_reference("paper_table2_fdr.csv")
@@ -368,7 +368,7 @@ def _p(p: float) -> str:
 
 def render_claims(df: pd.DataFrame, fmt: str, title: str) -> str:
     """The claims table as text, markdown, LaTeX or CSV (every column)."""
-    from orchestrator.report import render_grid
+    from orchestrator.report.tables import render_grid
 
     if fmt == "csv":
         return df.to_csv(index=False, float_format="%.6g")
@@ -414,8 +414,8 @@ def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset
     ``report --claims``: one per preset): the table (``claims.json``, MLflow's table artifact, replaced),
     ``claims.csv``, the claims file, one metric per claim (1 holds, 0 not, -1 not enough seeds) and the
     code's provenance tags; the run's id."""
-    from orchestrator.mlflow_views import _drop_artifacts
-    from orchestrator.tracking import Tracker
+    from orchestrator.sweep.stage_runs import _drop_artifacts
+    from orchestrator.tracking.tracker import Tracker
 
     local = not tracking_uri.startswith(("http://", "https://"))
     tracker = Tracker(tracking_uri, spec, out / "mlartifacts" if local else None)
@@ -453,8 +453,8 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
     (``store/results``, the latest config per method as the report uses) and on the paper's numbers;
     written to ``store/claims/<spec>-<preset>.{parquet,csv}`` and, where there is an MLflow store,
     logged as a run. ``paper_only``: the paper's numbers alone (no results needed)."""
-    from orchestrator.report import FORMATS, _analysis_rows, select_rows
-    from orchestrator.results import read_rows
+    from orchestrator.record.results import read_rows
+    from orchestrator.report.tables import FORMATS, _analysis_rows, select_rows
     from trainables import storage
 
     if fmt not in FORMATS:
@@ -498,7 +498,7 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
         try:
             run_id = log_claims(df, tracking_uri, out, spec, preset, claims.path)
             text += f"claims logged to MLflow ({tracking_uri}), run {run_id}\n"
-            from orchestrator.mlflow_views import attach_claims
+            from orchestrator.sweep.stage_runs import attach_claims
 
             attach_claims(tracking_uri, out, spec, preset, df)  # and to the spec-level run of the report
         except WbsweepError as exc:

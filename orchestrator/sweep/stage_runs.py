@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from orchestrator.tracking import Tracker, final_metrics, first_line, flat_params
+from orchestrator.tracking.tracker import Tracker, final_metrics, first_line, flat_params
 from trainables.config import config_hash
 from trainables.trial import training_config
 
 if TYPE_CHECKING:
-    from orchestrator.graph import Node, RepeatNode, TuneNode
-    from orchestrator.sweep import Sweep
+    from orchestrator.sweep.driver import Sweep
+    from orchestrator.sweep.graph import Node, RepeatNode, TuneNode
 
 #: The per-seed numbers a repeat parent summarises, per LA variant.
 ACC = ("acc_many", "acc_medium", "acc_few", "acc_avg")
@@ -88,7 +88,7 @@ def end_reference_runs(tracker: Tracker) -> None:
 
 def stage_rows(sweep: Sweep, node: RepeatNode) -> pd.DataFrame:
     """The Parquet rows of the models of ``node`` (its chosen config, every seed of the preset)."""
-    from orchestrator.results import read_rows
+    from orchestrator.record.results import read_rows
 
     df = read_rows(sweep.location("results"))
     if df.empty or not hasattr(node, "cfg"):
@@ -263,8 +263,8 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
     """:func:`log_report_run` where there is a store; a failure is one line (the report stands)."""
     if not tracking_uri:
         return
-    from orchestrator.report import select_rows
-    from orchestrator.results import read_rows
+    from orchestrator.record.results import read_rows
+    from orchestrator.report.tables import select_rows
     from trainables import storage
 
     try:

@@ -211,7 +211,7 @@ class FusionSizes:
         try:
             probe = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - any failure of the task: one model per trial, said once
-            from orchestrator.tracking import first_line
+            from orchestrator.tracking.tracker import first_line
 
             self.note(f"fuse auto: measuring {describe(cfg)} failed ({first_line(exc)}); one model per trial")
             probe = {"k": 1, "failed": first_line(exc)}

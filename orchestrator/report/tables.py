@@ -1,7 +1,7 @@
 """Rebuild a paper table (mean ± std over seeds) or figure from the Parquet datasets alone.
 
 Where the experiment ran on the paper's dataset, the paper's published numbers stand beside ours
-(``orchestrator/reference/*.csv``, transcribed from the paper). The paper's "ResNet32" rows were
+(``orchestrator/report/reference/*.csv``, transcribed from the paper). The paper's "ResNet32" rows were
 produced by the authors' CIFAR ResNet34 (README); we say so under the table.
 
 A spec's ``layout`` picks the report:
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.results import mixed_data, read_rows
+from orchestrator.record.results import mixed_data, read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
 from trainables.methods import METHODS
@@ -87,7 +87,7 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
 
 
 def paper_reference(name: str = "paper_accuracy_tables.csv") -> pd.DataFrame:
-    path = resources.files("orchestrator") / "reference" / name
+    path = resources.files("orchestrator.report") / "reference" / name
     return pd.read_csv(io.StringIO(path.read_text()))
 
 
@@ -291,7 +291,7 @@ def fdr_table(rows: pd.DataFrame, fmt: str, title: str, method_order: list[str] 
 def _analysis_rows(store: str, rows: pd.DataFrame, spec: str) -> pd.DataFrame:
     """The analyses rows of the models in ``rows`` (results of one spec and preset), with the
     results' method; a model analysed for several specs counts once."""
-    from orchestrator.analyses import FOLDER, read_analysis_rows
+    from orchestrator.record.analyses import FOLDER, read_analysis_rows
 
     where = storage.join(store, FOLDER)
     a = read_analysis_rows(where)

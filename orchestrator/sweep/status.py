@@ -4,7 +4,7 @@ It reads only files: the sweep's status file (``DIR/status/<spec>-<preset>.json`
 the driver on every event and, as a heartbeat, every ``heartbeat_s`` seconds) and the Parquet
 results. A status that says "running" whose driver process is gone (killed) is shown as
 interrupted; one whose heartbeat is overdue (a hung driver, or one on another host, whose pid cannot
-be checked here) as not responding; one the watchdog stopped (orchestrator/watchdog.py) as stopped
+be checked here) as not responding; one the watchdog stopped (orchestrator/sweep/watchdog.py) as stopped
 with the reason. Running the same `wbsweep run` resumes each.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.results import mixed_data, read_rows
+from orchestrator.record.results import mixed_data, read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
 
@@ -53,7 +53,7 @@ def heartbeat_overdue(status: dict, now: float | None = None) -> float | None:
 
 
 _NUMBER = (int, float)
-#: What `wbsweep status` reads from a status file (orchestrator/sweep.py ``Sweep.status`` writes it).
+#: What `wbsweep status` reads from a status file (orchestrator/sweep/driver.py ``Sweep.status`` writes it).
 _FIELDS = {"spec": str, "preset": str, "state": str, "host": str, "pid": int, "updated": _NUMBER,
            "trials": dict, "stages": dict, "failures": list}
 _COUNTS = ("total", "done", "skipped", "running", "failed")

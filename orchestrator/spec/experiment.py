@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.yaml_loader import load as load_yaml
+from orchestrator.spec.yaml_loader import load as load_yaml
 from trainables.config import DEFAULTS, LA_KINDS, resolve_config
 from trainables.errors import WbsweepError, unknown_name
 from trainables.methods import Method, get_method
@@ -62,7 +62,7 @@ class Experiment:
     layout: str = "accuracy"  # one of LAYOUTS
     paper_figure: int | None = None
     variant: str | None = None  # the preset's variant (dataset/model) this experiment is, if it has variants
-    search_scheduler: dict[str, Any] | None = None  # early stopping of tune trials (orchestrator.early_stop)
+    search_scheduler: dict[str, Any] | None = None  # early stopping of tune trials (orchestrator.spec.early_stopping)
 
     def searched_for(self, method: Method) -> dict[str, dict[str, Any]]:
         """The part of the search space that applies to ``method`` (its knobs only)."""
@@ -211,7 +211,7 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
         raise WbsweepError(f"{where}: layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
     paper_table = doc.get("paper_table")
     if paper_table is not None:
-        from orchestrator.report import paper_tables
+        from orchestrator.report.tables import paper_tables
 
         known = paper_tables()[layout]
         if not known:
@@ -300,7 +300,7 @@ def _experiment(p: dict[str, Any], preset: str, where: str, common: dict[str, An
     res = p.get("resources") or {}
     if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
         raise WbsweepError(f"{where}: preset '{preset}': resources may only set {', '.join(sorted(RESOURCE_KEYS))}.")
-    from orchestrator.early_stop import parse as parse_scheduler
+    from orchestrator.spec.early_stopping import parse as parse_scheduler
 
     scheduler = parse_scheduler(p.get("search_scheduler"), f"{where}: preset '{preset}'")
     if variant is not None:

@@ -43,7 +43,7 @@ def _out_dir(path: str, create: bool, flag: str = "--out") -> Path:
 def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool = False) -> str:
     """Where the results live: ``--storage``, else the storage a sweep in ``out`` recorded in its
     status file (so `report` after `run --storage s3://...` needs no flag), else ``out`` itself."""
-    from orchestrator.sweep.status import malformed_status
+    from orchestrator.sweep.status import recorded_store
     from trainables import storage
 
     if arg:
@@ -51,17 +51,7 @@ def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool =
             return arg
         arg = arg.removeprefix("file://")
         return str(_out_dir(arg, create=create, flag="--storage").resolve())
-    recorded = []
-    for f in sorted((out / "status").glob("*.json")) if out.is_dir() else []:
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if malformed_status(doc):  # not a status file of ours: `wbsweep status` names it
-            continue
-        if spec is None or doc["spec"] == spec:
-            recorded.append((doc["updated"], storage.recorded_storage(doc, f, out)))
-    latest = max(recorded, key=lambda t: t[0])[1] if recorded else None
+    latest = recorded_store(out, spec)
     return latest or str(out.resolve())
 
 
@@ -192,7 +182,7 @@ def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset:
     ``table_csv()`` gives the report's table as CSV."""
     if not uri:
         return
-    from orchestrator.sweep.stage_runs import report_to_mlflow
+    from orchestrator.report.mlflow_run import report_to_mlflow
 
     try:
         csv = table_csv()
@@ -330,9 +320,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     try:
         per_class = tuple(int(x) for x in args.per_class.split(","))
-        assert len(per_class) == 3 and min(per_class) >= 1
-    except (ValueError, AssertionError):
-        raise WbsweepError(f"--per-class {args.per_class!r}: write three positive counts, e.g. 500,100,100.") from None
+    except ValueError:
+        per_class = ()
+    if len(per_class) != 3 or min(per_class) < 1:  # checked here, not by assert (gone under python -O)
+        raise WbsweepError(f"--per-class {args.per_class!r}: write three positive counts, e.g. 500,100,100.")
     out = Path(args.out).expanduser() if args.out else default_data_root() / mini_imagenet.FOLDER
     info = mini_imagenet.prepare(args.imagenet_root, out, size=args.size, seed=args.seed, per_class=per_class,
                                  resize=args.resize)

@@ -346,3 +346,21 @@ def crash_fused_group() -> Callable[..., None]:
         assert proc.returncode == 17, proc.stderr[-2000:]
 
     return crash
+
+
+# --------------------------------------------------------------------------------------------------
+# A sweep's stage graph driven by hand (no Ray cluster, no MLflow)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_graph():
+    """``offline_graph(sweep)`` -> the :class:`~orchestrator.sweep.graph.StageGraph` of a
+    :class:`~orchestrator.sweep.driver.Sweep`, with its real context but no tracking (MLflow's part is
+    not run): a test calls ``suggest`` and ``on_trial_complete`` as Ray Tune would."""
+    from orchestrator.sweep.graph import StageGraph
+
+    def make(sweep):
+        return StageGraph(sweep.context(tracker=None, outbox=lambda what, call: None), sweep.fusion)
+
+    return make

@@ -139,3 +139,17 @@ def test_a_foreign_file_in_results_is_named_and_nothing_runs(tmp_path, out_with_
     assert proc.returncode == 2 and "notes.parquet" in proc.stderr and "Traceback" not in proc.stderr
     assert digest(out_with_results / "results") == before
     assert not (out_with_results / "runs").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("per_class", ["0,1,1", "1,1", "a,b,c", "5,-1,2"])
+def test_data_prepare_per_class_is_checked_even_under_python_O(tmp_path, per_class):
+    """--per-class was once checked with ``assert``, which ``python -O`` drops: the bad counts then
+    reached the preparation. The check is a plain test now, under -O too."""
+    root = tmp_path / "imagenet"
+    root.mkdir()
+    proc = subprocess.run([sys.executable, "-O", "-m", "orchestrator.cli", "data", "prepare", "mini-imagenet",
+                           "--imagenet-root", str(root), "--out", str(tmp_path / "out"), "--per-class", per_class],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "write three positive counts" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from orchestrator.spec import early_stopping as early_stop
 from orchestrator.spec.experiment import load_experiment, load_experiments
 from orchestrator.sweep.graph import TuneNode
 from orchestrator.sweep.progress import Progress
+from orchestrator.sweep.scheduler import stage_scheduler
 from trainables.errors import WbsweepError
 
 PRUNE_SPEC = """
@@ -101,7 +102,7 @@ def test_scheduler_settings_and_rungs(tmp_path):
 
 def test_repeat_trials_always_continue_and_tune_trials_stop_below_the_cutoff():
     """The scheduler is Ray Tune's ASHA per tune stage; repeat-stage trials are never stopped."""
-    sched = early_stop.stage_scheduler(SimpleNamespace(search_scheduler=early_stop.parse(
+    sched = stage_scheduler(SimpleNamespace(search_scheduler=early_stop.parse(
         {"name": "asha", "grace_period": 1, "reduction_factor": 2}, "x")))
     base = {"epochs": 4, "la": ["none"], "_runs": "/tmp/none"}
 
@@ -136,13 +137,13 @@ def test_pruned_trials_survive_a_resume_and_are_never_chosen(tmp_path):
     study.ask(dist)  # RUNNING when the driver died
     exp = SimpleNamespace(searched_for=lambda m: {"wd": {"loguniform": [1e-4, 1.0]}}, seeds=[0],
                           search_scheduler=early_stop.parse("asha", "x"))
-    sweep = SimpleNamespace(exp=exp, optuna_storage=lambda: storage, progress=Progress(7, 2, quiet=True),
-                            trial_config=lambda cfg, seed: {**cfg, "seed": seed, "_runs": str(tmp_path)})
-    node = TuneNode(sweep, SimpleNamespace(method=SimpleNamespace(name="wd")), 6)
+    ctx = SimpleNamespace(exp=exp, optuna_storage=lambda: storage, progress=Progress(7, 2, quiet=True),
+                          trial_config=lambda cfg, seed: {**cfg, "seed": seed, "_runs": str(tmp_path)})
+    node = TuneNode(SimpleNamespace(ctx=ctx), SimpleNamespace(method=SimpleNamespace(name="wd")), 6)
     node.base, node.state = {"epochs": 40, "la": ["none"]}, "running"
     node.open_study("s")
     assert (node.issued, node.pruned, len(node.results)) == (4, 2, 2)
-    assert sweep.progress.skipped == 4
+    assert ctx.progress.skipped == 4
     assert max(node.results, key=lambda r: r[0])[2]["wd"] == 2e-3  # never a pruned one
     proposed = [node.next_config(f"t{i}") for i in range(4)]
     assert [p is not None for p in proposed] == [True, True, False, False]

@@ -14,9 +14,10 @@ import pytest
 from orchestrator.spec.experiment import load_experiment
 from orchestrator.sweep.driver import Sweep, SweepOptions
 from orchestrator.sweep.fusion import CACHE_ENV, FUSION_FILE, cache_path, fuse_size, key_id, write_record
-from orchestrator.sweep.graph import member_id, member_result, trial_members
+from orchestrator.sweep.graph import member_id, trial_members
 from trainables.errors import WbsweepError
 from trainables.fused import fusion_key
+from trainables.reports import member_result
 from trainables.trial import training_config
 
 
@@ -26,14 +27,14 @@ def sweep_for(tmp_path: Path, fuse: int | str, **opts) -> Sweep:
                  SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse=fuse, quiet=True, **opts))
 
 
-def test_the_graph_groups_models_that_share_a_fusion_key(tmp_path: Path) -> None:
+def test_the_graph_groups_models_that_share_a_fusion_key(tmp_path: Path, offline_graph) -> None:
     """table4 smoke, K = 3: every model ready at the start (the seeds of naive and cb, the searches of
     wd, wd_etf and wd_fr_etf) is handed out once, in groups of at most 3 whose members share one
     fusion key, seeds of one stage and methods of several stages mixed; WB (a second stage) waits."""
-    sweep = sweep_for(tmp_path, 3)
+    graph = offline_graph(sweep_for(tmp_path, 3))
     handed: list[list[dict]] = []
     for i in range(20):
-        config = sweep.graph.suggest(f"t{i}")
+        config = graph.suggest(f"t{i}")
         if config is None:
             break
         handed.append([c for _, c in trial_members(f"t{i}", config)])
@@ -52,9 +53,8 @@ def test_the_graph_groups_models_that_share_a_fusion_key(tmp_path: Path) -> None
     assert len(wd) == 2 and wd[0]["wd"] != wd[1]["wd"]
 
 
-def test_fuse_off_hands_out_one_model_per_trial(tmp_path: Path) -> None:
-    sweep = sweep_for(tmp_path, "off")
-    config = sweep.graph.suggest("t0")
+def test_fuse_off_hands_out_one_model_per_trial(tmp_path: Path, offline_graph) -> None:
+    config = offline_graph(sweep_for(tmp_path, "off")).suggest("t0")
     assert "_group" not in config and config["_stage"] == "repeat:naive"
 
 
@@ -69,28 +69,31 @@ def test_models_that_cannot_be_fused_get_no_key() -> None:
     assert fusion_key(base, varies=("batch_size",)) is None  # a search over a shared key
 
 
-def test_auto_uses_the_measured_k_of_each_fusion_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_uses_the_measured_k_of_each_fusion_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    offline_graph) -> None:
     """``fuse: auto`` groups each fusion key's models by the K measured for it: from the results
     folder's fusion.json (a resumed sweep), else from this machine's cache (a local cluster only); a
     measured K of 1 trains every model alone. (The measurement itself, as a Ray task, runs in the
     shared smoke sweep: tests/test_integration.py::test_auto_fuse_measures_once_and_groups_by_it.)"""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "machine.json"))
     sweep = sweep_for(tmp_path / "a", "auto")
-    sweep.graph.advance()
-    key = sweep.fusion_key(sweep.nodes[0].fusion_config())
-    assert key is not None and sweep.fusion.auto
+    graph = offline_graph(sweep)
+    graph.advance()
+    key = graph.nodes[0].fusion_key()
+    assert key is not None and key == fusion_key(graph.nodes[0].fusion_config()) and sweep.fusion.auto
     # a resumed sweep: its folder says K = 3 for this key
     write_record(sweep.out / FUSION_FILE, key_id(key), {"k": 3, "reason": "test"})
     sweep.fusion.start(machine=None)
-    sizes = [len(trial_members(f"t{i}", c)) for i in range(4) if (c := sweep.graph.suggest(f"t{i}"))]
+    sizes = [len(trial_members(f"t{i}", c)) for i in range(4) if (c := graph.suggest(f"t{i}"))]
     assert sizes == [3, 3, 3, 1], sizes
     # a new folder on a local cluster: the machine's cache answers, and the folder records it
     fresh = sweep_for(tmp_path / "b", "auto")
-    fresh.graph.advance()
-    cfg = fresh.nodes[0].fusion_config()
+    fresh_graph = offline_graph(fresh)
+    fresh_graph.advance()
+    cfg = fresh_graph.nodes[0].fusion_config()
     fresh.fusion.start(machine="host: CPU=2")
     write_record(cache_path(), fresh.fusion.cache_key(cfg), {"k": 1, "reason": "fusing does not pay here"})
-    config = fresh.graph.suggest("t0")
+    config = fresh_graph.suggest("t0")
     assert "_group" not in config  # K = 1: one model per trial
     assert json.loads((fresh.out / FUSION_FILE).read_text())[key_id(key)]["k"] == 1
     assert fresh.fusion.limit(key, cfg) == 1  # known now, for the rest of this sweep

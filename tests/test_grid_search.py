@@ -49,10 +49,10 @@ def resumed_node(tmp_path, planned: int) -> tuple[TuneNode, optuna.storages.RDBS
     study.ask(dist)  # RUNNING when the driver died
     study.enqueue_trial({"bn_scale": GRID[6]})  # WAITING
     search = {"bn_scale": {"grid": [0.01, 0.2, 0.01]}}
-    exp = SimpleNamespace(searched_for=lambda method: search, seeds=[0])
-    sweep = SimpleNamespace(exp=exp, optuna_storage=lambda: storage, progress=Progress(planned + 1, 2, quiet=True),
-                            trial_config=lambda cfg, seed: {**cfg, "seed": seed, "_runs": str(tmp_path)})
-    node = TuneNode(sweep, SimpleNamespace(method=SimpleNamespace(name="wd_fixbn")), planned)
+    exp = SimpleNamespace(searched_for=lambda method: search, seeds=[0], search_scheduler=None)
+    ctx = SimpleNamespace(exp=exp, optuna_storage=lambda: storage, progress=Progress(planned + 1, 2, quiet=True),
+                          trial_config=lambda cfg, seed: {**cfg, "seed": seed, "_runs": str(tmp_path)})
+    node = TuneNode(SimpleNamespace(ctx=ctx), SimpleNamespace(method=SimpleNamespace(name="wd_fixbn")), planned)
     node.base, node.state = {"bn": "fixed"}, "running"
     node.open_study("s")
     return node, storage
@@ -71,7 +71,7 @@ def test_a_resumed_grid_search_evaluates_exactly_the_missing_points(tmp_path) ->
 
 def test_a_budget_above_the_grid_is_capped(tmp_path) -> None:
     node, _ = resumed_node(tmp_path, planned=30)
-    assert node.planned == 20 and node.sweep.progress.total == 21  # 30 + 1 planned, 10 never run
+    assert node.planned == 20 and node.ctx.progress.total == 21  # 30 + 1 planned, 10 never run
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
     assert values == [round(0.02 * i, 2) for i in range(1, 11)]  # 10 grid points, each once, budget 12 capped
 
 
-def test_of_equal_objectives_the_first_proposed_trial_is_chosen_not_the_first_finished(tmp_path):
+def test_of_equal_objectives_the_first_proposed_trial_is_chosen_not_the_first_finished(tmp_path, offline_graph):
     """A coarse validation accuracy ties easily (two wd values, one val acc). The choice must not
     depend on which trial happened to finish first (a node killed under one, a busier worker): of
     equal objectives the trial Optuna proposed first wins, as Optuna's best_trial does."""
@@ -113,17 +113,17 @@ def test_of_equal_objectives_the_first_proposed_trial_is_chosen_not_the_first_fi
     out = tmp_path / "out"
     sweep = Sweep(load_experiment("table4", "smoke"),
                   SweepOptions(out=out, tracking_uri=f"sqlite:///{out}/mlflow.db", fuse="off", quiet=True))
-    sweep.tracker, sweep.outbox = None, lambda what, call: None  # no tracking store here: MLflow's part is not run
+    graph = offline_graph(sweep)  # no tracking store here: MLflow's part is not run
     proposed = {}
     for i in range(12):
-        config = sweep.graph.suggest(f"t{i}")
+        config = graph.suggest(f"t{i}")
         if config is None:
             break
         if config["_stage"] == "tune:wd":
             proposed[f"t{i}"] = config["wd"]
     first, second = proposed  # smoke: two trials; the second proposed finishes first
     for trial in (second, first):
-        sweep.graph.on_trial_complete(trial, {"objective": 0.5, "final": {"objective": 0.5}})
-    assert sweep.graph.error is None
+        graph.on_trial_complete(trial, {"objective": 0.5, "final": {"objective": 0.5}})
+    assert graph.error is None
     (record,) = (out / "stages").glob("tune-wd-*.json")
     assert json.loads(record.read_text())["searched"] == {"wd": proposed[first]} != {"wd": proposed[second]}

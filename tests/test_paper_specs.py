@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec.experiment import load_experiment, load_experiments, spec_names
-from orchestrator.sweep.driver import plan
+from orchestrator.spec.experiment import stages as plan
 from trainables.errors import WbsweepError
 
 PAPER_SPECS = ["table2", "table3", "table4", "table6", "table7", "table8", "table9", "table10",

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from orchestrator.record.results import read_rows, rows_for_run, write_rows
-from orchestrator.report.tables import paper_reference, report
+from orchestrator.report.tables import report
+from orchestrator.spec.paper import paper_reference
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
 

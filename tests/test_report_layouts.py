@@ -11,7 +11,8 @@ import pytest
 
 from orchestrator.record.analyses import read_analysis_rows, rows_for_result, write_analysis_rows
 from orchestrator.record.results import rows_for_run, write_rows
-from orchestrator.report.tables import paper_reference, report
+from orchestrator.report.tables import report
+from orchestrator.spec.paper import paper_reference
 from trainables.config import resolve_config
 from trainables.errors import WbsweepError
 

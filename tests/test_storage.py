@@ -275,7 +275,7 @@ def test_recorded_storage_is_the_folder_itself_after_a_move_or_copy(tmp_path):
     (out / "results").mkdir()
     shared.mkdir()
     status = out / "status" / "table4-cpu.json"
-    rec = storage.recorded_storage
+    from orchestrator.sweep.status import recorded_storage as rec
     assert rec({"storage": None}, status, out) is None  # results in --out (what a sweep records now)
     assert rec({"storage": "s3://b/p"}, status, out) == "s3://b/p"
     assert rec({"storage": str(shared)}, status, out) == str(shared)  # a separate --storage folder

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from orchestrator.record.records import SweepRecords
 from orchestrator.sweep.callbacks import close_interrupted_runs
 from orchestrator.tracking.tracker import Outbox, Tracker
 
@@ -32,7 +33,7 @@ def test_runs_of_a_dead_driver_end_finished_or_killed(tmp_path):
     (folder / "model.pt").write_bytes(b"weights")
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
-    close_interrupted_runs(tracker, str(runs))
+    close_interrupted_runs(tracker, SweepRecords(str(tmp_path), "table4", "cpu", versions={}))
 
     get = tracker.client.get_run
     assert get(done).info.status == "FINISHED" and get(done).data.metrics["fdr_test"] == 1.0

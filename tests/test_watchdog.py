@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 from test_cluster import _kill_tree
 
-from orchestrator.sweep.cluster import ClusterShape
 from orchestrator.sweep.status import status_text
 from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog
 
@@ -44,15 +43,15 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
 
 
 class FakeSweep:
-    """What the watchdog reads of a sweep, and the status states it writes."""
+    """What the watchdog reads of a sweep's context, and the status states it writes."""
 
     def __init__(self, cpus=1.0, gpus=0.0, autoscaling=False):
-        self.cpus, self.gpus = cpus, gpus
-        self.shape = ClusterShape(autoscaling)
+        self.cpus, self.gpus, self.autoscaling = cpus, gpus, autoscaling
         self.states: list[tuple[str, str | None]] = []
+        self.status = SimpleNamespace(write=self.write)
 
-    def status(self, state: str, reason: str | None = None) -> None:
-        self.states.append((state, reason))
+    def write(self, state: str | None = None, reason: str | None = None) -> None:
+        self.states.append((state or "running", reason))
 
 
 def trials(*statuses: str) -> list:

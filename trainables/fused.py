@@ -120,20 +120,9 @@ if TYPE_CHECKING:
 #: Every other key may differ between the runs (seed, lr, momentum, lr_step, select, wd, wd_scope,
 #: conv_only_linear, bn, bn_scale, fr, loss, cb_beta, cb_form, classifier, etf_bias, the LA and
 #: evaluation options, analyses, track_forgetting; for a second stage its parent (init_from,
-#: parent_hash), stage2_wd, stage2_loss, maxnorm, maxnorm_alpha, stage2_init_norm), except those of
-#: :data:`REFUSED`.
+#: parent_hash), stage2_wd, stage2_loss, maxnorm, maxnorm_alpha, stage2_init_norm).
 SHARED_KEYS = ("dataset", "data_root", "rho", "val_per_class", "split", "augment", "data_fingerprint",
                "model", "width", "batch_size", "epochs", "stage2", "precision", "compile", "device", "threads")
-
-#: Options a fused run cannot do yet, with the value it needs: none since WB's second stage and
-#: forgetting tracking are fused (kept for the options to come).
-REFUSED: dict[str, Any] = {}
-
-
-def refused(cfg: dict[str, Any]) -> list[str]:
-    """The options of :data:`REFUSED` a resolved config sets to what fused training cannot do."""
-    return [k for k, need in REFUSED.items() if cfg[k] != need]
-
 
 def training_epochs(cfg: dict[str, Any]) -> int:
     """The epochs a resolved config trains: ``stage2_epochs`` for WB's second stage, else ``epochs``."""
@@ -167,9 +156,6 @@ def check_fusable(cfgs: Sequence[dict[str, Any]]) -> None:
             raise WbsweepError(
                 f"fused run {i} differs from run 0 in {what}; the runs of a fused group must share "
                 f"{', '.join(SHARED_KEYS)} (epochs: stage2_epochs for a second stage).")
-        for key in refused(cfg):
-            raise WbsweepError(f"fused run {i} has {key}={cfg[key]!r}; fused training does not do that yet "
-                               f"({key} must be {REFUSED[key]!r}): train this run alone.")
 
 
 def build_fused(cfgs: Sequence[dict[str, Any]], dd: DeviceData) -> FusedModels:
@@ -190,7 +176,7 @@ _PARENT_PLACEHOLDER = "<the parent's model.pt>"
 def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str, ...] | None:
     """What a run must share with the runs it is fused with (its :data:`SHARED_KEYS` values, see
     :func:`shared_values`), or None when it trains alone: a model the batched forward cannot run (not
-    in :data:`FUSABLE_MODELS`), an option of :data:`REFUSED`, or a shared key among ``varies`` (the
+    in :data:`FUSABLE_MODELS`), or a shared key among ``varies`` (the
     knobs a search changes from trial to trial; ``stage2_epochs`` counts as one). The sweep groups runs
     with equal keys; :func:`check_fusable` holds for any such group.
 
@@ -199,8 +185,7 @@ def fusion_key(cfg_in: dict[str, Any], varies: Sequence[str] = ()) -> tuple[str,
     if cfg_in.get("stage2") and not cfg_in.get("init_from"):
         cfg_in = {**cfg_in, "init_from": _PARENT_PLACEHOLDER}
     cfg = resolve_config(cfg_in)
-    if (cfg["model"] not in FUSABLE_MODELS or refused(cfg)
-            or set(varies) & {*SHARED_KEYS, "stage2_epochs"}):
+    if cfg["model"] not in FUSABLE_MODELS or set(varies) & {*SHARED_KEYS, "stage2_epochs"}:
         return None
     values = shared_values(cfg)
     return tuple(json.dumps(values[k], sort_keys=True, default=str) for k in SHARED_KEYS)

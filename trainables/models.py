@@ -42,6 +42,7 @@ class Network(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.classifier = classifier
+        self.spec: ModelSpec | None = None  # what built it (build_model): saved beside the weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x))
@@ -287,7 +288,9 @@ def build_model(spec: ModelSpec) -> Network:
         head = ETFClassifier(dim, spec.num_classes, bias=spec.etf_bias, seed=spec.etf_seed)
     else:
         raise WbsweepError(f"unknown classifier '{spec.classifier}': use 'linear' or 'etf'.")
-    return Network(backbone, dim, head)
+    net = Network(backbone, dim, head)
+    net.spec = spec
+    return net
 
 
 # --- knobs that act on a built model -----------------------------------------------------------

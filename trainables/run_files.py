@@ -6,6 +6,7 @@ tests use), and its result (:func:`save_run`: config.json, model.pt, logits.npz,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -93,7 +94,9 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
     arrays = metrics.pop("_arrays")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the plain layout, whatever trained
-    torch.save({"model": state, "config": cfg}, out / "model.pt.tmp")
+    # the ModelSpec too, so that the network can be rebuilt from this file alone (network_from_run)
+    spec = {"spec": dataclasses.asdict(model.spec)} if model.spec is not None else {}
+    torch.save({"model": state, "config": cfg, **spec}, out / "model.pt.tmp")
     os.replace(out / "model.pt.tmp", out / "model.pt")
     with open(out / "logits.npz.tmp", "wb") as fh:
         np.savez_compressed(fh, **arrays)
@@ -107,3 +110,31 @@ def load_metrics(run: str | Path) -> dict[str, Any] | None:
     """The metrics of a finished run (a local folder or a storage location), or None if it has not
     finished. A torn metrics.json counts as not finished: the model is trained again."""
     return storage.read_json_object(storage.join(run, "metrics.json"))
+
+
+def network_from_run(folder: Path) -> Network:
+    """The trained network of a finished run folder, rebuilt from its ``model.pt`` (weights, config
+    and the :class:`~trainables.models.ModelSpec` it was built from), in eval mode. A ``model.pt``
+    of an earlier version has no spec: the input shape and classes are then read from the dataset
+    (this node's cache; its default data root when the recorded one is not here)."""
+    from trainables.config import DEFAULTS
+    from trainables.models import ModelSpec, build_model, fix_batchnorm_
+
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    cfg = {**DEFAULTS, **state["config"]}
+    if "spec" in state:
+        spec = ModelSpec(**state["spec"])
+    else:
+        from trainables.datacache import cached_dataset
+
+        root = cfg.get("data_root")
+        if root is not None and not Path(root).is_dir():
+            root = None  # trained elsewhere: this node's default data root
+        data = cached_dataset(cfg["dataset"], root, cfg["rho"], val_per_class=cfg["val_per_class"], split=cfg["split"])
+        spec = ModelSpec(cfg["model"], data.num_classes, data.x_train.shape[1], data.x_val.shape[-1],
+                         cfg["classifier"], cfg["etf_bias"], cfg["width"], etf_seed=cfg["seed"])
+    model = build_model(spec)
+    if cfg["bn"] == "fixed":
+        fix_batchnorm_(model, cfg["bn_scale"])
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -160,22 +160,6 @@ def check_writable(location: str | Path) -> None:
 # --- run folders ------------------------------------------------------------------------------
 
 
-def recorded_storage(doc: dict[str, Any], status_file: Path, out: Path) -> str | None:
-    """The storage a sweep recorded in its status file ``status_file`` (under ``out/status``), seen
-    from ``out`` as it is now: None when the results were the sweep's own ``--out`` (recorded as
-    none, or, by earlier versions, as that folder's absolute path: a folder moved or copied since
-    must read and write its own results, never the old place's)."""
-    rec = doc.get("storage")
-    if not rec or not isinstance(rec, str):
-        return None
-    if is_remote(rec):
-        return rec
-    was_out = rec == doc.get("out") or (Path(rec) / "status" / status_file.name).is_file()
-    if was_out or (not Path(rec).exists() and (out / "results").is_dir()):
-        return None
-    return rec
-
-
 def scratch_root() -> Path:
     """Node-local folder where trainers keep the run folders of an object-store sweep while they
     work on them (``WBSWEEP_SCRATCH``, else the system's temporary folder)."""

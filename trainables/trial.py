@@ -23,6 +23,14 @@ from typing import Any
 
 from trainables import storage
 from trainables.config import config_hash, objective, resolve_config
+from trainables.reports import (
+    diverged_report,
+    epoch_report,
+    final_report,
+    group_epoch_report,
+    group_report,
+    with_warnings,
+)
 from trainables.run_files import CHECKPOINT, load_metrics
 from trainables.storage import run_dir, run_location
 from trainables.train import TrainingDiverged, train
@@ -62,7 +70,7 @@ class ThrottledReport:
     def __call__(self, epoch_metrics: dict[str, Any]) -> None:
         now = time.monotonic()
         if now - self.last >= self.interval or epoch_metrics.get("epoch") in self.always:
-            self.report({**epoch_metrics, "objective": epoch_metrics["val_acc"]})
+            self.report(epoch_report(epoch_metrics))
             self.last = now
 
 
@@ -208,7 +216,7 @@ def reporter(caught: TrialWarnings) -> Callable[[dict[str, Any]], None]:
 
     def report(metrics: dict[str, Any]) -> None:
         news = caught.take()
-        tune.report({**metrics, "warnings": news} if news else metrics)
+        tune.report(with_warnings(metrics, news))
 
     return report
 
@@ -224,12 +232,12 @@ def _train_and_report(member: Member, caught: TrialWarnings) -> None:
                             on_checkpoint=member.checkpointed)
         except TrainingDiverged as exc:
             # Not a crash to retry (it would diverge again): end the trial with the reason.
-            report({"objective": float("nan"), "diverged": str(exc)})
+            report(diverged_report(str(exc)))
             return
         finally:
             member.drop_parent()
     final = member.final(metrics)
-    report({"objective": final["objective"], "final": final})
+    report(final_report(final))
 
 
 def group_members(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -243,10 +251,8 @@ def train_group(config: dict[str, Any]) -> None:
     models finished already (before a crash, or by another sweep) are re-reported, the others are
     trained together by :func:`trainables.fused.train_fused`, each resuming from its own checkpoint.
 
-    Reports: per epoch ``{"objective", "models": {"i": row}}`` (i: the position in the group, at most
-    one report a second), then ``{"objective", "group": {"i": final}}`` where ``final`` is what a
-    single trial reports as ``final``, or ``{"diverged": reason}`` for a model whose loss became NaN
-    (the others end normally). ``objective`` is the best of the group's (Ray Tune wants one)."""
+    Reports (:mod:`trainables.reports`): per epoch a row per model (at most one report a second), then
+    each model's final metrics, or the reason a model diverged (the others end normally)."""
     import ray
 
     from trainables.fused import train_fused
@@ -262,8 +268,7 @@ def train_group(config: dict[str, Any]) -> None:
             throttled = ThrottledReport(report)
 
             def per_epoch(rows: dict[int, dict[str, Any]]) -> None:
-                throttled({"val_acc": max(r["val_acc"] for r in rows.values()),
-                           "models": {str(todo[j]): r for j, r in rows.items()}})
+                throttled(group_epoch_report({todo[j]: r for j, r in rows.items()}))
 
             def checkpointed() -> None:
                 for i in todo:
@@ -278,9 +283,7 @@ def train_group(config: dict[str, Any]) -> None:
                 for i in todo:
                     members[i].drop_parent()
             results.update(zip(todo, trained, strict=True))
-        group: dict[str, dict[str, Any]] = {}
-        for i, m in enumerate(members):
-            res = results[i]
-            group[str(i)] = {"diverged": str(res)} if isinstance(res, TrainingDiverged) else m.final(res)
-        objectives = [g["objective"] for g in group.values() if "objective" in g]
-        report({"objective": max(objectives) if objectives else float("nan"), "group": group})
+        # per model its final metrics, or why its loss diverged (the others end normally)
+        finals = {i: str(results[i]) if isinstance(results[i], TrainingDiverged) else m.final(results[i])
+                  for i, m in enumerate(members)}
+        report(group_report(finals))

@@ -27,7 +27,7 @@ when the interval lies wholly above 0 (equivalently p < 0.05 and d > 0), *does n
 otherwise, and has *not enough seeds* when either group has fewer than ``min_seeds``. Seeds are
 treated as independent samples (the methods' seeds are not paired).
 
-The paper's numbers (``orchestrator/report/reference/*.csv``: mean ± std over the paper's five seeds,
+The paper's numbers (``orchestrator/spec/reference/*.csv``: mean ± std over the paper's five seeds,
 appendix 7.5.3; the std read as the sample std) give the same test from the summary statistics
 (``scipy.stats.ttest_ind_from_stats``); where the paper printed no std, only the difference is shown.
 """
@@ -312,7 +312,8 @@ def paper_claim(claim: Claim, table: int | None, min_seeds: int = MIN_SEEDS) -> 
              "paper_p": math.nan, "paper_verdict": None}
     if table is None or claim.analysis is not None:
         return empty
-    from orchestrator.report.tables import TABLE2_METHODS, paper_reference
+    from orchestrator.report.tables import TABLE2_METHODS
+    from orchestrator.spec.paper import paper_reference
 
     if table == 2:  # Table 2's own file: FDR per method and dataset, no LA, no std
         ref = paper_reference("paper_table2_fdr.csv")
@@ -414,7 +415,7 @@ def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset
     ``report --claims``: one per preset): the table (``claims.json``, MLflow's table artifact, replaced),
     ``claims.csv``, the claims file, one metric per claim (1 holds, 0 not, -1 not enough seeds) and the
     code's provenance tags; the run's id."""
-    from orchestrator.sweep.stage_runs import _drop_artifacts
+    from orchestrator.report.mlflow_run import drop_artifacts
     from orchestrator.tracking.tracker import Tracker
 
     local = not tracking_uri.startswith(("http://", "https://"))
@@ -422,7 +423,7 @@ def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset
     client = tracker.client
     run_id = tracker.run(f"claims {preset}", {"wbsweep.kind": "claims", "wbsweep.preset": preset})
     try:
-        _drop_artifacts(tracker, run_id, ["claims.json"])  # log_table appends to an existing table
+        drop_artifacts(tracker, run_id, ["claims.json"])  # log_table appends to an existing table
         client.log_table(run_id, data=df, artifact_file="claims.json")
         code = {HOLDS: 1.0, FAILS: 0.0, FEW_SEEDS: -1.0}
         metrics = {}
@@ -498,7 +499,7 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
         try:
             run_id = log_claims(df, tracking_uri, out, spec, preset, claims.path)
             text += f"claims logged to MLflow ({tracking_uri}), run {run_id}\n"
-            from orchestrator.sweep.stage_runs import attach_claims
+            from orchestrator.report.mlflow_run import attach_claims
 
             attach_claims(tracking_uri, out, spec, preset, df)  # and to the spec-level run of the report
         except WbsweepError as exc:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import early_stopping as early_stop
+from orchestrator.spec.experiment import stages
 from trainables.errors import WbsweepError
 
 #: Ray Tune's cost per trial (seconds) beyond the training itself: measured with `wbsweep bench
@@ -261,15 +262,14 @@ def finished_models(store: str | None, exp) -> tuple[dict[str, int], dict[str, i
 
 
 def stage_costs(exp, speed: Speed, store: str | None = None) -> list[StageCost]:
-    """The cost of each stage of ``exp`` (orchestrator.sweep.driver.plan), finished models subtracted."""
-    from orchestrator.sweep.driver import plan
+    """The cost of each stage of ``exp`` (orchestrator.spec.experiment.stages), finished models subtracted."""
     from trainables.config import DEFAULTS
     from trainables.methods import method_config
 
     es = early_stop.settings(exp) or early_stop.parse("asha", "default")
     tuned, repeated = finished_models(store, exp)
     costs = []
-    for s in plan(exp):
+    for s in stages(exp):
         name = s.entry.method.name
         cfg = {**DEFAULTS, **exp.train, **method_config(s.entry.method, exp.hyper)}
         epochs = early_stop.stage_epochs(cfg)
@@ -277,7 +277,7 @@ def stage_costs(exp, speed: Speed, store: str | None = None) -> list[StageCost]:
             left = 0 if repeated.get(name) else max(0, s.trials - tuned.get(name, 0))
             es_epochs = early_stop.expected_epochs(es, epochs, s.trials)
         else:
-            has_tune = any(t.kind == "tune" and t.entry is s.entry for t in plan(exp))
+            has_tune = any(t.kind == "tune" and t.entry is s.entry for t in stages(exp))
             # the first seed's model is the chosen tune trial's own (reused, not trained again)
             left = max(0, s.trials - int(has_tune) - max(0, repeated.get(name, 0) - int(has_tune)))
             es_epochs = float(epochs)

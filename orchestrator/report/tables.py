@@ -1,7 +1,7 @@
 """Rebuild a paper table (mean ± std over seeds) or figure from the Parquet datasets alone.
 
 Where the experiment ran on the paper's dataset, the paper's published numbers stand beside ours
-(``orchestrator/report/reference/*.csv``, transcribed from the paper). The paper's "ResNet32" rows were
+(``orchestrator/spec/reference/*.csv``, transcribed from the paper). The paper's "ResNet32" rows were
 produced by the authors' CIFAR ResNet34 (README); we say so under the table.
 
 A spec's ``layout`` picks the report:
@@ -18,16 +18,15 @@ Formats: ``table`` (aligned text), ``markdown``, ``csv`` (the summary numbers) a
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from orchestrator.record.results import mixed_data, read_rows
+from orchestrator.spec.paper import paper_reference
 from trainables import storage
 from trainables.errors import WbsweepError
 from trainables.methods import METHODS
@@ -84,18 +83,6 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
                              f"{hi:g}] in {int(edge.sum())}/{len(edge)} seeds; the best {sym} may lie outside "
                              f"(widen {option}).")
     return "".join(f"{line}\n" for line in lines)
-
-
-def paper_reference(name: str = "paper_accuracy_tables.csv") -> pd.DataFrame:
-    path = resources.files("orchestrator.report") / "reference" / name
-    return pd.read_csv(io.StringIO(path.read_text()))
-
-
-def paper_tables() -> dict[str, list[int]]:
-    """Per layout, the paper's tables whose numbers the report prints beside ours: a spec's
-    ``paper_table`` must be one of its layout's (any other shows no paper rows)."""
-    accuracy = sorted({int(t) for t in paper_reference()["table"]})
-    return {"accuracy": accuracy, "fdr": [2], "fdr_random_layer": [3], "figure": []}
 
 
 def select_rows(df: pd.DataFrame, spec: str, preset: str | None) -> tuple[pd.DataFrame, str]:

@@ -69,6 +69,30 @@ class Experiment:
         return {k: v for k, v in self.search.items() if k in method.searched}
 
 
+@dataclass
+class Stage:
+    """One stage of an experiment: ``tune`` (Optuna searches the method's knobs on validation) or
+    ``repeat`` (the chosen config over every seed, evaluated on test)."""
+
+    kind: str  # "tune" | "repeat"
+    entry: MethodEntry
+    trials: int  # planned trials (before skipping finished work)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.entry.method.name}"
+
+
+def stages(exp: Experiment) -> list[Stage]:
+    """The stages of ``exp``: per method a tune stage (when it searches anything) and a repeat."""
+    out: list[Stage] = []
+    for entry in exp.methods:
+        if exp.searched_for(entry.method) and exp.trials > 0:
+            out.append(Stage("tune", entry, exp.trials))
+        out.append(Stage("repeat", entry, len(exp.seeds)))
+    return out
+
+
 def check_dataset_name(name: str) -> None:
     from trainables.data import dataset_names
 
@@ -211,7 +235,7 @@ def load_experiments(name_or_path: str, preset: str | None = None) -> list[Exper
         raise WbsweepError(f"{where}: layout '{layout}' is not one of {', '.join(LAYOUTS)}.")
     paper_table = doc.get("paper_table")
     if paper_table is not None:
-        from orchestrator.report.tables import paper_tables
+        from orchestrator.spec.paper import paper_tables
 
         known = paper_tables()[layout]
         if not known:

@@ -6,7 +6,9 @@ ends, its final metrics, its artifacts (config, checkpoint, logits) and its Parq
 a trial reports (``warnings`` in a result) are printed and kept in its run's ``wbsweep.warnings``
 tag; trials that wait for resources are counted after every step of Tune's loop.
 
-Every MLflow call goes through the sweep's :class:`~orchestrator.tracking.tracker.Outbox`: a tracking store
+It receives the sweep's :class:`~orchestrator.sweep.context.SweepContext` (never the driver) and the
+graph, which tells it the stage of a trial's config. Every MLflow call goes through the context's
+:class:`~orchestrator.tracking.tracker.Outbox`: a tracking store
 that is locked or unreachable for a while delays the logging, never the sweep. When the sweep
 stops (Ctrl-C, SIGTERM, an error), :meth:`TrialCallback.close` ends the runs of the trials it
 stopped.
@@ -15,23 +17,22 @@ stopped.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.spec import early_stopping as early_stop
+from orchestrator.record.analyses import record_run_analyses
+from orchestrator.record.records import SweepRecords
 from orchestrator.sweep.cluster import autoscaler_activity, env_seconds, free_resources
-from orchestrator.sweep.graph import member_id, trial_members
-from orchestrator.sweep.stage_runs import log_pytorch_model, make_reference_run, optuna_attrs
-from orchestrator.tracking.tracker import display_value, final_metrics, flat_params
+from orchestrator.sweep.context import SweepContext
+from orchestrator.sweep.graph import StageGraph, member_id, trial_members
+from orchestrator.sweep.stage_runs import StageRuns, end_reference_runs
+from orchestrator.tracking.pytorch_model import log_pytorch_model
+from orchestrator.tracking.tracker import Tracker, display_value, final_metrics, flat_params
 from trainables import storage
 from trainables.config import config_hash
-from trainables.storage import run_location
-from trainables.trial import finished_metrics, training_config
-
-if TYPE_CHECKING:
-    from orchestrator.sweep.driver import Sweep
-    from orchestrator.tracking.tracker import Tracker
+from trainables.reports import WARNINGS, epoch_rows, model_outcomes
+from trainables.trial import training_config
 
 
 def knob_text(value: Any) -> str:
@@ -39,22 +40,20 @@ def knob_text(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def close_interrupted_runs(tracker: Tracker, runs: str) -> None:
+def close_interrupted_runs(tracker: Tracker, records: SweepRecords) -> None:
     """End the model runs a dead driver (kill -9, a lost head node) left RUNNING: FINISHED with
     their metrics and files when the model did finish (its trial ended after the driver died), else
     KILLED with the reason (a tune trial in flight that the resumed study may never propose again).
     A model trained later re-attaches to its run, which then ends FINISHED. Reference runs
     (orchestrator/sweep/stage_runs.py) cut off while being made end FINISHED: they train nothing."""
-    from orchestrator.sweep.stage_runs import end_reference_runs
-
     end_reference_runs(tracker)
     for run_id, hash_, seed in tracker.running_model_runs():
-        metrics = finished_metrics(runs, hash_, seed)
+        metrics = records.finished(hash_, seed)
         if metrics is None:
             tracker.finish(run_id, "KILLED", "interrupted: the driver stopped first")
             continue
         tracker.log_metrics(run_id, final_metrics(metrics), step=int(metrics["epochs"]))
-        with storage.local_copy(runs, hash_, seed) as folder:
+        with storage.local_copy(records.runs, hash_, seed) as folder:
             tracker.log_artifacts(run_id, folder)
         tracker.finish(run_id)
 
@@ -64,8 +63,9 @@ class TrialCallback(Callback):
     WAIT_NOTE_S = env_seconds("WBSWEEP_WAIT_NOTE_S", 30.0)
     WAIT_REPEAT_S = env_seconds("WBSWEEP_WAIT_REPEAT_S", 300.0)
 
-    def __init__(self, sweep: Sweep):
-        self.sweep = sweep
+    def __init__(self, ctx: SweepContext, graph: StageGraph, stage_runs: StageRuns):
+        self.ctx, self.graph, self.stage_runs = ctx, graph, stage_runs
+        self.tracker: Tracker = ctx.tracker  # type: ignore[assignment]
         # Keyed by member id (orchestrator.sweep.graph.member_id): a trial's own id, or one per model of a fused group.
         self.run_ids: dict[str, str] = {}  # member id -> its MLflow run (set once the run exists)
         # member id -> the run of the model another spec trained, which this trial only re-reports
@@ -81,35 +81,33 @@ class TrialCallback(Callback):
         have waited WAIT_NOTE_S (on a fixed cluster only when nothing runs, since there a trial
         waiting for a running one to finish is the normal case). Tracking calls deferred earlier are
         tried again here (at most every ``Outbox.retry_s``)."""
-        self.sweep.outbox.catch_up()
+        self.ctx.outbox.catch_up()
         now = time.time()
         pending = {t.trial_id for t in trials if t.status == "PENDING"}
         self.pending_since = {k: self.pending_since.get(k, now) for k in pending}
         since = min(self.pending_since.values()) if pending else None
-        progress = self.sweep.progress
+        progress = self.ctx.progress
         progress.set_pending(len(pending), since)
         if not pending:
             self.next_wait_note = None
             return
         if self.next_wait_note is None:
             self.next_wait_note = since + self.WAIT_NOTE_S
-        shape = getattr(self.sweep, "shape", None)
-        stuck = (shape is not None and shape.autoscaling) or not any(t.status == "RUNNING" for t in trials)
+        stuck = self.ctx.autoscaling or not any(t.status == "RUNNING" for t in trials)
         if now >= self.next_wait_note and stuck:
             self.next_wait_note = now + max(self.WAIT_REPEAT_S, self.WAIT_NOTE_S)
             progress.waiting(self.wait_detail())
 
     def wait_detail(self) -> str:
         """What a waiting trial needs, what is free, what the autoscaler does."""
-        sweep = self.sweep
+        ctx = self.ctx
         free = free_resources()
-        need = f"each needs {sweep.cpus:g} CPU" + (f" + {sweep.gpus:g} GPU" if sweep.gpus else "")
+        need = f"each needs {ctx.cpus:g} CPU" + (f" + {ctx.gpus:g} GPU" if ctx.gpus else "")
         text = f"{need}; free now {free['CPU']:g} CPU, {free['GPU']:g} GPU"
-        shape = getattr(sweep, "shape", None)
-        if shape is not None and shape.autoscaling:
+        if ctx.autoscaling:
             doing = autoscaler_activity()
             text += f"; autoscaler: {doing or 'asked for nodes (`ray status` shows its progress)'}"
-        elif shape is not None:
+        else:
             text += "; no autoscaler: they start when running trials end or a node that fits joins"
         return text
 
@@ -118,7 +116,7 @@ class TrialCallback(Callback):
         return trial_members(trial.trial_id, trial.config)
 
     def label(self, config: dict[str, Any]) -> str:
-        return f"{self.sweep.graph.node_of(config).label} seed {config['seed']}"
+        return f"{self.graph.node_of(config).label} seed {config['seed']}"
 
     def note_warnings(self, trial, text: str) -> None:
         """Print a trial's new warnings and keep all of them in its MLflow runs' wbsweep.warnings tag
@@ -131,11 +129,11 @@ class TrialCallback(Callback):
         members = self.members(trial)
         label = self.label(members[0][1]) + (f" (+{len(members) - 1} fused)" if len(members) > 1 else "")
         for w in new:
-            self.sweep.progress.note(f"WARNING {label}: {w}")
+            self.ctx.progress.note(f"WARNING {label}: {w}")
         tag = "\n".join(seen)[-5000:]
         for mid, _ in members:
             self.for_run(mid, "a warnings tag",
-                         lambda run_id: self.sweep.tracker.client.set_tag(run_id, "wbsweep.warnings", tag))
+                         lambda run_id: self.tracker.client.set_tag(run_id, "wbsweep.warnings", tag))
 
     def for_run(self, mid: str, what: str, call) -> None:
         """``call(run_id)`` on the MLflow run of model ``mid`` (a member id: :func:`member_id`), through
@@ -145,7 +143,7 @@ class TrialCallback(Callback):
             if run_id is not None:  # None: its creation failed for good (said in a warning)
                 call(run_id)
 
-        self.sweep.outbox(what, on_run)
+        self.ctx.outbox(what, on_run)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         members = self.members(trial)
@@ -154,64 +152,61 @@ class TrialCallback(Callback):
 
     def start_run(self, mid: str, fused_trial: str | None, config: dict[str, Any]) -> None:
         """The MLflow run of model ``mid`` (of the fused group trial ``fused_trial``), made or re-attached."""
-        node = self.sweep.graph.node_of(config)
+        node = self.graph.node_of(config)
         cfg = training_config(config)
         hash_ = config_hash(cfg)
         tags = {"wbsweep.config_hash": hash_, "wbsweep.seed": str(cfg["seed"])}
         name = f"{node.method} seed{cfg['seed']}"
         if node.kind == "tune":  # the trial's searched knobs tell its run apart from the others' in the UI
             name = f"{node.method} " + " ".join(f"{k}={knob_text(cfg[k])}" for k in node.search) + f" seed{cfg['seed']}"
-        tracker = self.sweep.tracker
+        tracker, records = self.tracker, self.ctx.records
         if node.kind == "tune":  # the Optuna trial names its model (optuna-dashboard shows it)
-            optuna_attrs(node, mid, {"config_hash": hash_})
+            node.set_trial_attrs(mid, {"config_hash": hash_})
         # A model finished earlier (this trial only re-reports it: another spec's search proposed it
         # again) whose run is in another spec's experiment gets a reference run here, not a second run.
-        finished = finished_metrics(self.sweep.runs, hash_, cfg["seed"])
-        source = self.sweep.run_file(hash_, cfg["seed"], "mlflow_run_id") if finished is not None else None
+        finished = records.finished(hash_, cfg["seed"])
+        source = records.run_file(hash_, cfg["seed"], "mlflow_run_id") if finished is not None else None
 
         def start() -> None:  # each step is idempotent: a retry after a partial failure re-attaches
             if source is not None and tracker.in_other_experiment(source) and tracker.find(tags) is None:
                 self.sources[mid] = source
                 if node.kind == "tune":
-                    optuna_attrs(node, mid, {"mlflow_run_id": source})
-                make_reference_run(self.sweep, node, config, finished, source)  # here: inside the outbox
+                    node.set_trial_attrs(mid, {"mlflow_run_id": source})
+                self.stage_runs.make_reference_run(node, config, finished, source)  # here: inside the outbox
                 return
-            run_id = tracker.run(name, tags, parent=node.parent_run())
+            run_id = tracker.run(name, tags, parent=self.stage_runs.parent_run(node))
             tracker.client.set_tag(run_id, "wbsweep.method", node.method)
             tracker.client.set_tag(run_id, "wbsweep.stage", node.kind)
             if fused_trial is not None:  # trained with others in one process (trainables/fused.py)
                 tracker.client.set_tag(run_id, "wbsweep.fused_trial", fused_trial)
             tracker.log_params(run_id, flat_params(cfg))
             tracker.log_dataset(run_id, cfg)
-            storage.write_bytes(storage.join(run_location(self.sweep.runs, hash_, cfg["seed"]), "mlflow_run_id"),
-                                run_id.encode())
+            records.write_run_file(hash_, cfg["seed"], "mlflow_run_id", run_id)
             self.run_ids[mid] = run_id
             if node.kind == "tune":
-                optuna_attrs(node, mid, {"mlflow_run_id": run_id})
+                node.set_trial_attrs(mid, {"mlflow_run_id": run_id})
 
         self.open.add(mid)
-        self.sweep.outbox(f"the run of {node.label} seed {cfg['seed']}", start)
-        self.sweep.progress.started(mid)
+        self.ctx.outbox(f"the run of {node.label} seed {cfg['seed']}", start)
+        self.ctx.progress.started(mid)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         members = self.members(trial)
         what = self.label(members[0][1]) + (f" and {len(members) - 1} fused with it" if len(members) > 1 else "")
-        self.sweep.progress.retrying(trial.trial_id, what)
+        self.ctx.progress.retrying(trial.trial_id, what)
 
     EPOCH_KEYS = ("train_loss", "val_acc", "lr")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("warnings"):
-            self.note_warnings(trial, str(result["warnings"]))
-        if "epoch" in result:
-            self.log_epoch(trial.trial_id, result)
-        for i, row in (result.get("models") or {}).items():  # a fused group's epoch: a row per model
-            self.log_epoch(member_id(trial.trial_id, int(i)), row)
+        if result.get(WARNINGS):
+            self.note_warnings(trial, str(result[WARNINGS]))
+        for i, row in epoch_rows(result):  # a single model's epoch, or a fused group's: a row per model
+            self.log_epoch(member_id(trial.trial_id, i), row)
 
     def log_epoch(self, mid: str, row: dict[str, Any]) -> None:
         epoch = int(row["epoch"])
         metrics = {k: row[k] for k in self.EPOCH_KEYS}
-        self.for_run(mid, f"epoch {epoch}", lambda run_id: self.sweep.tracker.log_metrics(run_id, metrics, step=epoch))
+        self.for_run(mid, f"epoch {epoch}", lambda run_id: self.tracker.log_metrics(run_id, metrics, step=epoch))
         self.logged_epochs.setdefault(mid, set()).add(epoch)
 
     def log_history(self, mid: str, history: list[dict]) -> None:
@@ -228,54 +223,43 @@ class TrialCallback(Callback):
         for i in range(0, len(batch), 900):
             chunk = batch[i : i + 900]
             self.for_run(mid, "the epochs' metrics",
-                         lambda run_id, chunk=chunk: self.sweep.tracker.client.log_batch(run_id, metrics=chunk))
+                         lambda run_id, chunk=chunk: self.tracker.client.log_batch(run_id, metrics=chunk))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         members = self.members(trial)
-        pruned_at = early_stop.pruned_epoch(self.sweep, trial.trial_id)
-        if len(members) == 1 and last.get("final") is None and pruned_at is not None:
-            early_stop.record_pruned(self, trial, pruned_at)  # stopped early by its tune stage's ASHA: not failed
+        pruned_at = self.ctx.pruned_epoch(trial.trial_id)
+        outcomes = model_outcomes(last, len(members))
+        if len(members) == 1 and outcomes[0][0] is None and pruned_at is not None:
+            self.record_pruned(trial, pruned_at)  # stopped early by its tune stage's ASHA: not failed
             return
-        if len(members) == 1:
-            self.model_done(members[0][0], members[0][1], last.get("final"), last.get("diverged"))
-            return
-        group = last.get("group") or {}
-        for i, (mid, config) in enumerate(members):
-            final = group.get(str(i))
+        for (mid, config), (final, why) in zip(members, outcomes, strict=True):
             if final is None:
-                self.model_failed(mid, config, "the fused trial ended without this model's result")
-            elif "diverged" in final:
-                self.model_failed(mid, config, final["diverged"])
+                self.model_failed(mid, config, why)
             else:
-                self.model_done(mid, config, final, None)
+                self.model_done(mid, config, final)
 
-    def model_done(self, mid: str, config: dict[str, Any], final: dict[str, Any] | None, reason: str | None) -> None:
-        """A model's trial ended: its rows, analyses and MLflow run (metrics, files), or, without its
-        final report (a diverged loss), a failure with its reason."""
-        if final is None:
-            self.model_failed(mid, config, reason)
-            return
-        tracker = self.sweep.tracker
-        from orchestrator.record.analyses import record_run_analyses  # Table 3 / figure numbers, if any: DIR/analyses
-
-        node = self.sweep.graph.node_of(config)
+    def model_done(self, mid: str, config: dict[str, Any], final: dict[str, Any]) -> None:
+        """A model's trial ended with its final report: its rows, analyses and MLflow run (metrics, files)."""
+        tracker, records = self.tracker, self.ctx.records
+        node = self.graph.node_of(config)
         cfg = training_config(config)
-        hash_, seed, runs = config_hash(cfg), cfg["seed"], self.sweep.runs
+        hash_, seed, exp = config_hash(cfg), cfg["seed"], self.ctx.exp
         # The rows first: they never wait for MLflow (whose run id they carry when the run exists)
-        with storage.local_copy(runs, hash_, seed) as folder:
-            self.sweep.record(node, config, final, self.run_ids.get(mid) or self.sources.get(mid))
-            record_run_analyses(self.sweep.store, folder, spec=self.sweep.exp.name, preset=self.sweep.exp.preset,
-                                method=node.method)
+        with storage.local_copy(records.runs, hash_, seed) as folder:
+            run_id = self.run_ids.get(mid) or self.sources.get(mid)
+            records.write(node.kind, node.method, cfg, records.model_rows(node.kind, node.method, cfg, final, run_id))
+            # Table 3 / figure numbers, if any: DIR/analyses
+            record_run_analyses(records.store, folder, spec=exp.name, preset=exp.preset, method=node.method)
 
         def log_files(run_id: str) -> None:  # a deferred call downloads them again (a remote storage)
-            with storage.local_copy(runs, hash_, seed) as folder:
+            with storage.local_copy(records.runs, hash_, seed) as folder:
                 tracker.log_artifacts(run_id, folder)
                 if node.kind == "repeat":  # the models of the table: loadable with mlflow.pytorch.load_model
                     why = log_pytorch_model(tracker, run_id, folder)
                     if why:
-                        self.sweep.progress.note(f"WARNING MLflow: {node.label} seed {seed}: PyTorch model not "
-                                                 f"logged ({why}); model.pt is in its run folder and artifacts")
+                        self.ctx.progress.note(f"WARNING MLflow: {node.label} seed {seed}: PyTorch model not "
+                                               f"logged ({why}); model.pt is in its run folder and artifacts")
 
         self.log_history(mid, final.get("history", []))
         metrics = final_metrics(final)
@@ -284,12 +268,43 @@ class TrialCallback(Callback):
         self.for_run(mid, "the model's files", log_files)
         self.for_run(mid, "the end of a run", tracker.finish)
         self.open.discard(mid)
-        self.sweep.progress.done(mid)
+        self.ctx.progress.done(mid)
 
     def model_failed(self, mid: str, config: dict[str, Any], reason: str | None) -> None:
         reason = reason or "unknown error"
         self.end_run(mid, "FAILED", reason)
-        self.sweep.progress.failed(f"{self.sweep.graph.node_of(config).label} trial {mid}: {reason}", mid)
+        self.ctx.progress.failed(f"{self.graph.node_of(config).label} trial {mid}: {reason}", mid)
+
+    def record_pruned(self, trial, epoch: int) -> None:
+        """A trial early stopping ended: a ``trials/`` row per LA variant with ``pruned`` true, the
+        epochs it trained, its validation accuracy there and no test numbers; its MLflow run ends
+        FINISHED with ``wbsweep.pruned`` = true and ``wbsweep.pruned_epoch``."""
+        records = self.ctx.records
+        node = self.graph.node_of(trial.config)
+        last = trial.last_result or {}
+        cfg = training_config(trial.config)
+        hash_, val = config_hash(cfg), last.get("val_acc")
+        blank = {"many": None, "medium": None, "few": None, "avg": None, "acc_per_class": None, "param": None}
+        metrics = {"config_hash": hash_, "la": {la: {**blank, "val_acc": val} for la in cfg["la"]},
+                   "fdr_train": None, "fdr_test": None, "epochs": int(epoch), "best_epoch": None,
+                   "train_seconds": last.get("time_total_s"), "node": last.get("hostname"), "device": cfg["device"],
+                   "data_fingerprint": cfg.get("data_fingerprint"),
+                   "ray_node_id": records.run_file(hash_, cfg["seed"], "ray_node_id")}
+        rows = records.model_rows(node.kind, node.method, cfg, metrics, self.run_ids.get(trial.trial_id))
+        for row in rows:  # only the plain (no LA) validation accuracy is measured per epoch
+            row.update(objective=None, pruned=True, val_acc=val if row["la"] == "none" else None)
+        records.write(node.kind, node.method, cfg, rows)
+        tags = {"wbsweep.pruned": "true", "wbsweep.pruned_epoch": str(int(epoch))}
+
+        def end(run_id: str) -> None:
+            for k, v in tags.items():
+                self.tracker.client.set_tag(run_id, k, v)
+            self.tracker.finish(run_id)
+
+        self.for_run(trial.trial_id, "the end of a pruned run", end)
+        self.open.discard(trial.trial_id)
+        self.logged_epochs.pop(trial.trial_id, None)
+        self.ctx.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = "unknown error"
@@ -306,8 +321,7 @@ class TrialCallback(Callback):
     def end_run(self, mid: str, status: str, reason: str) -> None:
         """End a model's run that did not finish: ``status`` KILLED or FAILED, the reason in its
         ``wbsweep.error`` tag."""
-        tracker = self.sweep.tracker
-        self.for_run(mid, "the end of a run", lambda run_id: tracker.finish(run_id, status, reason))
+        self.for_run(mid, "the end of a run", lambda run_id: self.tracker.finish(run_id, status, reason))
         self.open.discard(mid)
 
     def close(self, status: str, reason: str) -> None:

@@ -1,4 +1,4 @@
-"""Expand an experiment into its stage graph and run it as one Ray Tune experiment.
+"""The driver: one experiment (spec, preset, variant) as one Ray Tune experiment.
 
 Per method of the spec:
 
@@ -10,7 +10,12 @@ Per method of the spec:
 A WB-style method (``parent`` set) starts from its parent's checkpoint of the same seed. Finished
 models are keyed by config hash and seed (``DIR/runs/<hash>/seed<k>``) and never trained twice;
 a tune stage whose choice is recorded in ``DIR/stages`` is not searched again; so re-running an
-interrupted sweep resumes it. How the stages are scheduled is in :mod:`orchestrator.sweep.graph`.
+interrupted sweep resumes it.
+
+Read :meth:`Sweep.run` top to bottom: start Ray, open MLflow, build the
+:class:`~orchestrator.sweep.context.SweepContext` that every part receives, the stage graph
+(:mod:`orchestrator.sweep.graph`: which trial runs next), the listeners (the trial callback, the
+stages' MLflow runs, the watchdog), then ``Tuner.fit``. docs/architecture.md shows how data flows.
 """
 
 from __future__ import annotations
@@ -19,47 +24,29 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from orchestrator.record import stores
-from orchestrator.record.results import read_rows, rows_for_run, upgrade_files, write_rows
-from orchestrator.spec import early_stopping as early_stop
-from orchestrator.spec.experiment import Experiment, MethodEntry
+from orchestrator.record.provenance import versions
+from orchestrator.record.records import SweepRecords
+from orchestrator.record.results import upgrade_files
+from orchestrator.spec.experiment import Experiment, stages
 from orchestrator.sweep.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
+from orchestrator.sweep.events import EventList, ProgressEvents
 from orchestrator.sweep.fusion import FusionSizes, machine_of
-from orchestrator.sweep.graph import Node, RepeatNode, StageGraph, TuneNode
 from orchestrator.sweep.progress import Progress
 from orchestrator.sweep.ray_start import start_ray
-from orchestrator.sweep.stage_runs import log_repeat_summaries, reference_run
+from orchestrator.sweep.status import StatusFile
 from orchestrator.tracking.tracker import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError, exception_chain
-from trainables.fused import fusion_key
-from trainables.methods import method_config
 from trainables.readers import DATA_ROOT_ENV, default_data_root
-from trainables.storage import run_location
-from trainables.trial import finished_metrics, training_config, tune_trainable
-
-
-@dataclass
-class Stage:
-    kind: str  # "tune" | "repeat"
-    entry: MethodEntry
-    trials: int  # planned trials (before skipping finished work)
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind} {self.entry.method.name}"
 
 
 @dataclass
@@ -76,23 +63,6 @@ class SweepOptions:
     max_failures: int | None = None  # retries of a crashed trial (from its checkpoint); spec default 2
     fuse: str | int | None = None  # models per trial (fused training): "auto", "off" or K; spec default auto
     quiet: bool = False
-
-
-def plan(exp: Experiment) -> list[Stage]:
-    """The stages of ``exp``: per method a tune stage (when it searches anything) and a repeat."""
-    stages: list[Stage] = []
-    for entry in exp.methods:
-        if exp.searched_for(entry.method) and exp.trials > 0:
-            stages.append(Stage("tune", entry, exp.trials))
-        stages.append(Stage("repeat", entry, len(exp.seeds)))
-    return stages
-
-
-def versions() -> dict[str, str]:
-    """The code and package versions every row records (orchestrator/record/provenance.py)."""
-    from orchestrator.record.provenance import versions as provenance
-
-    return provenance()
 
 
 @contextmanager
@@ -116,68 +86,39 @@ def pending_limit(n: int) -> Iterator[None]:
 
 
 class Sweep:
-    """Runs one experiment. Results go to Parquet and MLflow as each trial ends."""
+    """Runs one experiment. Results go to Parquet and MLflow as each trial ends.
+
+    Made, it has checked everything that can be checked before a cluster starts (resources, the
+    dataset, the results already there, the stores and servers it will use) and written nothing."""
 
     def __init__(self, exp: Experiment, opts: SweepOptions):
         self.exp, self.opts = exp, opts
         self.out = opts.out  # this machine's: status, Optuna's study, a local MLflow store
         self.store = opts.storage or str(self.out.resolve())  # every node's: see trainables.storage
-        self.runs = storage.join(self.store, "runs")
-        self.chosen: dict[str, dict[str, Any]] = {}  # method -> training config (without seed)
-        self.versions = versions()
-        self._optuna_storage = None
         res = exp.resources
         self.cpus = opts.cpus_per_trial if opts.cpus_per_trial is not None else res.get("cpus_per_trial", 1)
         self.gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else res.get("gpus_per_trial", 0)
         self.max_concurrent = opts.max_concurrent if opts.max_concurrent is not None else res.get("max_concurrent")
         self.max_failures = opts.max_failures if opts.max_failures is not None else res.get("max_failures", 2)
+        self.check_resources()
+        planned = stages(exp)
+        self.progress = Progress(sum(s.trials for s in planned), [s.label for s in planned], quiet=opts.quiet)
         # models per trial: fixed, or measured per fusion key once Ray is up (orchestrator/sweep/fusion.py)
         self.fusion = FusionSizes(opts.fuse if opts.fuse is not None else res.get("fuse", "auto"), self.out,
-                                  self.cpus, self.gpus, note=lambda line: self.progress.note(line))
-        self.check_resources()
-        stages = plan(exp)
-        self.progress = Progress(sum(s.trials for s in stages), len(stages), quiet=opts.quiet)
+                                  self.cpus, self.gpus, note=self.progress.note)
+        self._optuna_storage = None
         self.preflight()
-        self.tracker: Tracker  # opened in run(), once the cluster is known to fit the trials
-        self.nodes: list[Node] = []
-        self.repeat_nodes: dict[str, RepeatNode] = {}
-        tune_nodes: dict[str, TuneNode] = {}
-        for s in stages:
-            if s.kind == "tune":
-                tune_nodes[s.entry.method.name] = TuneNode(self, s.entry, s.trials)
-                self.nodes.append(tune_nodes[s.entry.method.name])
-            else:
-                node = RepeatNode(self, s.entry, s.trials, tune_nodes.get(s.entry.method.name))
-                self.repeat_nodes[s.entry.method.name] = node
-                self.nodes.append(node)
-        self.graph = StageGraph(self.nodes, self.fusion)
-        self.state = "running"  # in the status file: running -> finished | failed | interrupted
-        self.status_error = False  # a status file that could not be written has been reported
-        self.progress.listener = lambda: self.status(self.state)
+        self.records = SweepRecords(self.store, exp.name, exp.preset, versions())  # results/ read once, here
+        from orchestrator.sweep.watchdog import heartbeat_s
 
-    # --- configs ---------------------------------------------------------------------------
+        self.status = StatusFile(self.out, exp, self.store, self.progress, heartbeat_s())
+        self.progress.listener = self.status.write
 
-    def base_config(self, entry: MethodEntry) -> dict[str, Any] | str | None:
-        """The training config of a method before any search: the spec's train options + the
-        method's knobs with the preset's fixed hyperparameters. For a second-stage method, its
-        parent's chosen config: None while that is not chosen yet, a reason if it never will be."""
-        method = entry.method
-        cfg: dict[str, Any] = dict(self.exp.train)
-        if method.parent:
-            parent = self.chosen.get(method.parent)
-            if parent is None:
-                node = self.repeat_nodes[method.parent]
-                failed = node.state == "failed" or (node.tune is not None and node.tune.state == "failed")
-                return f"its first stage '{method.parent}' failed" if failed else None
-            cfg = dict(parent)
-            cfg["parent_hash"] = config_hash(training_config(self.trial_config(cfg, 0)))
-        cfg.update(method_config(method, self.exp.hyper))
-        cfg["la"] = list(entry.la)
-        cfg["data_fingerprint"] = self.data_fingerprint
-        cfg["device"] = self.opts.device
-        cfg["threads"] = max(1, int(self.cpus))
-        cfg["data_root"] = self.data_root()
-        return cfg
+    def machine(self) -> dict[str, Any]:
+        """What every training config of this sweep gets beside the spec's: the device, the threads
+        (a trial's CPUs), where the data are and which data they are (their fingerprint)."""
+        return {"data_fingerprint": self.data_fingerprint, "device": self.opts.device,
+                "threads": max(1, int(self.cpus)), "data_root": self.data_root()}
 
     def data_root(self) -> str | None:
         """Where the trials read the dataset: --data-root, else the spec's ``data_root``, else
@@ -188,29 +129,16 @@ class Sweep:
             return str(Path(root).expanduser().resolve())
         return str(default_data_root()) if os.environ.get(DATA_ROOT_ENV, "").strip() else None
 
-    def fusion_key(self, cfg: dict[str, Any], varies: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-        """The fusion key of a stage's models (:func:`trainables.fused.fusion_key`), or None when this
-        sweep trains them one per trial (``fuse: off``, or a model that cannot be fused)."""
-        return fusion_key(cfg, varies) if self.fusion.fuses else None
+    def context(self, tracker: Tracker | None, outbox, autoscaling: bool = False, scheduler=None):
+        """The :class:`~orchestrator.sweep.context.SweepContext` of this sweep. ``tracker`` None: no
+        MLflow (a graph driven without a cluster, as tests do; ``outbox`` then drops the calls)."""
+        from orchestrator.sweep.context import SweepContext
 
-    def prefetch_fusion(self) -> None:
-        """``fuse: auto``: start measuring the models of the stages whose configs are known at the start
-        (every first stage), so the measurement runs while MLflow and Ray Tune start."""
-        if not self.fusion.auto:
-            return
-        for node in self.nodes:
-            cfg = self.base_config(node.entry)
-            if isinstance(cfg, dict) and self.fusion_key(cfg, tuple(self.exp.searched_for(node.entry.method))):
-                self.fusion.prefetch(cfg)
-
-    def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-        return {**cfg, "seed": seed, "_runs": self.runs}
-
-    def parent_model_state(self, entry: MethodEntry, seed: int) -> str:
-        """'done' when the method needs no parent model or the parent's model of ``seed`` exists."""
-        if not entry.method.parent:
-            return "done"
-        return self.repeat_nodes[entry.method.parent].model_state(seed)
+        events = EventList([ProgressEvents(self.progress)])
+        return SweepContext(exp=self.exp, out=self.out, records=self.records, machine=self.machine(),
+                            cpus=self.cpus, gpus=self.gpus, autoscaling=autoscaling, progress=self.progress,
+                            status=self.status, tracker=tracker, outbox=outbox, events=events,
+                            optuna_storage=self.optuna_storage, scheduler=scheduler)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -221,7 +149,11 @@ class Sweep:
         from ray import tune
 
         from orchestrator.sweep.callbacks import TrialCallback, close_interrupted_runs
+        from orchestrator.sweep.graph import StageGraph, prefetch_fusion
+        from orchestrator.sweep.scheduler import stage_scheduler
+        from orchestrator.sweep.stage_runs import StageRuns
         from orchestrator.sweep.watchdog import SweepStopped, Watchdog
+        from trainables.trial import tune_trainable
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Ray Tune logs every crashed trial with a traceback; our callback says it in one line and
@@ -229,54 +161,59 @@ class Sweep:
         # that cannot start ("insufficient resources") stays audible.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.WARNING)
+        # 1. The cluster: started or joined; the trials must fit it.
         local = start_ray(self.opts.address, self.opts.quiet)  # one line for what stops Ray
         # SIGTERM (kill, a scheduler's stop) as Ctrl-C: Ray Tune stops its trials gracefully and the
         # status says interrupted. Set after ray.init, whose libraries install an aborting handler.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-        self.shape = cluster_shape(local)
-        check_trial_fits(self.shape, self.cpus, self.gpus, local)
+        shape = cluster_shape(local)
+        check_trial_fits(shape, self.cpus, self.gpus, local)
         self.fusion.start(machine_of(ray.nodes()) if local else None)
-        self.prefetch_fusion()
+        prefetch_fusion(self.exp, self.machine(), self.fusion)  # fuse auto: measured while MLflow and Tune start
         self.note_stale_results()  # once nothing can refuse the sweep any more: errors stay one line
         self.upgrade_old_files()
-        # A local store keeps artifacts beside the results; a tracking server decides where they go
-        # (its --artifacts-destination), so that every node can upload them over HTTP.
+        # 2. MLflow: a local store keeps artifacts beside the results; a tracking server decides where
+        # they go (its --artifacts-destination), so that every node can upload them over HTTP.
         tracking_local = not self.opts.tracking_uri.startswith(("http://", "https://"))
-        self.tracker = Tracker(self.opts.tracking_uri, self.exp.name,
-                               self.out / "mlartifacts" if tracking_local else None)
-        for note in self.tracker.notes:
+        tracker = Tracker(self.opts.tracking_uri, self.exp.name, self.out / "mlartifacts" if tracking_local else None)
+        for note in tracker.notes:
             self.progress.note(note, always=True)
-        close_interrupted_runs(self.tracker, self.runs)
-        self.outbox = Outbox(self.progress.note)  # the tracking calls of the callbacks: never stop the sweep
+        close_interrupted_runs(tracker, self.records)
+        outbox = Outbox(self.progress.note)  # the tracking calls of the listeners: never stop the sweep
+        # 3. What every part shares, the stage graph and the listeners.
+        ctx = self.context(tracker, outbox, shape.autoscaling, stage_scheduler(self.exp))
+        graph = StageGraph(ctx, self.fusion)
+        stage_runs = StageRuns(ctx)
+        ctx.events.add(stage_runs)
+        callback = TrialCallback(ctx, graph, stage_runs)
         self.progress.begin()
-        if self.shape.autoscaling:
-            self.progress.note(f"autoscaling cluster ({self.shape.source}): node types {self.shape.describe()}; "
+        if shape.autoscaling:
+            self.progress.note(f"autoscaling cluster ({shape.source}): node types {shape.describe()}; "
                                "trials wait while the autoscaler starts the nodes they need")
-        self.callback = TrialCallback(self)
-        self.scheduler = early_stop.stage_scheduler(self.exp)  # ASHA for tune stages, or None (FIFO)
+        # 4. One Ray Tune experiment for the whole sweep.
         tuner = tune.Tuner(
             tune.with_resources(tune_trainable, {"cpu": self.cpus, "gpu": self.gpus}),
-            param_space={"_runs": self.runs},
+            param_space={"_runs": ctx.runs},
             tune_config=tune.TuneConfig(
-                metric="objective", mode="max", num_samples=-1, search_alg=self.graph, scheduler=self.scheduler,
+                metric="objective", mode="max", num_samples=-1, search_alg=graph, scheduler=ctx.scheduler,
                 max_concurrent_trials=self.max_concurrent, reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"{self.exp.name}-{self.exp.preset}", **self.ray_storage(),
-                callbacks=[self.callback, Watchdog(self)], verbose=0,
+                callbacks=[callback, Watchdog(ctx)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
-        self.status("running")
+        self.status.write("running")
         outcome, reason, stopped_because = "failed", "", None
         try:
-            with pending_limit(pending_trials(self.shape, self.cpus, self.gpus, self.max_concurrent)):
+            with pending_limit(pending_trials(shape, self.cpus, self.gpus, self.max_concurrent)):
                 tuner.fit()
-            if self.graph.error is not None:
-                raise self.graph.error
-            self.graph.advance()  # stages finished by the last trial
-            if any(n.state in ("waiting", "running") for n in self.nodes):
+            if graph.error is not None:
+                raise graph.error
+            graph.advance()  # stages finished by the last trial
+            if any(n.state in ("waiting", "running") for n in graph.nodes):
                 # Ray Tune stops gracefully on Ctrl-C/SIGTERM and returns: this sweep is not done.
                 raise KeyboardInterrupt
             outcome = "failed" if self.progress.failures else "finished"
@@ -292,31 +229,25 @@ class Sweep:
             reason = f"the sweep stopped on an error: {first_line(cause)}"
             raise
         finally:
-            self.state = outcome
+            self.status.state = outcome
             try:
-                self.close(outcome, reason)
+                # End what this run started, on every way out of it: the MLflow runs of the trials it
+                # stopped (KILLED when interrupted or stopped by the watchdog, FAILED on an error, with
+                # the reason in ``wbsweep.error``), the runs of the stages not done, the Optuna trials in
+                # flight (FAIL, as a resume would end them); then the tracking calls still deferred are
+                # made, or said to be missing. No trial counts as running or pending any more.
+                if reason:
+                    status = "KILLED" if outcome in ("interrupted", "stopped") else "FAILED"
+                    callback.close(status, reason)
+                    graph.stop(status, reason)
+                stage_runs.log_summaries(list(graph.repeats.values()))  # mean and std over each repeat's seeds
+                outbox.catch_up(final=True)
+                self.progress.stopped()
+                self.progress.finish()
             finally:
-                self.status(outcome, stopped_because)
+                self.status.write(outcome, stopped_because)
 
-    def close(self, outcome: str, reason: str) -> None:
-        """End what this run started, on every way out of it: the MLflow runs of the trials it
-        stopped (KILLED when interrupted or stopped by the watchdog, FAILED on an error, with the
-        reason in ``wbsweep.error``), the runs of the stages not done, the Optuna trials in flight
-        (FAIL, as a resume would end them); then the tracking calls still deferred are made, or said
-        to be missing. No trial counts as running or pending any more."""
-        status = "KILLED" if outcome in ("interrupted", "stopped") else "FAILED"
-        if reason:
-            self.callback.close(status, reason)
-            for node in self.nodes:
-                try:
-                    node.stop(status, reason)
-                except Exception as exc:  # the Optuna store: the next run ends these trials instead
-                    self.progress.note(f"WARNING {node.label}: could not end its Optuna trials ({first_line(exc)}); "
-                                       "the next run of this command does")
-        log_repeat_summaries(self)  # each finished repeat parent: mean and std over its seeds
-        self.outbox.catch_up(final=True)
-        self.progress.stopped()
-        self.progress.finish()
+    # --- before anything runs ------------------------------------------------------------------
 
     def check_resources(self) -> None:
         """The per-trial resources (flags or the spec's ``resources``) are numbers Ray accepts."""
@@ -334,7 +265,8 @@ class Sweep:
     def preflight(self) -> None:
         """Check what would otherwise fail later (inside every trial, or after hours), before any
         cluster time is spent and before anything is written: the dataset loads (files present and
-        readable), the results already there are readable, the cluster and tracking server answer."""
+        readable), the cluster and tracking server answer (the results already there are read next,
+        by :class:`~orchestrator.record.records.SweepRecords`)."""
         from trainables.datacache import dataset_fingerprint
 
         train = {**DEFAULTS, **self.exp.train}
@@ -344,7 +276,6 @@ class Sweep:
                                                     train["val_per_class"], train["split"])
         if storage.is_remote(self.store):
             storage.check_writable(self.store)
-        self.results_at_start = read_rows(self.location("results"))  # readable, and note_stale_results reads it
         if (self.out / "optuna.db").exists():
             self.optuna_storage()
         if self.opts.address not in (None, "auto", "local"):
@@ -357,7 +288,7 @@ class Sweep:
         other data (another data fingerprint, or none: an earlier version) or under an earlier
         protocol (their config hashes differently today, e.g. a model's initialisation changed).
         Their rows stay in results/; the models are trained again the current way."""
-        df = self.results_at_start
+        df = self.records.at_start
         df = df[(df["spec"] == self.exp.name) & (df["preset"] == self.exp.preset)]
         if self.exp.variant is not None:
             df = df[(df["dataset"] == self.exp.train.get("dataset")) & (df["model"] == self.exp.train.get("model"))]
@@ -378,47 +309,10 @@ class Sweep:
         """Result and trial files written by an earlier version get the columns added since (as
         nulls), so that ``pandas.read_parquet`` of the folder sees every column (see
         :func:`orchestrator.record.results.upgrade_files`)."""
-        n = sum(upgrade_files(self.location(folder)) for folder in ("results", "trials"))
+        n = sum(upgrade_files(self.records.location(folder)) for folder in ("results", "trials"))
         if n:
             self.progress.note(f"upgraded {n} Parquet file(s) written by an earlier version to today's columns "
                                "(the new columns are empty there).", always=True)
-
-    def status(self, state: str, reason: str | None = None) -> None:
-        """DIR/status/<spec>-<preset>.json: what `wbsweep status` shows (written atomically). While
-        the sweep runs, its watchdog rewrites it every ``heartbeat_s`` (orchestrator.sweep.watchdog)."""
-        from orchestrator.sweep.watchdog import heartbeat_s
-
-        folder = self.out / "status"
-        p = self.progress
-        doc = {
-            "spec": self.exp.name, "preset": self.exp.preset, "variant": self.exp.variant, "state": state,
-            "dataset": self.exp.train.get("dataset", DEFAULTS["dataset"]),
-            "model": self.exp.train.get("model", DEFAULTS["model"]),
-            "pid": os.getpid(), "out": str(self.out.resolve()),
-            # none when the results are in --out, so a folder moved or copied later reads its own
-            "storage": None if self.store == str(self.out.resolve()) else self.store,
-            "host": socket.gethostname(), "updated": time.time(), "started": p.start,
-            # no trial runs or waits once the driver has stopped
-            "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped,
-                       "running": p.running if state == "running" else 0,
-                       "failed": p.n_failed, "pending": p.pending if state == "running" else 0},
-            "waiting_since": p.waiting_since if state == "running" else None,
-            "stages": {n.label: n.state for n in self.nodes}, "failures": p.failures,
-            "heartbeat_s": heartbeat_s(), "reason": reason,
-        }
-        variant = f"-{self.exp.variant}" if self.exp.variant is not None else ""
-        path = folder / f"{self.exp.name}-{self.exp.preset}{variant}.json"
-        tmp = path.with_suffix(".tmp")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc, indent=2))
-            os.replace(tmp, path)
-            self.status_error = False
-        except OSError as exc:  # a full disk, a folder made read-only: `wbsweep status` lags, the sweep goes on
-            if not self.status_error:
-                self.status_error = True
-                self.progress.note(f"WARNING cannot write the status file {path}: {exc}; `wbsweep status` "
-                                   "shows an older state until it can")
 
     def optuna_storage(self):
         """One RDB storage (SQLite beside the results) for every tune stage's study."""
@@ -428,57 +322,9 @@ class Sweep:
                 self.progress.note(note, always=True)
         return self._optuna_storage
 
-    # --- bookkeeping -------------------------------------------------------------------------
-
-    def unfinished_seeds(self, node: RepeatNode, cfg: dict[str, Any]) -> list[int]:
-        """Seeds of ``node`` still to train. Seeds with rows are skipped; models trained earlier
-        (the tune stage's own seed, another spec's identical run) only get their rows written."""
-        df = read_rows(self.location("results"))
-        # this preset's rows only: another preset of the same config gets its own rows (report reads one preset)
-        df = df[(df["spec"] == self.exp.name) & (df["preset"] == self.exp.preset) & (df["method"] == node.method)]
-        done = set(zip(df["config_hash"], df["seed"].astype(int), strict=True))
-        todo = []
-        for seed in self.exp.seeds:
-            h = config_hash(training_config(self.trial_config(cfg, seed)))
-            if (h, seed) in done:
-                self.progress.skip(1, "rows")
-                continue
-            metrics = finished_metrics(self.runs, h, seed)
-            if metrics is not None:
-                metrics["ray_node_id"] = self.run_file(h, seed, "ray_node_id")
-                source = self.run_file(h, seed, "mlflow_run_id")
-                self.record(node, self.trial_config(cfg, seed), metrics, source)
-                reference_run(self, node, self.trial_config(cfg, seed), metrics, source)  # listed under this stage
-                self.progress.skip(1, "model")
-                continue
-            todo.append(seed)
-        return todo
-
-    def location(self, *parts: str) -> str:
-        """A location under the sweep's storage (``results``, ``trials``, ``analyses``, ...)."""
-        return storage.join(self.store, *parts)
-
-    def run_file(self, hash_: str, seed: int, name: str) -> str | None:
-        """A small text file of a model's run folder (``mlflow_run_id``, ``ray_node_id``), or None."""
-        data = storage.read_bytes(storage.join(run_location(self.runs, hash_, seed), name))
-        return data.decode().strip() if data is not None else None
-
     def ray_storage(self) -> dict[str, Any]:
         """Ray Tune's storage arguments: DIR/ray beside the results, on the same filesystem."""
         if not storage.is_remote(self.store):
             return {"storage_path": str(Path(self.store) / "ray")}
-        fs, path = storage.filesystem(self.location("ray"))
+        fs, path = storage.filesystem(self.records.location("ray"))
         return {"storage_path": path, "storage_filesystem": fs}
-
-    def record(self, node: Node, trial_config: dict[str, Any], metrics: dict[str, Any], run_id: str | None) -> None:
-        """Write the Parquet rows of one finished model (results for repeat, trials for tune)."""
-        cfg = training_config(trial_config)
-        rows = rows_for_run(
-            metrics, cfg, spec=self.exp.name, preset=self.exp.preset, method=node.method,
-            stage=node.kind, mlflow_run_id=run_id, versions=self.versions,
-            created_at=pd.Timestamp.now(tz="UTC").floor("s"),
-        )
-        folder = "results" if node.kind == "repeat" else "trials"
-        # one file per spec, preset, method, model: another preset reusing the model writes its own file
-        name = f"{self.exp.name}-{self.exp.preset}-{node.method}-{metrics['config_hash']}-s{cfg['seed']}"
-        write_rows(self.location(folder), name, rows)

@@ -11,6 +11,9 @@ stages run side by side across the cluster and a stage starts the moment what it
 One experiment instead of a Tuner per stage also pays Ray's start-up cost once and reuses the
 trial actors throughout. When nothing is ready and nothing runs, the graph says FINISHED; nodes
 whose inputs failed are marked failed with the reason instead of waiting forever.
+
+The graph decides and tells (:class:`orchestrator.sweep.events.StageEvents`): a stage started,
+ended, chose, reused a model. It never calls MLflow; the listeners do.
 """
 
 from __future__ import annotations
@@ -18,25 +21,22 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune.search import Searcher
 
-from orchestrator.spec import early_stopping as early_stop
+from orchestrator._adapters.optuna_storage import end_open_trials
+from orchestrator._adapters.ray_tune import optuna_trial_of
+from orchestrator.spec import early_stopping
+from orchestrator.spec.experiment import Experiment, MethodEntry, stages
 from orchestrator.spec.space import discrete_points, optuna_space, point_key
+from orchestrator.sweep.context import SweepContext
+from orchestrator.sweep.fusion import FusionSizes
 from trainables.config import config_hash
-from trainables.trial import finished_metrics, group_members, training_config
-
-if TYPE_CHECKING:
-    from orchestrator.spec.experiment import MethodEntry
-    from orchestrator.sweep.driver import Sweep
-    from orchestrator.sweep.fusion import FusionSizes
-
-
-def finished(result: dict | None) -> bool:
-    """Whether a trial's last result is its final report (Tune flattens it to ``final/...`` keys
-    before the searcher sees it)."""
-    return bool(result) and ("final" in result or any(k.startswith("final/") for k in result))
+from trainables.fused import fusion_key
+from trainables.methods import method_config
+from trainables.reports import is_final, member_result
+from trainables.trial import group_members, training_config
 
 
 def member_id(trial_id: str, i: int) -> str:
@@ -50,30 +50,27 @@ def trial_members(trial_id: str, config: dict[str, Any]) -> list[tuple[str, dict
     return [(member_id(trial_id, i), c) for i, c in enumerate(group_members(config))]
 
 
-def member_result(result: dict | None, i: int) -> dict[str, Any] | None:
-    """What model ``i`` of a fused group's trial reported at its end, in a single trial's form
-    (``objective`` and ``final``), or None when it did not finish (it diverged, the trial failed).
-    Reads the nested result the callbacks get and the flattened one (``group/<i>/...``) the searcher gets."""
-    if not result:
-        return None
-    group = result.get("group")
-    if isinstance(group, dict):
-        final = group.get(str(i))
-        objective_ = None if not isinstance(final, dict) else final.get("objective")
-    else:
-        objective_ = result.get(f"group/{i}/objective")
-        final = True
-    if objective_ is None or "diverged" in (final if isinstance(final, dict) else {}):
-        return None
-    return {"objective": objective_, "final": final}
+def first_stage_config(exp: Experiment, entry: MethodEntry, machine: dict[str, Any]) -> dict[str, Any]:
+    """The training config of a first-stage method before any search: the spec's train options + the
+    method's knobs with the preset's fixed hyperparameters + its LA variants + what this sweep adds
+    (``machine``: device, threads, data)."""
+    cfg: dict[str, Any] = dict(exp.train)
+    cfg.update(method_config(entry.method, exp.hyper))
+    cfg["la"] = list(entry.la)
+    cfg.update(machine)
+    return cfg
 
 
-def end_open_trials(storage, study_id: int) -> None:
-    """End FAIL the trials of a study left RUNNING (cut off) or WAITING (enqueued, never run)."""
-    from optuna.trial import TrialState
-
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+def prefetch_fusion(exp: Experiment, machine: dict[str, Any], sizes: FusionSizes) -> None:
+    """``fuse: auto``: start measuring the models of every first stage (their configs are known before
+    anything runs), so the measurement runs while MLflow and Ray Tune start."""
+    if not sizes.auto:
+        return
+    for s in stages(exp):
+        if not s.entry.method.parent:
+            cfg = first_stage_config(exp, s.entry, machine)
+            if fusion_key(cfg, tuple(exp.searched_for(s.entry.method))):
+                sizes.prefetch(cfg)
 
 
 class Node:
@@ -81,73 +78,54 @@ class Node:
 
     kind = ""
 
-    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int):
-        self.sweep, self.entry, self.planned = sweep, entry, planned
+    def __init__(self, graph: StageGraph, entry: MethodEntry, planned: int):
+        self.graph, self.ctx, self.entry, self.planned = graph, graph.ctx, entry, planned
         self.method = entry.method.name
         self.key = f"{self.kind}:{self.method}"
         self.label = f"{self.kind} {self.method}"
+        self.search: dict[str, Any] = {}  # the searched knobs (a tune stage's)
         self.state = "waiting"  # waiting -> running -> done | failed
         self.reason = ""
         self.in_flight: dict[str, dict[str, Any]] = {}  # trial id -> trial config
-        self._parent_run: str | None = None
+        self._fusion_key: tuple[str, ...] | None | bool = False  # False: not computed yet
 
     # -- shared ------------------------------------------------------------------------------
-    def parent_run(self) -> str:
-        """This stage's MLflow parent run, created (or re-attached) when it first needs it."""
-        if self._parent_run is None:
-            exp = self.sweep.exp
-            tags = {"wbsweep.stage": self.kind, "wbsweep.method": self.method, "wbsweep.preset": exp.preset}
-            name = f"{self.kind}/{self.method}"
-            if exp.variant is not None:  # one spec over several datasets/models: a parent run each
-                tags["wbsweep.variant"] = str(exp.variant)
-                name = f"{name} [{exp.variant}]"
-            self._parent_run = self.sweep.tracker.run(name, tags)
-        return self._parent_run
-
-    def end_parent_run(self, status: str = "FINISHED", reason: str = "") -> None:
-        """End this stage's MLflow run, if it has one, through the sweep's outbox: the run may be
-        made by a call deferred before this one (the store was unavailable)."""
-        tracker = self.sweep.tracker
-
-        def end() -> None:
-            if self._parent_run is not None:
-                tracker.finish(self._parent_run, status, reason)
-
-        self.sweep.outbox(f"the end of the {self.label} run", end)
-
     def fail(self, reason: str) -> None:
         self.state, self.reason = "failed", reason
-        self.sweep.progress.stage_failed(self.label, reason)
-        self.end_parent_run("FAILED", reason)
+        self.ctx.events.on_stage_end(self, reason)
 
     def start(self) -> None:
         self.state = "running"
-        self.sweep.progress.stage_started(self.label)
+        self.ctx.events.on_stage_start(self)
 
     def finish(self) -> None:
         self.state = "done"
-        self.sweep.progress.stage_done(self.label)
-        self.end_parent_run()
+        self.ctx.events.on_stage_end(self, None)
 
     def stop(self, status: str, reason: str) -> None:
-        """The sweep stops before this stage is done: its run ends ``status`` (KILLED, FAILED) with
-        the reason; it stays 'waiting' or 'running' for the status file (a resume continues it)."""
+        """The sweep stops before this stage is done: it stays 'waiting' or 'running' for the status
+        file (a resume continues it); the listeners end its run ``status`` (KILLED, FAILED)."""
         if self.state in ("waiting", "running"):
-            self.end_parent_run(status, reason)
+            self.ctx.events.on_stage_stop(self, status, reason)
 
     def trial(self, trial_id: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-        config = {**self.sweep.trial_config(cfg, seed), "_stage": self.key}
+        config = {**self.ctx.trial_config(cfg, seed), "_stage": self.key}
         self.in_flight[trial_id] = config
         return config
 
     def fusion_key(self) -> tuple[str, ...] | None:
         """What this stage's models share with those they may be fused with (see
         :func:`trainables.fused.fusion_key`); None: they train alone. Only asked while running."""
-        return None
+        if self._fusion_key is False:
+            fuses = self.graph.sizes is not None and self.graph.sizes.fuses and self.fusable()
+            self._fusion_key = fusion_key(self.fusion_config(), tuple(self.search)) if fuses else None
+        return self._fusion_key  # type: ignore[return-value]
+
+    def fusable(self) -> bool:
+        return True
 
     def fusion_config(self) -> dict[str, Any]:
-        """A training config of this stage's models (what ``fuse: auto`` measures); asked only of a
-        stage with a fusion key."""
+        """A training config of this stage's models (what ``fuse: auto`` measures)."""
         raise NotImplementedError
 
     # -- per kind ------------------------------------------------------------------------------
@@ -166,23 +144,24 @@ class TuneNode(Node):
 
     kind = "tune"
 
-    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int):
-        super().__init__(sweep, entry, planned)
+    def __init__(self, graph: StageGraph, entry: MethodEntry, planned: int):
+        super().__init__(graph, entry, planned)
         self.issued = 0
         self.results: list[tuple[float, int, dict[str, Any]]] = []  # (objective, Optuna trial number, config)
-        self.search = sweep.exp.searched_for(entry.method)
-        self.seed = sweep.exp.seeds[0]
-        self.pruned = 0  # trials stopped early (orchestrator.spec.early_stopping), this run's and a resumed study's
+        self.search = self.ctx.exp.searched_for(entry.method)
+        self.seed = self.ctx.exp.seeds[0]
+        self.pruned = 0  # trials stopped early (early stopping), this run's and a resumed study's
+        self.study_name: str | None = None
 
     def step(self) -> None:
         if self.state != "waiting":
             return
-        base = self.sweep.base_config(self.entry)
+        base = self.graph.base_config(self.entry)
         if base is None:  # the parent's config is not chosen yet
             return
         if isinstance(base, str):
             return self.fail(base)
-        parent_state = self.sweep.parent_model_state(self.entry, self.seed)
+        parent_state = self.graph.parent_model_state(self.entry, self.seed)
         if parent_state == "failed":
             return self.fail(f"its first stage '{self.entry.method.parent}' failed for seed {self.seed}")
         if parent_state == "pending":
@@ -191,17 +170,18 @@ class TuneNode(Node):
         # What the search is about: the base config's science (its config hash: not the device, threads,
         # paths or options added later at their defaults), the objective's LA variants, the space, the
         # budget. A rerun on another machine, or by a newer version, finds the stage's choice again.
-        key = config_hash({"base": config_hash(training_config(self.sweep.trial_config(base, self.seed))),
+        exp = self.ctx.exp
+        key = config_hash({"base": config_hash(training_config(self.ctx.trial_config(base, self.seed))),
                            "la": list(base["la"]), "search": self.search, "trials": self.planned, "seed": self.seed,
-                           **early_stop.key(self.sweep.exp)})
-        self.record = self.sweep.out / "stages" / f"tune-{self.method}-{key}.json"
+                           **early_stopping.key(exp)})
+        self.record = self.ctx.out / "stages" / f"tune-{self.method}-{key}.json"
         searched = self.recorded_choice()
         if searched is not None:
-            self.sweep.chosen[self.method] = {**base, **searched}  # this run's device, threads, paths
-            self.sweep.progress.skip(self.planned, "choice")
+            self.graph.chosen[self.method] = {**base, **searched}  # this run's device, threads, paths
+            self.ctx.progress.skip(self.planned, "choice")
             self.finish()
             return
-        self.open_study(f"{self.sweep.exp.name}-{self.method}-{key}")
+        self.open_study(f"{exp.name}-{self.method}-{key}")
         if self.issued >= self.planned:
             self.choose()
         else:
@@ -221,8 +201,8 @@ class TuneNode(Node):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             bad = self.record.with_suffix(".bad")
             os.replace(self.record, bad)
-            self.sweep.progress.note(f"{self.label}: unreadable record {self.record.name} ({exc}); moved to "
-                                     f"{bad.name}, the choice is made again from the study")
+            self.ctx.progress.note(f"{self.label}: unreadable record {self.record.name} ({exc}); moved to "
+                                   f"{bad.name}, the choice is made again from the study")
             return None
 
     def open_study(self, name: str) -> None:
@@ -234,7 +214,7 @@ class TuneNode(Node):
         from optuna.trial import TrialState
         from ray.tune.search.optuna import OptunaSearch
 
-        storage = self.sweep.optuna_storage()
+        storage = self.ctx.optuna_storage()
         earlier, pruned, numbers = [], [], []
         if name in {s.study_name for s in storage.get_all_studies()}:
             study_id = storage.get_study_id_from_name(name)
@@ -252,16 +232,16 @@ class TuneNode(Node):
             points = [p for p in points if point_key(p) not in done]
             planned = len(earlier) + len(pruned) + len(points)
             if planned < self.planned:  # a grid smaller than the budget: no point twice
-                self.sweep.progress.total -= self.planned - planned
+                self.ctx.progress.total -= self.planned - planned
                 self.planned = planned
-        self.results = [(float(t.value), t.number, self.sweep.trial_config({**self.base, **t.params}, self.seed))
+        self.results = [(float(t.value), t.number, self.ctx.trial_config({**self.base, **t.params}, self.seed))
                         for t in earlier]
         self.issued = len(self.results) + self.pruned
         # the order the trials were proposed in: the study's trial numbers, then this run's proposals
         self.proposals = itertools.count(max(numbers, default=-1) + 1)
         self.proposed: dict[str, int] = {}
         if self.issued:
-            self.sweep.progress.skip(self.issued, "study")
+            self.ctx.progress.skip(self.issued, "study")
         # A new seed per resume, so the sampler does not propose the finished points again. constant_liar
         # explicitly (Optuna 5's default, not 4's): trials in flight count as bad, not as unexplored.
         sampler = optuna.samplers.TPESampler(seed=self.seed + len(earlier), constant_liar=True)
@@ -269,20 +249,34 @@ class TuneNode(Node):
         self.optuna = OptunaSearch(space=optuna_space(self.search), metric="objective", mode="max",
                                    sampler=sampler, storage=storage, study_name=name, points_to_evaluate=points)
 
+    def set_trial_attrs(self, trial_id: str, attrs: dict[str, str]) -> None:
+        """User attributes (``config_hash``, ``mlflow_run_id``) on the Optuna trial of tune trial
+        ``trial_id``, while the search still holds it (``optuna-dashboard`` shows them). A trial that
+        has finished cannot be changed (Optuna refuses): a run made only after its trial ended (its
+        creation was deferred while the tracking store was locked) has no ``mlflow_run_id`` attribute;
+        its ``config_hash`` (set when the trial starts) and the run's tags still link the two."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        trial = optuna_trial_of(self.optuna, trial_id) if self.study_name else None
+        if trial is None:
+            return
+        try:
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+        except UpdateFinishedTrialError:
+            pass
+
     def stop(self, status: str, reason: str) -> None:
         """Also the study's trials in flight (and points enqueued for it) end FAIL, as a resume would
         end them: they do not count towards the budget; the resumed search proposes others."""
         super().stop(status, reason)
-        if getattr(self, "study_name", None):
-            storage = self.sweep.optuna_storage()
+        if self.study_name:
+            storage = self.ctx.optuna_storage()
             end_open_trials(storage, storage.get_study_id_from_name(self.study_name))
 
-    def fusion_key(self) -> tuple[str, ...] | None:
-        if early_stop.early_stopping(self.sweep.exp):  # ASHA stops a Ray trial as a whole: one model per trial
-            return None
-        if not hasattr(self, "_fusion_key"):
-            self._fusion_key = self.sweep.fusion_key(self.base, varies=tuple(self.search))
-        return self._fusion_key
+    def fusable(self) -> bool:
+        # early stopping stops a Ray trial as a whole: one model per trial
+        return not early_stopping.early_stopping(self.ctx.exp)
 
     def fusion_config(self) -> dict[str, Any]:
         return self.base
@@ -296,22 +290,32 @@ class TuneNode(Node):
         self.issued += 1
         self.proposed[trial_id] = next(self.proposals)
         cfg = {**self.base, **params}
-        return self.trial(trial_id, {**cfg, **early_stop.report_epochs(self.sweep.exp, cfg)}, self.seed)
+        return self.trial(trial_id, {**cfg, **early_stopping.report_epochs(self.ctx.exp, cfg)}, self.seed)
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         config = self.in_flight.pop(trial_id)
         number = self.proposed.pop(trial_id)
-        epoch = early_stop.pruned_epoch(self.sweep, trial_id)
+        epoch = self.ctx.pruned_epoch(trial_id)
         if epoch is not None and not error:  # stopped early: PRUNED, never chosen
-            early_stop.tell_pruned(self.optuna, trial_id, result, epoch)
+            self.tell_pruned(trial_id, result, epoch)
             self.pruned += 1
         else:
-            error = error or not finished(result)  # a diverged trial reports no final metrics
+            error = error or not is_final(result)  # a diverged trial reports no final metrics
             self.optuna.on_trial_complete(trial_id, result=None if error else result, error=error)
             if not error:
                 self.results.append((float(result["objective"]), number, config))
         if self.issued >= self.planned and not self.in_flight:
             self.choose()
+
+    def tell_pruned(self, trial_id: str, result: dict | None, epoch: int) -> None:
+        """End the Optuna trial PRUNED, with the metric at ``epoch`` as its intermediate value
+        (Optuna's own record of where a pruned trial stood)."""
+        ot_trial = optuna_trial_of(self.optuna, trial_id)
+        value = (result or {}).get("val_acc")
+        if ot_trial is not None and value is not None:
+            ot_trial.report(float(value), int(epoch))
+            ot_trial.set_user_attr("pruned_epoch", int(epoch))
+        self.optuna.on_trial_complete(trial_id, result=None, error=False)  # no value and no error: PRUNED
 
     def choose(self) -> None:
         if not self.results:
@@ -321,21 +325,14 @@ class TuneNode(Node):
         objective, _, best = max(self.results, key=lambda r: (r[0], -r[1]))
         cfg = training_config(best)
         chosen = {k: cfg[k] for k in self.base} | {k: cfg[k] for k in self.search}
-        self.sweep.chosen[self.method] = chosen
+        self.graph.chosen[self.method] = chosen
         self.record.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record.with_suffix(".tmp")
         searched = {k: chosen[k] for k in self.search}
         tmp.write_text(json.dumps({"config": chosen, "objective": objective, "searched": searched},
                                   indent=2, default=str))
         os.replace(tmp, self.record)
-        from orchestrator.sweep.stage_runs import mark_chosen
-
-        mark_chosen(self.sweep, self, best)  # its trial's run: wbsweep.chosen=true
-        tracker = self.sweep.tracker
-        self.sweep.outbox(f"the choice of {self.label}", lambda: tracker.log_params(
-            self.parent_run(), {f"best.{k}": v for k, v in searched.items()}))
-        self.sweep.outbox(f"the choice of {self.label}", lambda: tracker.log_metrics(
-            self.parent_run(), {"best_objective": objective}))
+        self.ctx.events.on_choice(self, best, objective, searched)
         self.finish()
 
 
@@ -344,11 +341,13 @@ class RepeatNode(Node):
 
     kind = "repeat"
 
-    def __init__(self, sweep: Sweep, entry: MethodEntry, planned: int, tune: TuneNode | None):
-        super().__init__(sweep, entry, planned)
+    def __init__(self, graph: StageGraph, entry: MethodEntry, planned: int, tune: TuneNode | None):
+        super().__init__(graph, entry, planned)
         self.tune = tune
         self.todo: list[int] = []
+        self.finished_seeds: set[int] = set()  # seeds whose model is known to be finished
         self.failed_seeds: dict[int, str] = {}
+        self.missing: set[int] = set()  # seeds with rows whose model's files are gone
 
     def step(self) -> None:
         if self.state == "waiting":
@@ -357,29 +356,52 @@ class RepeatNode(Node):
                     return self.fail(f"its tune stage failed: {self.tune.reason}")
                 if self.tune.state != "done":
                     return
-                cfg = self.sweep.chosen[self.method]
+                cfg = self.graph.chosen[self.method]
             else:
-                cfg = self.sweep.base_config(self.entry)
+                cfg = self.graph.base_config(self.entry)
                 if cfg is None:
                     return
                 if isinstance(cfg, str):
                     return self.fail(cfg)
-                self.sweep.chosen[self.method] = cfg
+                self.graph.chosen[self.method] = cfg
             self.cfg = cfg
-            self.todo = self.sweep.unfinished_seeds(self, cfg)
+            self.todo = self.unfinished_seeds()
             self.start()
         if self.state == "running":
             for seed in list(self.todo):
-                if self.sweep.parent_model_state(self.entry, seed) == "failed":
+                if self.graph.parent_model_state(self.entry, seed) == "failed":
                     self.todo.remove(seed)
                     self.failed_seeds[seed] = "its first-stage model failed"
-                    self.sweep.progress.failed(f"{self.label} seed {seed}: its first-stage model failed")
+                    self.ctx.progress.failed(f"{self.label} seed {seed}: its first-stage model failed")
             self._maybe_finish()
 
-    def fusion_key(self) -> tuple[str, ...] | None:
-        if not hasattr(self, "_fusion_key"):
-            self._fusion_key = self.sweep.fusion_key(self.cfg)
-        return self._fusion_key
+    def model_hash(self, seed: int) -> str:
+        return config_hash(training_config(self.ctx.trial_config(self.cfg, seed)))
+
+    def unfinished_seeds(self) -> list[int]:
+        """Seeds still to train. Seeds with rows are skipped; models trained earlier (the tune
+        stage's own seed, another spec's identical run) only get their rows written."""
+        records, progress = self.ctx.records, self.ctx.progress
+        todo = []
+        for seed in self.ctx.exp.seeds:
+            h = self.model_hash(seed)
+            if records.has_rows(self.method, h, seed):
+                progress.skip(1, "rows")
+                continue
+            metrics = records.finished(h, seed)
+            if metrics is not None:
+                trial_config = self.ctx.trial_config(self.cfg, seed)
+                metrics["ray_node_id"] = records.run_file(h, seed, "ray_node_id")
+                source = records.run_file(h, seed, "mlflow_run_id")
+                cfg = training_config(trial_config)
+                records.write(self.kind, self.method, cfg, records.model_rows(self.kind, self.method, cfg, metrics,
+                                                                              source))
+                self.ctx.events.on_model_reused(self, trial_config, metrics, source)  # listed under this stage
+                self.finished_seeds.add(seed)
+                progress.skip(1, "model")
+                continue
+            todo.append(seed)
+        return todo
 
     def fusion_config(self) -> dict[str, Any]:
         return self.cfg
@@ -388,15 +410,17 @@ class RepeatNode(Node):
         if self.state != "running":
             return None
         for seed in self.todo:
-            if self.sweep.parent_model_state(self.entry, seed) == "done":
+            if self.graph.parent_model_state(self.entry, seed) == "done":
                 self.todo.remove(seed)
                 return self.trial(trial_id, self.cfg, seed)
         return None
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         config = self.in_flight.pop(trial_id)
-        if error or not finished(result):
+        if error or not is_final(result):
             self.failed_seeds[config["seed"]] = "trial failed"
+        else:
+            self.finished_seeds.add(config["seed"])
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -407,31 +431,78 @@ class RepeatNode(Node):
                 self.finish()
 
     def model_state(self, seed: int) -> str:
-        """'done', 'failed' or 'pending' for this method's model of ``seed`` (for its children)."""
-        if self.state == "failed" or seed in self.failed_seeds:
+        """'done', 'failed' or 'pending' for this method's model of ``seed`` (for its children),
+        from what this stage saw: no storage read per question (a seed whose rows were found is
+        checked once, on the first question)."""
+        if self.state == "failed" or seed in self.failed_seeds or seed in self.missing:
             return "failed"
-        cfg = self.sweep.chosen.get(self.method)
-        if cfg is None:
+        if self.state == "waiting" or seed in self.todo or any(c["seed"] == seed for c in self.in_flight.values()):
             return "pending"
-        h = config_hash(training_config(self.sweep.trial_config(cfg, seed)))
-        return "done" if finished_metrics(self.sweep.runs, h, seed) is not None else "pending"
+        if seed in self.finished_seeds:
+            return "done"
+        if self.ctx.records.finished(self.model_hash(seed), seed) is not None:
+            self.finished_seeds.add(seed)
+            return "done"
+        self.missing.add(seed)  # rows in results/, but the model's folder is gone
+        self.ctx.progress.note(f"{self.label} seed {seed}: results/ has its rows but {self.ctx.runs} has no "
+                               "finished model; its second stages cannot start (delete its rows to train it again)")
+        return "failed"
 
 
 class StageGraph(Searcher):
-    """Ray Tune searcher over the nodes of a sweep (see the module docstring). ``sizes``: how many
+    """Ray Tune searcher over the stages of a sweep (see the module docstring). ``sizes``: how many
     models of a fusion key one trial trains (:class:`orchestrator.sweep.fusion.FusionSizes`; None: one)."""
 
-    def __init__(self, nodes: list[Node], sizes: FusionSizes | None = None):
+    def __init__(self, ctx: SweepContext, sizes: FusionSizes | None = None):
         super().__init__(metric="objective", mode="max")
-        self.nodes, self.sizes = nodes, sizes
-        self.by_key = {n.key: n for n in nodes}
+        self.ctx, self.sizes = ctx, sizes
+        self.chosen: dict[str, dict[str, Any]] = {}  # method -> training config (without seed)
+        self.nodes: list[Node] = []
+        self.repeats: dict[str, RepeatNode] = {}
+        tunes: dict[str, TuneNode] = {}
+        for s in stages(ctx.exp):
+            if s.kind == "tune":
+                tunes[s.entry.method.name] = TuneNode(self, s.entry, s.trials)
+                self.nodes.append(tunes[s.entry.method.name])
+            else:
+                node = RepeatNode(self, s.entry, s.trials, tunes.get(s.entry.method.name))
+                self.repeats[s.entry.method.name] = node
+                self.nodes.append(node)
+        self.by_key = {n.key: n for n in self.nodes}
         self.owner: dict[str, list[tuple[str, Node]]] = {}  # trial id -> (member id, node) of each of its models
         self.error: Exception | None = None  # a bug in the graph: the sweep stops and raises it
+
+    # --- configs ---------------------------------------------------------------------------
+    def base_config(self, entry: MethodEntry) -> dict[str, Any] | str | None:
+        """The training config of a method before any search (:func:`first_stage_config`). For a
+        second-stage method, its parent's chosen config with its own knobs: None while that is not
+        chosen yet, a reason if it never will be."""
+        method, exp = entry.method, self.ctx.exp
+        if not method.parent:
+            return first_stage_config(exp, entry, self.ctx.machine)
+        parent = self.chosen.get(method.parent)
+        if parent is None:
+            node = self.repeats[method.parent]
+            failed = node.state == "failed" or (node.tune is not None and node.tune.state == "failed")
+            return f"its first stage '{method.parent}' failed" if failed else None
+        cfg = dict(parent)
+        cfg["parent_hash"] = config_hash(training_config(self.ctx.trial_config(cfg, 0)))
+        cfg.update(method_config(method, exp.hyper))
+        cfg["la"] = list(entry.la)
+        cfg.update(self.ctx.machine)
+        return cfg
+
+    def parent_model_state(self, entry: MethodEntry, seed: int) -> str:
+        """'done' when the method needs no parent model or the parent's model of ``seed`` exists."""
+        if not entry.method.parent:
+            return "done"
+        return self.repeats[entry.method.parent].model_state(seed)
 
     def node_of(self, trial_config: dict[str, Any]) -> Node:
         """The stage of a model's trial config (a member of a group: see :func:`trial_members`)."""
         return self.by_key[trial_config["_stage"]]
 
+    # --- the searcher ------------------------------------------------------------------------
     def advance(self) -> None:
         for node in self.nodes:
             node.step()
@@ -469,11 +540,10 @@ class StageGraph(Searcher):
         K is still being measured (``fuse: auto``) is passed over until it is known."""
         members: list[tuple[str, Node, dict[str, Any]]] = []
         key, limit = None, 1
-        fuses = self.sizes is not None and self.sizes.fuses
         for node in self.nodes:
             if node.state != "running":
                 continue
-            node_key = node.fusion_key() if fuses else None
+            node_key = node.fusion_key()
             if members and (node_key is None or node_key != key):
                 continue
             if not members:  # the first model's stage sets the group's size (a later one shares its key)
@@ -507,10 +577,14 @@ class StageGraph(Searcher):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
-    def save(self, checkpoint_path: str) -> None:
-        """Nothing to save: the graph's state lives in the results, run folders and stage records."""
-        with open(checkpoint_path, "w") as fh:
-            json.dump({n.key: n.state for n in self.nodes}, fh)
+    def stop(self, status: str, reason: str) -> None:
+        """The sweep stops: every stage not done is told (see :meth:`Node.stop`); a store that fails
+        is said in one line (the next run ends the Optuna trials instead)."""
+        from orchestrator.tracking.tracker import first_line
 
-    def restore(self, checkpoint_path: str) -> None:
-        pass
+        for node in self.nodes:
+            try:
+                node.stop(status, reason)
+            except Exception as exc:  # the Optuna store
+                self.ctx.progress.note(f"WARNING {node.label}: could not end its Optuna trials ({first_line(exc)}); "
+                                       "the next run of this command does")

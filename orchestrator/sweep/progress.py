@@ -20,8 +20,11 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_trials: int, total_stages: int, quiet: bool = False):
-        self.total, self.total_stages = total_trials, total_stages
+    def __init__(self, total_trials: int, total_stages: int | list[str], quiet: bool = False):
+        # the stages' labels (or their number): each one's state is kept for the status file
+        labels = total_stages if isinstance(total_stages, list) else []
+        self.stages: dict[str, str] = dict.fromkeys(labels, "waiting")  # waiting -> running -> done | failed
+        self.total, self.total_stages = total_trials, len(labels) if labels else total_stages
         self.quiet = quiet
         self.start = time.time()
         self.finished = self.n_failed = self.skipped = 0
@@ -83,14 +86,17 @@ class Progress:
 
     def stage_started(self, label: str) -> None:
         self.active.append(label)
+        self.stages[label] = "running"
 
     def stage_done(self, label: str) -> None:
         self.stages_done += 1
+        self.stages[label] = "done"
         if label in self.active:
             self.active.remove(label)
 
     def stage_failed(self, label: str, reason: str) -> None:
         self.stage_done(label)
+        self.stages[label] = "failed"
         self.failures.append(f"{label}: {reason}")
         self._print(f"FAILED stage {label}: {reason}")
 

@@ -1,11 +1,14 @@
-"""`wbsweep status`: what is done, running, failed and left in a results folder.
+"""A sweep's status file, ``DIR/status/<spec>-<preset>[-<variant>].json``: its one writer
+(:class:`StatusFile`, the driver's), its readers (`wbsweep status`, and where a folder's results
+live: :func:`recorded_store`) and its format (:data:`_FIELDS`).
 
-It reads only files: the sweep's status file (``DIR/status/<spec>-<preset>.json``, rewritten by
-the driver on every event and, as a heartbeat, every ``heartbeat_s`` seconds) and the Parquet
-results. A status that says "running" whose driver process is gone (killed) is shown as
-interrupted; one whose heartbeat is overdue (a hung driver, or one on another host, whose pid cannot
-be checked here) as not responding; one the watchdog stopped (orchestrator/sweep/watchdog.py) as stopped
-with the reason. Running the same `wbsweep run` resumes each.
+`wbsweep status` shows what is done, running, failed and left in a results folder. It reads only
+files: the status files (rewritten by the driver on every event and, as a heartbeat, every
+``heartbeat_s`` seconds) and the Parquet results. A status that says "running" whose driver process
+is gone (killed) is shown as interrupted; one whose heartbeat is overdue (a hung driver, or one on
+another host, whose pid cannot be checked here) as not responding; one the watchdog stopped
+(orchestrator/sweep/watchdog.py) as stopped with the reason. Running the same `wbsweep run` resumes
+each.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -53,7 +57,7 @@ def heartbeat_overdue(status: dict, now: float | None = None) -> float | None:
 
 
 _NUMBER = (int, float)
-#: What `wbsweep status` reads from a status file (orchestrator/sweep/driver.py ``Sweep.status`` writes it).
+#: What `wbsweep status` reads from a status file (:meth:`StatusFile.write` writes it).
 _FIELDS = {"spec": str, "preset": str, "state": str, "host": str, "pid": int, "updated": _NUMBER,
            "trials": dict, "stages": dict, "failures": list}
 _COUNTS = ("total", "done", "skipped", "running", "failed")
@@ -125,7 +129,7 @@ def status_text(out: Path) -> str:
         running = t["running"] if state == "running" else 0  # a driver gone left its last counts
         lines.append(f"  trials: {t['done'] + t['skipped']} done ({t['skipped']} reused), {running} running, "
                      f"{waiting}{t['failed']} failed, {left} left of {t['total']}")
-        store = storage.recorded_storage(st, f, out) or str(out)
+        store = recorded_storage(st, f, out) or str(out)
         if store not in rows_of:
             rows_of[store] = read_rows(storage.join(store, "results"))
         rows = rows_of[store]
@@ -145,3 +149,89 @@ def status_text(out: Path) -> str:
     stores = ", ".join(storage.join(s, "ray") for s in rows_of) or str(out / "ray")
     lines.append(f"logs: {stores} (per-trial error.txt), MLflow: {out / 'mlflow.db'}")
     return "\n".join(lines) + "\n"
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+class StatusFile:
+    """The status file of one sweep (spec, preset, variant), rewritten whole (``os.replace``) on every
+    change of its progress and, as a heartbeat, every ``heartbeat_s`` (orchestrator/sweep/watchdog.py).
+    ``state``: running -> finished | failed | interrupted | stopped."""
+
+    def __init__(self, out: Path, exp: Any, store: str, progress: Any, heartbeat_s: float):
+        self.out, self.exp, self.store, self.progress, self.heartbeat_s = out, exp, store, progress, heartbeat_s
+        variant = f"-{exp.variant}" if exp.variant is not None else ""
+        self.path = out / "status" / f"{exp.name}-{exp.preset}{variant}.json"
+        self.state = "running"
+        self.error = False  # a file that could not be written has been reported
+
+    def write(self, state: str | None = None, reason: str | None = None) -> None:
+        """Write the file (``state``: the new state, else the current one). A file that cannot be
+        written (a full disk, a folder made read-only) is said once; the sweep goes on."""
+        from trainables.config import DEFAULTS
+
+        self.state = state or self.state
+        p, exp, running = self.progress, self.exp, self.state == "running"
+        doc = {
+            "spec": exp.name, "preset": exp.preset, "variant": exp.variant, "state": self.state,
+            "dataset": exp.train.get("dataset", DEFAULTS["dataset"]),
+            "model": exp.train.get("model", DEFAULTS["model"]),
+            "pid": os.getpid(), "out": str(self.out.resolve()),
+            # none when the results are in --out, so a folder moved or copied later reads its own
+            "storage": None if self.store == str(self.out.resolve()) else self.store,
+            "host": socket.gethostname(), "updated": time.time(), "started": p.start,
+            # no trial runs or waits once the driver has stopped
+            "trials": {"total": p.total, "done": p.finished, "skipped": p.skipped,
+                       "running": p.running if running else 0,
+                       "failed": p.n_failed, "pending": p.pending if running else 0},
+            "waiting_since": p.waiting_since if running else None,
+            "stages": dict(p.stages), "failures": p.failures,
+            "heartbeat_s": self.heartbeat_s, "reason": reason,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, self.path)
+            self.error = False
+        except OSError as exc:  # `wbsweep status` lags, the sweep goes on
+            if not self.error:
+                self.error = True
+                p.note(f"WARNING cannot write the status file {self.path}: {exc}; `wbsweep status` "
+                       "shows an older state until it can")
+
+
+# --- where a folder's results live --------------------------------------------------------------------
+
+
+def recorded_storage(doc: dict[str, Any], status_file: Path, out: Path) -> str | None:
+    """The storage a sweep recorded in its status file ``status_file`` (under ``out/status``), seen
+    from ``out`` as it is now: None when the results were the sweep's own ``--out`` (recorded as
+    none, or, by earlier versions, as that folder's absolute path: a folder moved or copied since
+    must read and write its own results, never the old place's)."""
+    rec = doc.get("storage")
+    if not rec or not isinstance(rec, str):
+        return None
+    if storage.is_remote(rec):
+        return rec
+    was_out = rec == doc.get("out") or (Path(rec) / "status" / status_file.name).is_file()
+    if was_out or (not Path(rec).exists() and (out / "results").is_dir()):
+        return None
+    return rec
+
+
+def recorded_store(out: Path, spec: str | None = None) -> str | None:
+    """The storage the latest sweep (of ``spec``, if given) in ``out`` recorded, or None (its own
+    folder, or no sweep). Files that are not status files of ours are passed over."""
+    recorded = []
+    for f in sorted((out / "status").glob("*.json")) if out.is_dir() else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if malformed_status(doc):  # not a status file of ours: `wbsweep status` names it
+            continue
+        if spec is None or doc["spec"] == spec:
+            recorded.append((doc["updated"], recorded_storage(doc, f, out)))
+    return max(recorded, key=lambda t: t[0])[1] if recorded else None

@@ -40,15 +40,12 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 
 from orchestrator.sweep.cluster import env_seconds, trial_bundle
+from orchestrator.sweep.context import SweepContext
 from trainables.errors import WbsweepError
-
-if TYPE_CHECKING:
-    from orchestrator.sweep.driver import Sweep
 
 EXIT_STOPPED = 3
 
@@ -125,12 +122,11 @@ def port_refuses(host: str, port: int) -> bool:
 class Watchdog(Callback):
     """Ray Tune callback: the heartbeat, and the checks (a)-(c) of the module's docstring."""
 
-    def __init__(self, sweep: Sweep, limits: Limits | None = None,
+    def __init__(self, ctx: SweepContext, limits: Limits | None = None,
                  nodes: Callable[[], list[Node]] = nodes_now, own_node: str | None = None,
                  clock: Callable[[], float] = time.time, refuses: Callable[[str, int], bool] = port_refuses):
-        autoscaling = bool(getattr(getattr(sweep, "shape", None), "autoscaling", False))
-        self.sweep, self.autoscaling = sweep, autoscaling
-        self.limits = limits or Limits.from_env(autoscaling)
+        self.ctx, self.autoscaling = ctx, ctx.autoscaling
+        self.limits = limits or Limits.from_env(ctx.autoscaling)
         self.nodes, self.clock, self.refuses = nodes, clock, refuses
         self.own_node = own_node if own_node is not None else self._own_node()
         now = clock()
@@ -162,7 +158,7 @@ class Watchdog(Callback):
         now = self.clock()
         if now - self.last_beat >= self.limits.heartbeat_s:
             self.last_beat = now
-            self.sweep.status("running")
+            self.ctx.status.write()
         if now - self.last_check < self.limits.check_s:
             return
         self.last_check = now
@@ -209,8 +205,8 @@ class Watchdog(Callback):
 
     def unschedulable(self, now: float, nodes: list[Node], pending: int, running: int) -> str | None:
         """(b): the wait began, or lasted long enough (then the reason)."""
-        sweep = self.sweep
-        trial = trial_bundle(sweep.cpus, sweep.gpus)
+        ctx = self.ctx
+        trial = trial_bundle(ctx.cpus, ctx.gpus)
         alive = [n for n in nodes if n.alive]
         holds = any(all(n.resources.get(k, 0.0) >= v for k, v in trial.items() if v > 0) for n in alive)
         if self.autoscaling or not pending or running or holds:
@@ -221,7 +217,7 @@ class Watchdog(Callback):
         waited = now - self.unschedulable_since
         if waited < self.limits.unschedulable_s:
             return None
-        need = f"{sweep.cpus:g} CPU" + (f" + {sweep.gpus:g} GPU" if sweep.gpus else "")
+        need = f"{ctx.cpus:g} CPU" + (f" + {ctx.gpus:g} GPU" if ctx.gpus else "")
         have = "; ".join(", ".join(f"{n.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU")) for n in alive)
         return (f"for {_clock(waited)} {pending} trial(s) waited for a node with {need} and no live node has that "
                 f"(live nodes: {have}) nor can an autoscaler add one (WBSWEEP_UNSCHEDULABLE_S="
@@ -229,5 +225,5 @@ class Watchdog(Callback):
 
     def stop(self, problem: str) -> None:
         """Record the reason in the status file and end ``tuner.fit``."""
-        self.sweep.status("stopped", reason=problem)
+        self.ctx.status.write("stopped", reason=problem)
         raise SweepStopped(problem)

@@ -19,9 +19,9 @@ from optuna.trial import TrialState, create_trial
 from orchestrator.report import plan as cost
 from orchestrator.spec import early_stopping as early_stop
 from orchestrator.spec.experiment import load_experiment, load_experiments
-from orchestrator.sweep.graph import TuneNode
 from orchestrator.sweep.progress import Progress
 from orchestrator.sweep.scheduler import stage_scheduler
+from orchestrator.sweep.stages import TuneNode
 from trainables.errors import WbsweepError
 
 PRUNE_SPEC = """

@@ -16,8 +16,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from orchestrator.spec.space import discrete_points, grid_values
-from orchestrator.sweep.graph import TuneNode
 from orchestrator.sweep.progress import Progress
+from orchestrator.sweep.stages import TuneNode
 
 GRID = [round(0.01 * i, 2) for i in range(1, 21)]
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from orchestrator.sweep.context import SweepContext
 from orchestrator.sweep.events import StageEvents
-from orchestrator.sweep.graph import Node, RepeatNode
+from orchestrator.sweep.stages import Node, RepeatNode
 from orchestrator.tracking.tracker import Tracker, final_metrics, flat_params
 from trainables.config import config_hash
 from trainables.trial import training_config

@@ -21,9 +21,10 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.environment import env_seconds
 from orchestrator.record.analyses import record_run_analyses
 from orchestrator.record.records import SweepRecords
-from orchestrator.sweep.cluster import autoscaler_activity, env_seconds, free_resources
+from orchestrator.sweep.cluster import autoscaler_activity, free_resources
 from orchestrator.sweep.context import SweepContext
 from orchestrator.sweep.graph import StageGraph, member_id, trial_members
 from orchestrator.sweep.stage_runs import StageRuns, end_reference_runs

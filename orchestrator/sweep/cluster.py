@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,11 +283,3 @@ def check_reachable(address: str, what: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
         raise WbsweepError(f"cannot reach {what} at {hostport}: {exc.strerror or exc}; is it running?") from None
-
-
-def env_seconds(name: str, default: float) -> float:
-    """A duration in seconds from the environment (tests shorten the waits)."""
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default

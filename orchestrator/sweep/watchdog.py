@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 from ray.tune import Callback
 
-from orchestrator.sweep.cluster import env_seconds, trial_bundle
+from orchestrator.environment import env_seconds
+from orchestrator.sweep.cluster import trial_bundle
 from orchestrator.sweep.context import SweepContext
 from trainables.errors import WbsweepError
 

@@ -273,7 +273,7 @@ class Outbox:
     Calls are closures, run in order: one may use what an earlier one made (a run's id)."""
 
     def __init__(self, note: Callable[[str], None], retry_s: float | None = None):
-        from orchestrator.sweep.cluster import env_seconds
+        from orchestrator.environment import env_seconds
 
         self.note = note
         self.retry_s = env_seconds("WBSWEEP_TRACKING_RETRY_S", 30.0) if retry_s is None else retry_s

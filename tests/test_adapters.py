@@ -99,41 +99,6 @@ def test_asha_adapters_raise_other_key_errors(monkeypatch):
         ray_tune.asha_remove(asha, None, a)
 
 
-def test_asha_knows_and_forget_by_trial_id():
-    """The by-id pair the current call sites use (private _trial_info), on a real ASHA."""
-    asha, (a, b) = _asha(), (_trial("a"), _trial("b"))
-    assert not ray_tune.asha_knows(asha, "a")
-    asha.on_trial_add(None, a)
-    asha.on_trial_add(None, b)
-    assert ray_tune.asha_knows(asha, "a") and ray_tune.asha_knows(asha, "b")
-    asha.on_trial_complete(None, a, {"final/avg": 0.5})  # no metric: ASHA keeps it
-    assert ray_tune.asha_knows(asha, "a")
-    ray_tune.asha_forget(asha, "a")
-    ray_tune.asha_forget(asha, "a")  # again, and an unknown id: nothing
-    ray_tune.asha_forget(asha, "unknown")
-    assert not ray_tune.asha_knows(asha, "a") and ray_tune.asha_knows(asha, "b")
-
-
-def test_asha_knows_and_forget_warn_once_when_ray_no_longer_has_trial_info(caplog):
-    ray_tune._warned.discard("_trial_info")
-    with caplog.at_level(logging.WARNING, logger=ray_tune.__name__):
-        assert ray_tune.asha_knows(SimpleNamespace(), "a")  # let ASHA itself decide
-        ray_tune.asha_forget(SimpleNamespace(), "a")
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1
-    assert "orchestrator/_adapters/ray_tune.py" in warnings[0] and f"ray {RAY}" in warnings[0]
-    ray_tune._warned.discard("_trial_info")
-
-
-def test_guard_asha_keeps_its_trials_in_trial_info():
-    asha, a = _asha(), _trial("a")
-    assert isinstance(getattr(asha, "_trial_info", None), dict), (
-        f"ray.tune ASHAScheduler no longer has a _trial_info dict (asha_knows, asha_forget) {UPDATE_RAY}")
-    asha.on_trial_add(None, a)
-    assert list(asha._trial_info) == ["a"], (
-        f"ray.tune ASHAScheduler._trial_info is no longer keyed by trial id {UPDATE_RAY}")
-
-
 def test_guard_asha_raises_key_error_of_the_trial_for_an_unknown_trial():
     """What the ASHA adapters rely on: for a trial it does not know, ASHA raises KeyError(trial_id) (which
     they swallow) or nothing; any other error would reach the sweep."""

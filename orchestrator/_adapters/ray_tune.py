@@ -5,10 +5,9 @@ Checked against ray 2.41.0 and 2.60.0: ``AsyncHyperBandScheduler.on_trial_add`` 
 ``on_trial_complete`` / ``on_trial_remove``, and ``OptunaSearch.__init__`` / ``suggest`` /
 ``on_trial_complete`` read the same in both (``ASHAScheduler`` is ``AsyncHyperBandScheduler``).
 
-Private attributes read here, and nowhere else: ``OptunaSearch._ot_trials`` (:func:`optuna_trial_of`; Ray
-has no public way) and ``AsyncHyperBandScheduler._trial_info`` (only :func:`asha_knows` / :func:`asha_forget`,
-kept for the call sites written against this module's placeholder: :func:`asha_complete` /
-:func:`asha_remove` do their job through the public API).
+The one private attribute read here, and nowhere else: ``OptunaSearch._ot_trials``
+(:func:`optuna_trial_of`; Ray has no public way). ASHA's bookkeeping is kept through its public API
+(:func:`asha_complete`, :func:`asha_remove`).
 """
 
 from __future__ import annotations
@@ -58,8 +57,7 @@ def asha_complete(asha: Any, controller: Any, trial: Any, result: dict) -> None:
     """Tell ``asha`` (an ``ASHAScheduler``) that ``trial`` ended with ``result``, and make it forget the trial.
 
     Public API only (``TrialScheduler.on_trial_complete`` and ``on_trial_remove``): no ``_trial_info``.
-    Replaces ``if asha_knows(...): asha.on_trial_complete(...); asha_forget(...)``. Calling
-    ``asha.on_trial_complete`` alone is not enough, and not safe:
+    Calling ``asha.on_trial_complete`` alone is not enough, and not safe:
 
     - a ``result`` without ASHA's ``time_attr`` or ``metric`` (a final report made of ``final/...``
       keys) is ignored and the trial stays in ASHA's bookkeeping for good: ``on_trial_remove`` drops it;
@@ -74,42 +72,9 @@ def asha_remove(asha: Any, controller: Any, trial: Any) -> None:
     """Make ``asha`` forget ``trial`` (removed before it completed); nothing if it does not know it.
 
     Public API only: ``asha.on_trial_remove``, whose ``KeyError(trial_id)`` for a trial it does not
-    know is swallowed (see :func:`asha_complete`). Replaces ``asha_forget(asha, trial.trial_id)``.
+    know is swallowed (see :func:`asha_complete`).
     """
     _tolerate_unknown(lambda: asha.on_trial_remove(controller, trial), trial)
-
-
-def _asha_trials(asha: Any) -> dict | None:
-    """PRIVATE: ``AsyncHyperBandScheduler._trial_info`` (trial id -> its bracket), or None (warned once)."""
-    trials = getattr(asha, "_trial_info", None)
-    if not isinstance(trials, dict):
-        _warn_once("_trial_info", f"{type(asha).__name__} has no _trial_info dict (use asha_complete / "
-                                  "asha_remove, or update orchestrator/_adapters/ray_tune.py)")
-        return None
-    return trials
-
-
-def asha_knows(asha: Any, trial_id: str) -> bool:
-    """Whether ``asha`` holds trial ``trial_id`` in its bookkeeping.
-
-    PRIVATE (``_trial_info``): ASHA has no public query. Kept for the call sites written against this
-    module's placeholder; :func:`asha_complete` needs no such check. Without ``_trial_info`` (a newer Ray):
-    True, with a warning (once): a trial the sweep's scheduler added is one ASHA knows.
-    """
-    trials = _asha_trials(asha)
-    return True if trials is None else trial_id in trials
-
-
-def asha_forget(asha: Any, trial_id: str) -> None:
-    """Drop trial ``trial_id`` from ``asha``'s bookkeeping, if it is there.
-
-    PRIVATE (``_trial_info``): by id, without the trial object ``on_trial_remove`` takes. Kept for the call
-    sites written against this module's placeholder; :func:`asha_remove` (and :func:`asha_complete`) do the
-    same through the public API. Without ``_trial_info`` (a newer Ray): nothing, with a warning (once).
-    """
-    trials = _asha_trials(asha)
-    if trials is not None:
-        trials.pop(trial_id, None)
 
 
 # --- OptunaSearch ----------------------------------------------------------------------------------------

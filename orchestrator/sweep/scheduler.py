@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from orchestrator._adapters.ray_tune import asha_forget, asha_knows
+from orchestrator._adapters.ray_tune import asha_complete, asha_remove
 from orchestrator.spec.early_stopping import HasSettings, rungs, settings, stage_epochs
 from trainables.trial import training_config
 
@@ -73,14 +73,13 @@ class StageScheduler(FIFOScheduler):
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         asha = self.of_trial.pop(trial.trial_id, None)
-        if asha is not None and asha_knows(asha, trial.trial_id):
-            asha.on_trial_complete(tune_controller, trial, result)
-            asha_forget(asha, trial.trial_id)
+        if asha is not None:
+            asha_complete(asha, tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         asha = self.of_trial.pop(trial.trial_id, None)
         if asha is not None:
-            asha_forget(asha, trial.trial_id)
+            asha_remove(asha, tune_controller, trial)
 
     def debug_string(self) -> str:
         return f"wbsweep StageScheduler: ASHA per tune stage, {len(self.pruned)} trial(s) pruned"

@@ -15,7 +15,7 @@ import os
 from typing import Any, Protocol
 
 from orchestrator._adapters.optuna_storage import end_open_trials
-from orchestrator._adapters.ray_tune import optuna_trial_of
+from orchestrator._adapters.ray_tune import end_pruned, optuna_trial_of
 from orchestrator.spec import early_stopping
 from orchestrator.spec.experiment import Experiment, MethodEntry
 from orchestrator.spec.space import discrete_points, optuna_space, point_key
@@ -293,7 +293,7 @@ class TuneNode(Node):
         if ot_trial is not None and value is not None:
             ot_trial.report(float(value), int(epoch))
             ot_trial.set_user_attr("pruned_epoch", int(epoch))
-        self.optuna.on_trial_complete(trial_id, result=None, error=False)  # no value and no error: PRUNED
+        end_pruned(self.optuna, trial_id)
 
     def choose(self) -> None:
         if not self.results:

@@ -145,8 +145,8 @@ class Tracker:
         Logging it again is a no-op (MLflow keeps one input per dataset and run)."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+
+        from orchestrator._adapters.mlflow_entities import dataset_input
 
         rho = "" if cfg.get("rho") is None else f" rho={cfg['rho']:g}"
         name = f"{cfg['dataset']}{rho} split={cfg['split']} val={cfg['val_per_class']}/class"
@@ -154,8 +154,7 @@ class Tracker:
         source = (resolve_dataset_source(str(root)) if root
                   else CodeDatasetSource({"wbsweep.dataset": f"{cfg['dataset']} (embedded in the package)"}))
         digest = str(cfg.get("data_fingerprint") or "unknown")
-        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
-        self.client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+        self.client.log_inputs(run_id, [dataset_input(source, name, digest, context="training")])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

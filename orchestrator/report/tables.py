@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.record.results import mixed_data, read_rows
+from orchestrator.record.results import fewer_classes, mixed_data, read_rows
 from orchestrator.spec.paper import paper_reference
 from trainables import storage
 from trainables.errors import WbsweepError
@@ -57,7 +57,7 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
     * an LA parameter (τ, γ) chosen on the edge of its grid in most seeds: the best value may lie
       outside the grid (a preset can widen ``tau_grid`` / ``gamma_grid``);
     * first, a warning where rows of one dataset name were trained on different data."""
-    lines = [f"WARNING {line}" for line in mixed_data(rows)]
+    lines = [f"WARNING {line}" for line in mixed_data(rows)] + [f"NOTE {line}" for line in fewer_classes(rows)]
     if has_paper:
         resnet = any(PAPER_MODEL.get(m) == "resnet" for m in (paper_models or set()))
         lines.append(PAPER_NOTE + (RESNET_NOTE if resnet else "") + ".")

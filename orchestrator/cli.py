@@ -3,7 +3,7 @@
     wbsweep run table4 [--preset P] [--out DIR] [--storage DIR|s3://...] [--data-root DIR] [--address ADDR]
                        [--tracking-uri URI]
     wbsweep report table4 [--out DIR] [--storage DIR|s3://...] [--format table|markdown|csv|latex]
-                          [--claims [PATH]] [--paper]
+                          [--claims [PATH]] [--paper] [--all-configs] [--data-root DIR]
     wbsweep train --method wd [--spec table4 --preset cpu] [--seed 0] [--set epochs=5] [--out DIR]
     wbsweep train --config DIR/runs/<hash>/seed<k>/config.json [--out DIR]
     wbsweep list
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test the paper's claims (default: the spec's claims file; or your own PATH) on the "
                           "results and on the paper's numbers: Welch's t-test, 95%% CI, a verdict per claim")
     rep.add_argument("--paper", action="store_true", help="with --claims: the paper's own numbers only")
+    rep.add_argument("--all-configs", action="store_true",
+                     help="list every config hash the folder holds for the spec and preset (one row per method and "
+                          "config: seeds, when written, whether it is the config the spec asks for now)")
+    rep.add_argument("--data-root", help="the run's --data-root: the data whose fingerprint the current config "
+                                         "hashes include (default: as `run`)")
     rep.add_argument("--tracking-uri", help="MLflow store to log the report (and claims) to "
                                             "(default sqlite:///OUT/mlflow.db where it exists)")
     rep.set_defaults(func=cmd_report)

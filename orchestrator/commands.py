@@ -122,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args_ = (out, exp.name, exp.preset)
         kw = dict(table=exp.paper_table, method_order=[m.method.name for m in exp.methods], title=exp.title,
                   layout=exp.layout, analyses=analyses, store=store)
+        kw["current_of"] = current_of(args.spec, out, store, opts.data_root, exps)
         text = report(*args_, "table", **kw)
         print(text)
         _report_to_mlflow(opts.tracking_uri, out, store, exp.name, exp.preset, text,
@@ -155,11 +156,16 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise
         spec, unknown = args.spec, exc  # a spec no longer on disk: the Parquet rows are enough
     out = _out_dir(args.out, create=False)
+    store = _storage(args.storage, out, spec)
+    why = str(unknown).rstrip(".")  # no spec: the rows as written; which config is current cannot be told
+    now = current_of(args.spec, out, store, _data_root(args.data_root)) if unknown is None else lambda *_: why
+    if args.all_configs:
+        return _report_all_configs(args, store, spec, now, unknown)
     if args.claims is not None or args.paper:
-        return _report_claims(args, out, spec, table, unknown)
+        return _report_claims(args, out, spec, table, unknown, now)
     try:
         text = report(out, spec, args.preset, args.format, table, order, title, layout=layout, analyses=analyses,
-                      store=_storage(args.storage, out, spec))
+                      store=store, current_of=now)
     except WbsweepError:
         if unknown is not None:  # no rows and no such spec: say that (not "run it first")
             raise unknown from None
@@ -167,12 +173,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     from orchestrator.tracking.tracker import default_tracking_uri
 
-    store = _storage(args.storage, out, spec)
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
     _report_to_mlflow(uri, out, store, spec, args.preset, text,
                       lambda: text if args.format == "csv" else report(out, spec, args.preset, "csv", table, order,
                                                                        title, layout=layout, analyses=analyses,
-                                                                       store=store))
+                                                                       store=store, current_of=now))
+    return 0
+
+
+def current_of(spec: str, out: Path, store: str, data_root: str | None, exps: list | None = None):
+    """``current_of(preset, rows)`` for the report (orchestrator/report/selection.py): the configs the
+    spec's preset resolves to now, computed without Ray (orchestrator/record/current.py), or why the
+    spec cannot tell. ``exps``: the experiments already loaded (``run``: the ones it just ran)."""
+    from orchestrator.record.current import current_configs
+    from orchestrator.spec.experiment import load_experiments
+    from trainables.storage import join
+
+    def of(preset: str, rows):
+        try:
+            loaded = exps if exps and exps[0].preset == preset else load_experiments(spec, preset)
+        except WbsweepError as exc:
+            return str(exc).rstrip(".")
+        return current_configs(loaded, out, join(store, "runs"), data_root, rows)
+
+    return of
+
+
+def _report_all_configs(args: argparse.Namespace, store: str, spec: str, now, unknown: WbsweepError | None) -> int:
+    """`report SPEC --all-configs`: every config hash the folder holds (orchestrator/report/selection.py)."""
+    from orchestrator.record.results import read_rows
+    from orchestrator.report.all_configs import all_configs
+    from trainables.storage import exists, join
+
+    results = join(store, "results")
+    if not exists(results):
+        raise unknown or WbsweepError(f"{results} does not exist; run `wbsweep run {spec} --out {args.out}` first.")
+    sys.stdout.write(all_configs(read_rows(results), spec, args.preset, now, args.format))
     return 0
 
 
@@ -192,7 +228,7 @@ def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset:
 
 
 def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | None,
-                   unknown: WbsweepError | None) -> int:
+                   unknown: WbsweepError | None, now=None) -> int:
     """`report SPEC --claims [PATH] [--paper]`: the claims file (default: claims/<spec>.yaml beside
     the spec) tested on the results and on the paper's numbers (orchestrator/report/claims.py)."""
     from orchestrator.report.claims import claims_report, default_path
@@ -211,7 +247,7 @@ def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | 
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
     store = None if paper else _storage(args.storage, out, spec)
     sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
-                                   paper_only=paper, tracking_uri=uri))
+                                   paper_only=paper, tracking_uri=uri, current_of=now))
     return 0
 
 

@@ -101,18 +101,19 @@ def _read(entry: Path) -> LTDataset | None:
 
 
 def cached_dataset(name: str, data_root: str | Path | None = None, rho: float | None = None,
-                   val_per_class: int = 20, split: str = "file") -> LTDataset:
-    """:func:`trainables.data.load_dataset`, prepared once per node (see the module docstring)."""
+                   val_per_class: int = 20, split: str = "file", download: bool = True) -> LTDataset:
+    """:func:`trainables.data.load_dataset`, prepared once per node (see the module docstring).
+    ``download`` false: missing files are a one-line WbsweepError, not fetched."""
     root = cache_root()
     if root is None:
-        return load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split)
+        return load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split, download=download)
     key = cache_key(name, data_root, rho, val_per_class, split)
     if key in _in_process:
         return _in_process[key]
     entry = root / key
     data = _read(entry) if entry.is_dir() else None
     if data is None:
-        data = load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split)
+        data = load_dataset(name, data_root, rho, val_per_class=val_per_class, split=split, download=download)
         shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry
         _write(entry, data)
     _in_process[key] = data
@@ -120,11 +121,12 @@ def cached_dataset(name: str, data_root: str | Path | None = None, rho: float | 
 
 
 def dataset_fingerprint(name: str, data_root: str | Path | None = None, rho: float | None = None,
-                        val_per_class: int = 20, split: str = "file") -> str:
+                        val_per_class: int = 20, split: str = "file", download: bool = True) -> str:
     """The split's :func:`trainables.data.data_fingerprint`, with every check of loading it (a
     missing or corrupt file is a one-line WbsweepError). The driver calls this before a sweep: the
     dataset is then prepared in this node's cache, where its trials find it (a local cluster), and
-    the fingerprint is kept in the entry, so it is computed once per node and data version."""
+    the fingerprint is kept in the entry, so it is computed once per node and data version.
+    ``download`` false (the report, ``--plan``): files that are not here are not fetched."""
     quick = check_dataset(name, data_root, rho, val_per_class, split) if _spec(name).source.split_rule == "lists" \
         else None
-    return quick or data_fingerprint(cached_dataset(name, data_root, rho, val_per_class, split))
+    return quick or data_fingerprint(cached_dataset(name, data_root, rho, val_per_class, split, download))

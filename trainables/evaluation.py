@@ -5,6 +5,7 @@ accuracy per post-hoc LA variant).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,7 @@ def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any], knobs: Knobs |
         "test_labels": y_test, "bias": bias_np, "weight_norms": norms, "prior": prior,
         "class_counts": np.asarray(data.class_counts),
     }
+    in_average = classes_in_average(y_test, c, data.name)
     la_results: dict[str, dict[str, Any]] = {}
     for la in LA_KINDS:  # all of them, whatever cfg["la"] reports: the model folder serves every spec
         grid = cfg["tau_grid"] if la == "add" else cfg["gamma_grid"] if la == "mult" else None
@@ -95,5 +97,21 @@ def evaluate(model: Network, dd: DeviceData, cfg: dict[str, Any], knobs: Knobs |
         "fdr_test": fdr(test_feats.numpy().astype(np.float64), y_test, c),
         "la": la_results,
         "objective": objective({"la": la_results}, cfg["la"]),
+        "classes_in_average": in_average,
         "_arrays": arrays,
     }
+
+
+def classes_in_average(labels: np.ndarray, num_classes: int, dataset: str) -> int:
+    """How many classes the test accuracies (Many/Medium/Few, the average) are averaged over: those
+    with at least one test image. A class the test split lacks has no recall; it is left out of
+    the averages, and said in one warning naming it (the trial reports it: the sweep's progress
+    output, the model's ``warnings.log`` and its MLflow run's ``wbsweep.warnings``)."""
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    absent = [int(k) for k in np.flatnonzero(counts == 0)]
+    if absent:
+        which = ", ".join(map(str, absent))
+        warnings.warn(f"the {dataset} test split has no image of class {which}: the test accuracies (Many/Medium/"
+                      f"Few, Average) are averaged over {num_classes - len(absent)} of {num_classes} classes "
+                      "(classes_in_average in metrics.json and results/)", UserWarning, stacklevel=2)
+    return num_classes - len(absent)

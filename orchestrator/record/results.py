@@ -42,12 +42,13 @@ SCHEMA = pa.schema(
         ("created_at", pa.timestamp("s", tz="UTC")), ("config", pa.string()),
         ("data_fingerprint", pa.string()),
         ("git_commit", pa.string()), ("git_dirty", pa.bool_()), ("packages", pa.string()), ("pruned", pa.bool_()),
-        ("fused_k", pa.int64()),
+        ("fused_k", pa.int64()), ("classes_in_average", pa.int64()),
     ]
 )
 COLUMNS = SCHEMA.names
 #: Columns added after results files existed: a file without them is read with nulls there.
-ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned", "fused_k"})
+ADDED_LATER = frozenset({"data_fingerprint", "git_commit", "git_dirty", "packages", "pruned", "fused_k",
+                         "classes_in_average"})
 
 
 def rows_for_run(
@@ -83,6 +84,7 @@ def rows_for_run(
             "data_fingerprint": metrics.get("data_fingerprint"),
             "git_commit": versions.get("git_commit"), "git_dirty": versions.get("git_dirty"),
             "packages": versions.get("packages"), "pruned": False,
+            "classes_in_average": metrics.get("classes_in_average"),
         })
     return rows
 
@@ -198,4 +200,24 @@ def mixed_data(rows: pd.DataFrame) -> list[str]:
         if prints.nunique() > 1:
             lines.append(f"{dataset}: rows from {prints.nunique()} different data ({', '.join(sorted(set(prints)))}); "
                          "the data_fingerprint column tells them apart.")
+    return lines
+
+
+def fewer_classes(rows: pd.DataFrame) -> list[str]:
+    """One line per method (dataset, model) whose test accuracies are averaged over fewer classes
+    than its dataset has: a class the test split lacks has no recall and is left out of Many/Medium/
+    Few and the average. From ``classes_in_average`` (rows written before it: the classes with a
+    recall in ``acc_per_class``)."""
+    lines = []
+    for (dataset, model, method), g in rows.groupby(["dataset", "model", "method"], sort=False):
+        for per_class, used in zip(g["acc_per_class"], g["classes_in_average"], strict=True):
+            if per_class is None or len(per_class) == 0:
+                continue
+            recall = pd.Series(list(per_class), dtype=float)
+            n = int(used) if pd.notna(used) else int(recall.notna().sum())
+            if n < len(recall):
+                absent = ", ".join(str(k) for k in recall.index[recall.isna()]) or "?"
+                lines.append(f"{method} ({dataset}, {model}): the test accuracies are averaged over {n} of "
+                             f"{len(recall)} classes; the test split has no image of class {absent}.")
+                break
     return lines

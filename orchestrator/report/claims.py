@@ -449,13 +449,15 @@ def log_claims(df: pd.DataFrame, tracking_uri: str, out: Path, spec: str, preset
 
 def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | Path, fmt: str = "table",
                   paper_table: int | None = None, store: str | None = None, paper_only: bool = False,
-                  tracking_uri: str | None = None, log=None) -> str:
+                  tracking_uri: str | None = None, log=None, current_of=None) -> str:
     """``wbsweep report SPEC --claims``: the claims of ``claims_path`` tested on the spec's results
-    (``store/results``, the latest config per method as the report uses) and on the paper's numbers;
+    (``store/results``, the rows of the configs the spec resolves to now, as the report shows them:
+    ``current_of``, see :func:`orchestrator.report.selection.select_rows`) and on the paper's numbers;
     written to ``store/claims/<spec>-<preset>.{parquet,csv}`` and, where there is an MLflow store,
     logged as a run. ``paper_only``: the paper's numbers alone (no results needed)."""
     from orchestrator.record.results import read_rows
-    from orchestrator.report.tables import FORMATS, _analysis_rows, select_rows
+    from orchestrator.report.selection import select_rows
+    from orchestrator.report.tables import FORMATS, _analysis_rows
     from trainables import storage
 
     if fmt not in FORMATS:
@@ -475,7 +477,8 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
     if not storage.exists(results):
         raise WbsweepError(f"{results} does not exist; run `wbsweep run {spec} --out {out}` first "
                            "(or --paper for the paper's own numbers).")
-    rows, preset = select_rows(read_rows(results), spec, preset)
+    chosen = select_rows(read_rows(results), spec, preset, current_of)
+    rows, preset = chosen.rows, chosen.preset
     analyses = None
     if any(c.analysis for c in claims.claims):
         analyses = _analysis_rows(store, rows, spec)
@@ -491,6 +494,7 @@ def claims_report(out: Path, spec: str, preset: str | None, claims_path: str | P
                          f"{spec} — preset {preset}: claims (A > B), Welch's t-test, 95% CI, ≥{claims.min_seeds} seeds")
     if fmt == "csv":
         return text
+    text += "".join(f"NOTE {line}\n" for line in chosen.lines)
     for _, r in unmatched.iterrows():
         text += (f"note: '{r['claim']}' has no rows for {r['group_a'] if r['n_a'] == 0 else r['group_b']} "
                  f"({r['dataset']}, {r['model']}); is that method in the spec?\n")

@@ -90,12 +90,12 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
     if not tracking_uri:
         return
     from orchestrator.record.results import read_rows
-    from orchestrator.report.tables import select_rows
+    from orchestrator.report.selection import spec_rows
     from trainables import storage
 
     try:
         if preset is None:
-            _, preset = select_rows(read_rows(storage.join(store, "results")), spec, None)
+            _, preset = spec_rows(read_rows(storage.join(store, "results")), spec, None)
         run_id = log_report_run(tracking_uri, out, store, spec, preset, text, table_csv)
         log(f"report logged to MLflow ({tracking_uri}), run {run_id}")
     except Exception as exc:  # noqa: BLE001 - MLflow is a view: the report is printed regardless

@@ -154,7 +154,7 @@ def measure_here(exp, device: str = "auto", epochs: int = 6, log=None) -> Speed:
         scale = (full or len(data.y_train)) / len(data.y_train)
         what = f"{len(data.y_train)} synthetic images of the dataset's shape, scaled to {full or len(data.y_train)}"
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(exp.resources.get("cpus_per_trial", DEFAULTS["threads"]))))
+    torch.set_num_threads(max(1, int(exp.resources.get("cpus_per_trial") or 1)))
     stamps: list[float] = []
     try:
         with tempfile.TemporaryDirectory(prefix="wbsweep-plan-") as tmp:
@@ -241,49 +241,33 @@ def recorded_speed(exp, device: str) -> Speed:
 # --- the plan --------------------------------------------------------------------------------------
 
 
-def finished_models(store: str | None, exp) -> tuple[dict[str, int], dict[str, int]]:
-    """Per method: models already trained for this spec/preset (and variant's dataset/model) by its
-    tune stage (``trials/`` rows, pruned ones too) and by its repeat stage (``results/`` rows)."""
-    from orchestrator.record.results import read_rows
-    from trainables import storage
-
-    out: list[dict[str, int]] = []
-    for folder in ("trials", "results"):
-        counts: dict[str, int] = {}
-        if store is not None:
-            df = read_rows(storage.join(store, folder))
-            df = df[(df["spec"] == exp.name) & (df["preset"] == exp.preset)]
-            if exp.variant is not None:
-                df = df[(df["dataset"] == exp.train.get("dataset")) & (df["model"] == exp.train.get("model"))]
-            for method, g in df.drop_duplicates(["config_hash", "seed"]).groupby("method"):
-                counts[str(method)] = len(g)
-        out.append(counts)
-    return out[0], out[1]
-
-
-def stage_costs(exp, speed: Speed, store: str | None = None) -> list[StageCost]:
-    """The cost of each stage of ``exp`` (orchestrator.spec.experiment.stages), finished models subtracted."""
+def stage_costs(exp, speed: Speed, store: str | None = None, out: Path | None = None,
+                data_root: str | None = None, notes: list[str] | None = None) -> list[StageCost]:
+    """The cost of each stage of ``exp`` (orchestrator.spec.experiment.stages), the models finished
+    under the config hashes the spec resolves to now subtracted (orchestrator/report/finished.py);
+    ``notes`` receives what the plan must say about that."""
+    from orchestrator.report.finished import Finished
     from trainables.config import DEFAULTS
     from trainables.methods import method_config
 
     es = early_stop.settings(exp) or early_stop.parse("asha", "default")
-    tuned, repeated = finished_models(store, exp)
+    done = Finished(exp, store, out, data_root)
     costs = []
     for s in stages(exp):
-        name = s.entry.method.name
         cfg = {**DEFAULTS, **exp.train, **method_config(s.entry.method, exp.hyper)}
         epochs = early_stop.stage_epochs(cfg)
+        planned = done.planned(s)
         if s.kind == "tune":
-            left = 0 if repeated.get(name) else max(0, s.trials - tuned.get(name, 0))
-            es_epochs = early_stop.expected_epochs(es, epochs, s.trials)
+            left = max(0, planned - done.tune_done(s))
+            es_epochs = early_stop.expected_epochs(es, epochs, planned)
         else:
-            has_tune = any(t.kind == "tune" and t.entry is s.entry for t in stages(exp))
-            # the first seed's model is the chosen tune trial's own (reused, not trained again)
-            left = max(0, s.trials - int(has_tune) - max(0, repeated.get(name, 0) - int(has_tune)))
+            left = done.repeat_left(s)
             es_epochs = float(epochs)
-        costs.append(StageCost(exp.variant, s.label, s.kind, s.trials, left, epochs, es_epochs,
+        costs.append(StageCost(exp.variant, s.label, s.kind, planned, left, epochs, es_epochs,
                                left * speed.model_s(epochs), left * speed.model_s(es_epochs),
                                list(exp.searched_for(s.entry.method)) if s.kind == "tune" else []))
+    if notes is not None:
+        notes += [n for n in done.notes if n not in notes]
     return costs
 
 
@@ -307,10 +291,14 @@ def hours(s: float) -> str:
     return f"{s / 3600:.2f} h" if s >= 360 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def print_plan(exps: list, speed_for, store: str | None, price: float | None, log=print) -> list[StageCost]:
-    """Print the plan of ``exps`` (the variants of one preset); ``speed_for(exp)`` gives the figures."""
+def print_plan(exps: list, speed_for, store: str | None, price: float | None, log=print, out: Path | None = None,
+               data_root: str | None = None) -> list[StageCost]:
+    """Print the plan of ``exps`` (the variants of one preset); ``speed_for(exp)`` gives the figures;
+    the models finished in ``store`` (and ``out``: the tune stages' choices and studies) under the
+    config hashes the spec resolves to now are subtracted."""
     exp = exps[0]
     lines: list[str] = []
+    said: list[str] = []
     costs_all: list[StageCost] = []
     dev_h = [0.0, 0.0]  # device-hours (GPU-hours: times gpus_per_trial) without / with early stopping
     wall = [0.0, 0.0]
@@ -326,7 +314,7 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
                 raise
             lines.append(f"  no estimate: {exc}")
             missing.append(str(e.variant))
-            costs = stage_costs(e, Speed(0.0, 0.0, 0.0, "none", False), store)
+            costs = stage_costs(e, Speed(0.0, 0.0, 0.0, "none", False), store, out, data_root, said)
             for i, c in enumerate(costs, 1):
                 extra = f" searching {', '.join(c.searched)}" if c.searched else ""
                 lines.append(f"  {i:2d}. {c.label:<22} {c.models:3d} model(s), {c.left:3d} to train x {c.epochs:4d} "
@@ -335,7 +323,7 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
             n_models += sum(c.models for c in costs)
             n_left += sum(c.left for c in costs)
             continue
-        costs = stage_costs(e, speed, store)
+        costs = stage_costs(e, speed, store, out, data_root, said)
         costs_all += costs
         n_stages += len(costs)
         n_models += sum(c.models for c in costs)
@@ -353,9 +341,11 @@ def print_plan(exps: list, speed_for, store: str | None, price: float | None, lo
             wall[k] += wall_seconds(costs, e, speed, early)
     n_var = f"{len(exps)} variants, " if len(exps) > 1 else ""
     log(f"{exp.name} preset {exp.preset}: {n_var}{n_stages} stages, {n_models} trials at most, "
-        f"{n_left} models to train (finished work is subtracted)")
+        f"{n_left} models to train (finished work is subtracted: models of the config hashes the spec asks for now)")
     for line in lines:
         log(line)
+    for line in said:
+        log(f"  note: {line}")
     if not costs_all:
         return costs_all
     on = early_stop.settings(exp) is not None
@@ -409,5 +399,5 @@ def plan_command(exps: list, args) -> int:
                 speeds[key] = recorded_speed(e, device)
         return speeds[key]
 
-    print_plan(exps, speed_for, store, price)
+    print_plan(exps, speed_for, store, price, out=out if out.is_dir() else None, data_root=args.data_root)
     return 0

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.record.results import mixed_data, read_rows
+from orchestrator.record.results import fewer_classes, mixed_data, read_rows
+from orchestrator.report.selection import CurrentOf, select_rows
 from orchestrator.spec.paper import paper_reference
 from trainables import storage
 from trainables.errors import WbsweepError
@@ -57,7 +58,7 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
     * an LA parameter (τ, γ) chosen on the edge of its grid in most seeds: the best value may lie
       outside the grid (a preset can widen ``tau_grid`` / ``gamma_grid``);
     * first, a warning where rows of one dataset name were trained on different data."""
-    lines = [f"WARNING {line}" for line in mixed_data(rows)]
+    lines = [f"WARNING {line}" for line in mixed_data(rows)] + [f"NOTE {line}" for line in fewer_classes(rows)]
     if has_paper:
         resnet = any(PAPER_MODEL.get(m) == "resnet" for m in (paper_models or set()))
         lines.append(PAPER_NOTE + (RESNET_NOTE if resnet else "") + ".")
@@ -83,27 +84,6 @@ def notes(rows: pd.DataFrame, has_paper: bool, paper_models: set[str] | None = N
                              f"{hi:g}] in {int(edge.sum())}/{len(edge)} seeds; the best {sym} may lie outside "
                              f"(widen {option}).")
     return "".join(f"{line}\n" for line in lines)
-
-
-def select_rows(df: pd.DataFrame, spec: str, preset: str | None) -> tuple[pd.DataFrame, str]:
-    """Rows of one spec and preset; of several configs of one method, the most recent one."""
-    df = df[df["spec"] == spec]
-    if df.empty:
-        raise WbsweepError(f"no results for spec '{spec}' yet; run `wbsweep run {spec}` first (or check --out).")
-    if preset is None:
-        preset = df.sort_values("created_at")["preset"].iloc[-1]
-    presets = sorted(set(df["preset"]))  # of the spec's rows, before keeping one preset's
-    df = df[df["preset"] == preset]
-    if df.empty:
-        raise WbsweepError(f"no results for spec '{spec}' preset '{preset}'; presets with results: "
-                           f"{', '.join(presets)} (report one with --preset, or run `wbsweep run {spec} "
-                           f"--preset {preset}`).")
-    # per method (and dataset and model: a spec with variants has one config of a method per variant)
-    keys = ["dataset", "model", "method"]
-    latest = df.sort_values("created_at").groupby(keys)["config_hash"].last().rename("_latest")
-    df = df.merge(latest, left_on=keys, right_index=True)
-    df = df[df["config_hash"] == df["_latest"]].drop(columns="_latest")
-    return df.sort_values("created_at", kind="stable"), preset  # variants in the order they ran
 
 
 def summarize(df: pd.DataFrame, method_order: list[str] | None = None) -> pd.DataFrame:
@@ -200,18 +180,33 @@ def _groups(df: pd.DataFrame) -> list[tuple[str, str]]:
     return list(dict.fromkeys(zip(df["dataset"], df["model"], strict=True)))
 
 
-def render(summary: pd.DataFrame, fmt: str, title: str) -> str:
+def render(summary: pd.DataFrame, fmt: str, title: str, absent: list | None = None,
+           method_order: list[str] | None = None) -> str:
+    """The accuracy table; ``absent``: the methods (orchestrator.record.current.MethodConfig) with no
+    rows for their current config, each a row of dashes where it belongs (the notes say why)."""
     has_paper = "paper_acc_avg" in summary.columns and summary["paper_acc_avg"].notna().any()
     if fmt == "csv":
         return summary.to_csv(index=False, float_format="%.6g")
     headers = ["Method", "LA", *HEADERS, "seeds"]
     lines: list[list[str] | str] = []
+    if absent:
+        rows = [{"dataset": m.dataset, "model": m.model, "method": m.method, "la": "none", "_absent": True}
+                for m in absent]
+        order = {m: i for i, m in enumerate(dict.fromkeys([*(method_order or []), *METHODS]))}
+        summary = pd.concat([summary, pd.DataFrame(rows)], ignore_index=True)
+        first = {k: i for i, k in enumerate(dict.fromkeys(zip(summary["dataset"], summary["model"], strict=True)))}
+        summary = summary.assign(_g=[first[k] for k in zip(summary["dataset"], summary["model"], strict=True)],
+                                 _m=summary["method"].map(order))
+        summary = summary.sort_values(["_g", "_m"], kind="stable").drop(columns=["_g", "_m"])
     groups = _groups(summary)
     current = None
     for _, r in summary.iterrows():
         if len(groups) > 1 and (r["dataset"], r["model"]) != current:
             current = (r["dataset"], r["model"])
             lines.append(f"{current[0]}, {current[1]}")
+        if r.get("_absent") is True:
+            lines.append([_label(r["method"]), "-", *("-" for _ in METRICS), "0"])
+            continue
         la = LA_LABEL[r["la"]]
         if r["la"] == "add" and not math.isnan(r["tau"]):
             la = f"add τ={r['tau']:.2f}"
@@ -464,37 +459,43 @@ def _pm2(mean: float, std: float) -> str:
 
 def report(out: Path, spec: str, preset: str | None = None, fmt: str = "table",
            table: int | None = None, method_order: list[str] | None = None, title: str | None = None,
-           layout: str = "accuracy", analyses: list[str] | None = None, store: str | None = None) -> str:
+           layout: str = "accuracy", analyses: list[str] | None = None, store: str | None = None,
+           current_of: CurrentOf | None = None) -> str:
     """The text of the report for ``spec`` from ``store/results`` (and ``store/analyses``; the
     storage defaults to ``out``, where figures are drawn). ``analyses`` limits a figure report to
-    the spec's own analyses (a model reused from another spec may hold more)."""
+    the spec's own analyses (a model reused from another spec may hold more). ``current_of(preset,
+    rows)``: the configs the spec resolves to now, whose rows are shown (orchestrator/report/selection.py);
+    None: the spec is not at hand, the config written last per method is shown."""
     if fmt not in FORMATS:
         raise WbsweepError(f"unknown report format '{fmt}': use {', '.join(FORMATS)}.")
     store = store or str(out)
     results = storage.join(store, "results")
     if not storage.exists(results):
         raise WbsweepError(f"{results} does not exist; run `wbsweep run {spec} --out {out}` first.")
-    rows, preset = select_rows(read_rows(results), spec, preset)
+    chosen = select_rows(read_rows(results), spec, preset, current_of)
+    rows, preset = chosen.rows, chosen.preset
+    said = "".join(f"NOTE {line}\n" for line in chosen.lines) if fmt != "csv" else ""
     head = title or spec
     datasets = ", ".join(dict.fromkeys(rows["dataset"]))
     models = ", ".join(dict.fromkeys(rows["model"]))
     where = f"{head} — preset {preset}: {datasets}; {models}"
     if layout == "fdr":
         text, paper_models = fdr_table(rows, fmt, f"{where}; FDR mean ± std over seeds", method_order)
-        return text + (notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
+        return text + (said + notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
     if layout == "fdr_random_layer":
         a = _analysis_rows(store, rows, spec)
         text, paper_models = random_layer_table(a, fmt, f"{where}; test FDR before/after, mean ± std over seeds",
                                                 method_order)
-        return text + (notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
+        return text + (said + notes(rows, bool(paper_models), paper_models) if fmt != "csv" else "")
     if layout == "figure":
         a = _analysis_rows(store, rows, spec)
         if analyses:
             a = a[a["analysis"].isin(analyses)]
-        return figure_report(out, a, spec, preset, fmt, where, method_order)
+        return figure_report(out, a, spec, preset, fmt, where, method_order) + said
     summary = attach_paper(summarize(rows, method_order), table)
-    text = render(summary, fmt, f"{where}; accuracy in %, mean ± std over seeds")
+    absent = chosen.current.absent(rows) if chosen.current else []
+    text = render(summary, fmt, f"{where}; accuracy in %, mean ± std over seeds", absent, method_order)
     if fmt != "csv":
         shown = summary[summary["paper_acc_avg"].notna()] if "paper_acc_avg" in summary.columns else summary[:0]
-        text += notes(rows, not shown.empty, set(shown["model"]))
+        text += said + notes(rows, not shown.empty, set(shown["model"]))
     return text

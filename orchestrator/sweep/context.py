@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.record.records import SweepRecords
+from orchestrator.spec.configs import trial_config
 from orchestrator.spec.experiment import Experiment
 from orchestrator.sweep.events import EventList
 from orchestrator.sweep.progress import Progress
@@ -48,7 +49,7 @@ class SweepContext:
 
     def trial_config(self, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         """A training config as a trial receives it (``_runs``: where the models live)."""
-        return {**cfg, "seed": seed, "_runs": self.runs}
+        return trial_config(cfg, seed, self.runs)
 
     def pruned_epoch(self, trial_id: str) -> int | None:
         """The epoch at which early stopping ended ``trial_id``, or None (not pruned)."""

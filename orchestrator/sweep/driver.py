@@ -35,6 +35,7 @@ from orchestrator.record import stores
 from orchestrator.record.provenance import versions
 from orchestrator.record.records import SweepRecords
 from orchestrator.record.results import upgrade_files
+from orchestrator.spec import configs
 from orchestrator.spec.experiment import Experiment, stages
 from orchestrator.sweep.cluster import check_reachable, check_trial_fits, cluster_shape, pending_trials
 from orchestrator.sweep.events import EventList, ProgressEvents
@@ -46,7 +47,6 @@ from orchestrator.tracking.tracker import Outbox, Tracker, first_line
 from trainables import storage
 from trainables.config import DEFAULTS, config_hash, is_number
 from trainables.errors import WbsweepError, exception_chain
-from trainables.readers import DATA_ROOT_ENV, default_data_root
 
 
 @dataclass
@@ -124,10 +124,7 @@ class Sweep:
         """Where the trials read the dataset: --data-root, else the spec's ``data_root``, else
         $WBSWEEP_DATA_ROOT, made absolute here (``~`` and relative paths mean what they mean for the
         command, not for a trial, which runs in a folder of its own); None: each node's default."""
-        root = self.opts.data_root or self.exp.train.get("data_root")
-        if root:
-            return str(Path(root).expanduser().resolve())
-        return str(default_data_root()) if os.environ.get(DATA_ROOT_ENV, "").strip() else None
+        return configs.data_root(self.exp, self.opts.data_root)
 
     def context(self, tracker: Tracker | None, outbox, autoscaling: bool = False, scheduler=None):
         """The :class:`~orchestrator.sweep.context.SweepContext` of this sweep. ``tracker`` None: no

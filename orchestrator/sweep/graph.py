@@ -24,15 +24,14 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from orchestrator.spec.configs import first_stage_config, second_stage_config
 from orchestrator.spec.experiment import Experiment, MethodEntry, stages
 from orchestrator.sweep.context import SweepContext
 from orchestrator.sweep.fusion import FusionSizes
-from orchestrator.sweep.stages import Node, RepeatNode, TuneNode, first_stage_config
-from trainables.config import config_hash
+from orchestrator.sweep.stages import Node, RepeatNode, TuneNode
 from trainables.fused import fusion_key
-from trainables.methods import method_config
 from trainables.reports import member_result
-from trainables.trial import group_members, training_config
+from trainables.trial import group_members
 
 
 def member_id(trial_id: str, i: int) -> str:
@@ -94,12 +93,7 @@ class StageGraph(Searcher):
             node = self.repeats[method.parent]
             failed = node.state == "failed" or (node.tune is not None and node.tune.state == "failed")
             return f"its first stage '{method.parent}' failed" if failed else None
-        cfg = dict(parent)
-        cfg["parent_hash"] = config_hash(training_config(self.ctx.trial_config(cfg, 0)))
-        cfg.update(method_config(method, exp.hyper))
-        cfg["la"] = list(entry.la)
-        cfg.update(self.ctx.machine)
-        return cfg
+        return second_stage_config(exp, entry, parent, self.ctx.machine, self.ctx.runs)
 
     def parent_model_state(self, entry: MethodEntry, seed: int) -> str:
         """'done' when the method needs no parent model or the parent's model of ``seed`` exists."""

@@ -16,14 +16,12 @@ from typing import Any, Protocol
 
 from orchestrator._adapters.optuna_storage import end_open_trials
 from orchestrator._adapters.ray_tune import end_pruned, optuna_trial_of
-from orchestrator.spec import early_stopping
-from orchestrator.spec.experiment import Experiment, MethodEntry
+from orchestrator.spec import configs, early_stopping
+from orchestrator.spec.experiment import MethodEntry
 from orchestrator.spec.space import discrete_points, optuna_space, point_key
 from orchestrator.sweep.context import SweepContext
 from orchestrator.sweep.fusion import FusionSizes
-from trainables.config import config_hash
 from trainables.fused import fusion_key
-from trainables.methods import method_config
 from trainables.reports import is_final
 from trainables.trial import training_config
 
@@ -38,17 +36,6 @@ class Graph(Protocol):
     def base_config(self, entry: MethodEntry) -> dict[str, Any] | str | None: ...
 
     def parent_model_state(self, entry: MethodEntry, seed: int) -> str: ...
-
-
-def first_stage_config(exp: Experiment, entry: MethodEntry, machine: dict[str, Any]) -> dict[str, Any]:
-    """The training config of a first-stage method before any search: the spec's train options + the
-    method's knobs with the preset's fixed hyperparameters + its LA variants + what this sweep adds
-    (``machine``: device, threads, data)."""
-    cfg: dict[str, Any] = dict(exp.train)
-    cfg.update(method_config(entry.method, exp.hyper))
-    cfg["la"] = list(entry.la)
-    cfg.update(machine)
-    return cfg
 
 
 class Node:
@@ -145,14 +132,11 @@ class TuneNode(Node):
         if parent_state == "pending":
             return
         self.base = base
-        # What the search is about: the base config's science (its config hash: not the device, threads,
-        # paths or options added later at their defaults), the objective's LA variants, the space, the
-        # budget. A rerun on another machine, or by a newer version, finds the stage's choice again.
+        # What the search is about (orchestrator/spec/configs.py tune_key): a rerun on another machine, or
+        # by a newer version, finds the stage's choice again; the report finds it the same way.
         exp = self.ctx.exp
-        key = config_hash({"base": config_hash(training_config(self.ctx.trial_config(base, self.seed))),
-                           "la": list(base["la"]), "search": self.search, "trials": self.planned, "seed": self.seed,
-                           **early_stopping.key(exp)})
-        self.record = self.ctx.out / "stages" / f"tune-{self.method}-{key}.json"
+        key = configs.tune_key(exp, base, self.search, self.planned, self.seed, self.ctx.runs)
+        self.record = configs.choice_record(self.ctx.out, self.method, key)
         searched = self.recorded_choice()
         if searched is not None:
             self.graph.chosen[self.method] = {**base, **searched}  # this run's device, threads, paths
@@ -168,14 +152,8 @@ class TuneNode(Node):
     def recorded_choice(self) -> dict[str, Any] | None:
         """The searched values this stage chose in an earlier run, or None. A torn or foreign record
         is set aside (renamed ``.bad``): the study in optuna.db has the trials, the choice is made again."""
-        if not self.record.exists():
-            return None
         try:
-            rec = json.loads(self.record.read_text())
-            searched = rec.get("searched") or {k: rec["config"][k] for k in self.search}
-            if not isinstance(searched, dict) or set(searched) != set(self.search):
-                raise ValueError("not this stage's knobs")
-            return searched
+            return configs.read_choice(self.record, self.search)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             bad = self.record.with_suffix(".bad")
             os.replace(self.record, bad)
@@ -354,7 +332,7 @@ class RepeatNode(Node):
             self._maybe_finish()
 
     def model_hash(self, seed: int) -> str:
-        return config_hash(training_config(self.ctx.trial_config(self.cfg, seed)))
+        return configs.model_hash(self.cfg, seed, self.ctx.runs)
 
     def unfinished_seeds(self) -> list[int]:
         """Seeds still to train. Seeds with rows are skipped; models trained earlier (the tune

@@ -64,10 +64,12 @@ def test_a_live_holder_on_this_machine_is_refused_and_a_dead_ones_lock_taken_ove
     finally:
         proc.kill()
         proc.wait()
+    (tmp_path / f"{LOCK_NAME}.{socket.gethostname()}-{proc.pid}.tmp").write_text("{")  # killed while writing
     lock, notes = take(tmp_path)  # its process is gone: the lock is stale
     assert len(notes) == 1 and f"took over the results folder {tmp_path} from `wbsweep run held-by-a-test` " \
         f"(pid {proc.pid}" in notes[0] and notes[0].endswith("its process is gone")
     assert Holder.parse((tmp_path / LOCK_NAME).read_text()).pid == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # what the dead one left is gone
     lock.release()
     assert not (tmp_path / LOCK_NAME).exists() and not list(tmp_path.iterdir())  # nothing left behind
 

@@ -248,6 +248,7 @@ class FolderLock:
         return Holder.me(self.token, self.started, self.command)
 
     def _take(self, path: Path) -> None:
+        _remove_leftovers(path)
         tmp = path.with_name(f"{LOCK_NAME}.{socket.gethostname()}-{os.getpid()}.tmp")
         try:
             tmp.write_text(self._mine().text())
@@ -342,6 +343,19 @@ class FolderLock:
                     if holder is not None and holder.token == self.token:
                         path.unlink()
             self.held = []
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files (``<lock>.<host>-<pid>.tmp`` / ``.beat``, ``<lock>.stale-<host>-<pid>``)
+    that processes of this machine killed while writing them left beside the lock ``path``."""
+    import glob
+
+    here = socket.gethostname()
+    for p in path.parent.glob(glob.escape(path.name) + ".*"):
+        name = p.name[len(path.name) + 1:].removeprefix("stale-").removesuffix(".tmp").removesuffix(".beat")
+        host, _, pid = name.rpartition("-")
+        if host == here and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
 
 
 def _link(tmp: Path, path: Path) -> bool:

@@ -12,9 +12,11 @@
 A mistake of the user's (a typo in a name, a bad path, a malformed spec) prints one line saying
 what is wrong and what to do, and exits with status 2; ``--debug`` shows the traceback instead.
 
-Exit status: 0 done; 1 a sweep finished with failed trials; 2 a user error (one line); 3 the
-sweep's watchdog stopped it (its Ray cluster is gone, or it made no progress: one line;
-orchestrator/sweep/watchdog.py), and the same command resumes it; 130 interrupted (Ctrl-C, SIGTERM).
+Exit status: 0 done; 1 a sweep finished with failed trials; 2 a user error, or the results folder
+is in use by another live command (one line; orchestrator/record/folder_lock.py); 3 the sweep's
+watchdog stopped it (its Ray cluster is gone, it made no progress, or another command took its
+folder over: one line; orchestrator/sweep/watchdog.py), and the same command resumes it; 130
+interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations

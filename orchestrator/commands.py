@@ -13,8 +13,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -55,6 +58,32 @@ def _storage(arg: str | None, out: Path, spec: str | None = None, create: bool =
     return latest or str(out.resolve())
 
 
+@contextlib.contextmanager
+def _folder_lock(out: Path, store: str | None = None) -> Iterator:
+    """Hold the lock of the results folder ``out`` (and of ``store``, the ``--storage``, when it is a
+    folder of its own; an object store is not locked) while a command writes them
+    (orchestrator/record/folder_lock.py): a one-line :class:`FolderBusy` error naming the holder when
+    another live command holds them. Given back on every way out; a SIGTERM meanwhile is a Ctrl-C."""
+    from orchestrator.record.folder_lock import FolderLock
+    from trainables import storage
+
+    folders = [out]
+    if store and not storage.is_remote(store):
+        folders.append(Path(store))
+    folders = [f for f in folders if f.is_dir()]  # none yet: nothing to protect, the command says what is missing
+    lock = FolderLock(folders, note=lambda line: print(line, file=sys.stderr)).acquire()
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if main:
+            signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        yield lock
+    finally:
+        lock.release()
+        if main and saved is not None:
+            signal.signal(signal.SIGTERM, saved)
+
+
 def _data_root(path: str | None) -> str | None:
     if path is None:
         return None
@@ -82,29 +111,35 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.report.tables import report
     from orchestrator.spec.experiment import load_experiments
-    from orchestrator.sweep.driver import Sweep, SweepOptions
 
     exps = load_experiments(args.spec, args.preset)  # one, or one per variant (dataset/model) of the preset
-    exp = exps[0]
     if args.plan:  # stages, models, epochs, estimated device time and cost (orchestrator.report.plan)
         from orchestrator.report import plan as cost
 
         return cost.plan_command(exps, args)
     out = _out_dir(args.out, create=True)
+    store = _storage(args.storage, out, create=True) if args.storage else str(out.resolve())
+    with _folder_lock(out, store) as lock:  # before anything is written
+        return _run(args, exps, out, store, lock)
+
+
+def _run(args: argparse.Namespace, exps: list, out: Path, store: str, lock) -> int:
+    """`wbsweep run` once the folder is this command's (``lock``)."""
+    from orchestrator.report.tables import report
+    from orchestrator.sweep.driver import Sweep, SweepOptions
     from orchestrator.tracking.tracker import default_tracking_uri
 
-    store = _storage(args.storage, out, create=True) if args.storage else str(out.resolve())
+    exp = exps[0]
     opts = SweepOptions(
         out=out, tracking_uri=args.tracking_uri or default_tracking_uri(out), storage=store,
         data_root=_data_root(args.data_root),
         address=args.address, device=args.device, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
         fuse=args.fuse,
-        quiet=args.quiet,
+        quiet=args.quiet, lock=lock,
     )
-    started = time.time()
+    started = time.monotonic()  # a duration: a step of the wall clock does not change it
     failures = []
     sweeps = [Sweep(e, opts) for e in exps]  # every variant's preflight (data, resources) before any runs
     for exp, sweep in zip(exps, sweeps, strict=True):
@@ -116,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ensure_analyses(store, exp.name, exp.preset, device=args.device, data_root=opts.data_root,
                     tracking_uri=opts.tracking_uri, log=lambda m: print(m, file=sys.stderr))
-    minutes = (time.time() - started) / 60
+    minutes = (time.monotonic() - started) / 60
     analyses = sorted({a for e in exps for a in e.train.get("analyses", [])})
     try:
         args_ = (out, exp.name, exp.preset)
@@ -174,10 +209,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.tracking.tracker import default_tracking_uri
 
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
-    _report_to_mlflow(uri, out, store, spec, args.preset, text,
-                      lambda: text if args.format == "csv" else report(out, spec, args.preset, "csv", table, order,
-                                                                       title, layout=layout, analyses=analyses,
-                                                                       store=store, current_of=now))
+    with _logging_to(out, uri, "the report") as uri:
+        _report_to_mlflow(uri, out, store, spec, args.preset, text,
+                          lambda: text if args.format == "csv" else report(out, spec, args.preset, "csv", table, order,
+                                                                           title, layout=layout, analyses=analyses,
+                                                                           store=store, current_of=now))
     return 0
 
 
@@ -210,6 +246,42 @@ def _report_all_configs(args: argparse.Namespace, store: str, spec: str, now, un
         raise unknown or WbsweepError(f"{results} does not exist; run `wbsweep run {spec} --out {args.out}` first.")
     sys.stdout.write(all_configs(read_rows(results), spec, args.preset, now, args.format))
     return 0
+
+
+@contextlib.contextmanager
+def _logging_to(out: Path, uri: str | None, what: str) -> Iterator[str | None]:
+    """`report`'s MLflow logging to ``uri`` takes the folder's lock: yields ``uri``, or None when
+    there is nothing to log to or another live command holds the folder (then one line says that
+    ``what`` is not logged; what `report` prints is the same). Its store is re-pointed first when
+    the folder was moved or copied (:func:`_own_store`)."""
+    from orchestrator.record.folder_lock import FolderBusy
+
+    if not uri:
+        yield None
+        return
+    with contextlib.ExitStack() as holding:
+        try:
+            holding.enter_context(_folder_lock(out))
+        except FolderBusy as busy:
+            who = f"{out} is in use by {busy.holder.describe()}" if busy.holder else str(busy)
+            print(f"{what} not logged to MLflow: {who}; run the same `wbsweep report` again once it has ended to "
+                  "log it", file=sys.stderr)
+            yield None
+            return
+        _own_store(out, uri)
+        yield uri
+
+
+def _own_store(out: Path, uri: str | None) -> None:
+    """Before a command logs to ``uri``: where it is the folder's own MLflow store and the folder was
+    moved or copied, its artifact locations are re-pointed here, in one line
+    (:func:`orchestrator.tracking.tracker.prepare_store`). Call it holding the folder's lock."""
+    from orchestrator.record.stores import sqlite_file
+    from orchestrator.tracking.tracker import prepare_store
+
+    if uri and sqlite_file(uri) is not None and sqlite_file(uri).exists():
+        for note in prepare_store(uri, out / "mlartifacts"):
+            print(note, file=sys.stderr)
 
 
 def _report_to_mlflow(uri: str | None, out: Path, store: str, spec: str, preset: str | None, text: str,
@@ -246,8 +318,9 @@ def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | 
     paper = args.paper
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
     store = None if paper else _storage(args.storage, out, spec)
-    sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
-                                   paper_only=paper, tracking_uri=uri, current_of=now))
+    with _logging_to(out, None if paper else uri, "the claims") as uri:
+        sys.stdout.write(claims_report(out, spec, args.preset, path, args.format, paper_table=table, store=store,
+                                       paper_only=paper, tracking_uri=uri, current_of=now))
     return 0
 
 
@@ -327,19 +400,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    out = _out_dir(args.out, create=False)
+    store = _storage(args.storage, out, args.spec)
+    with _folder_lock(out, store):  # it writes analyses, run folders' files and MLflow artifacts
+        return _analyze(args, out, store)
+
+
+def _analyze(args: argparse.Namespace, out: Path, store: str) -> int:
     from orchestrator.record.analyses import ensure_analyses
     from orchestrator.record.results import read_rows
     from orchestrator.tracking.tracker import default_tracking_uri
     from trainables.storage import join
 
-    out = _out_dir(args.out, create=False)
-    store = _storage(args.storage, out, args.spec)
     df = read_rows(join(store, "results"))
     specs = [args.spec] if args.spec else sorted(set(df["spec"]))
     if df.empty or not set(specs) & set(df["spec"]):
         raise WbsweepError(f"no results{' for spec ' + repr(args.spec) if args.spec else ''} in "
                            f"{join(store, 'results')}; run the spec first (`wbsweep run SPEC --out DIR`).")
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
+    _own_store(out, uri)
     for spec in specs:
         counts = ensure_analyses(store, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
                                  data_root=_data_root(args.data_root), tracking_uri=uri,
@@ -382,7 +461,7 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         raise WbsweepError("the `mlflow` command is not on PATH; reinstall wbsweep (pip install -e .).")
     # built whole here, not step by step by the server; the Default experiment's artifacts go
     # through the server, as in a store the server creates
-    for note in prepare_store(default_tracking_uri(out), "mlflow-artifacts:/"):
+    for note in prepare_store(default_tracking_uri(out), "mlflow-artifacts:/", home=out / "mlartifacts"):
         print(note, file=sys.stderr)
     cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(out),
            "--artifacts-destination", str((out / "mlartifacts").resolve()),

@@ -49,6 +49,7 @@ class FakeSweep:
         self.cpus, self.gpus, self.autoscaling = cpus, gpus, autoscaling
         self.states: list[tuple[str, str | None]] = []
         self.status = SimpleNamespace(write=self.write)
+        self.lock = None  # the results folder's lock (orchestrator/record/folder_lock.py): none here
 
     def write(self, state: str | None = None, reason: str | None = None) -> None:
         self.states.append((state or "running", reason))

@@ -167,7 +167,7 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
     config that cannot be fused."""
     from trainables.fused import check_fusable
 
-    started = time.time()
+    started = time.monotonic()  # the probe's budget: a duration
     cfg = resolve_config({**cfg_in, "stage2": False})  # a second stage's model is its parent's architecture
     # torch.compile'd steps are timed without it (compiling each K would take longer than the runs it decides for)
     cfg["compile"] = {"torch": "off", "cudagraph+torch": "cudagraph"}.get(cfg["compile"], cfg["compile"])
@@ -198,7 +198,7 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
     for k in ks:
         if k > k_memory:
             break
-        if rates and time.time() - started + 3 * rounds * max(min_seconds, 2 * k_epoch_s) > budget_s:
+        if rates and time.monotonic() - started + 3 * rounds * max(min_seconds, 2 * k_epoch_s) > budget_s:
             break
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -232,7 +232,7 @@ def probe_fusion(cfg_in: dict[str, Any], share: float | None = None, k_max: int 
     return FusionProbe(k=k, reason=reason, device=_device_name(device),
                        img_per_s_per_model={k_: round(r, 1) for k_, r in rates.items()},
                        bytes_per_model=int(per_model), bytes_budget=int(budget), k_memory=int(k_memory),
-                       seconds=round(time.time() - started, 2))
+                       seconds=round(time.monotonic() - started, 2))
 
 
 def choose_k(rates: dict[int, float], k_memory: int) -> tuple[int, str]:

@@ -266,7 +266,7 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
     returns it) fused to their last epoch, then evaluate and write each: the loop of train()."""
     from trainables.fused_model import FusedModels
 
-    started = time.time()
+    started = time.monotonic()  # durations: a step of the wall clock changes none of them
     fused = FusedModels(runs, dd)
     # Toneva et al.'s forgetting events, per model and training image, as train() counts them (a
     # second stage counts none): from each run's checkpoint, else from zero
@@ -276,7 +276,7 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
     first, c = runs[0].cfg, dd.data.num_classes
     epochs = runs[0].epochs
     every = min(r.cfg["checkpoint_seconds"] for r in runs)
-    last_save = time.time()
+    last_save = time.monotonic()
     diverged: dict[int, TrainingDiverged] = {}
     for epoch in range(start + 1, epochs + 1):
         lrs = [lr_at_epoch_start(r.sched, r.cfg["lr_step"]) for r in runs]
@@ -303,8 +303,8 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
                 fused.unstack(i)
                 p["best_state"] = {name: v.detach().clone() for name, v in r.model.state_dict().items()}
             rows[i] = p["history"][-1]
-        if epoch < epochs and time.time() - last_save >= every:
-            seconds = (time.time() - started) / k
+        if epoch < epochs and time.monotonic() - last_save >= every:
+            seconds = (time.monotonic() - started) / k
             for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
                 if i not in diverged:
                     fused.unstack(i, with_momentum=True)
@@ -313,11 +313,11 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
                     save_checkpoint(out, r.cfg, r.model, r.opt, r.sched, r.gen, p, seconds)
             if on_checkpoint is not None:
                 on_checkpoint()
-            last_save = time.time()
+            last_save = time.monotonic()
         inject_crash(*outs, epoch=epoch)
         if report is not None and rows:
             report(rows)
-    trained_at = time.time()
+    trained_at = time.monotonic()
     results: list[dict[str, Any] | TrainingDiverged] = []
     for i, (r, p, out) in enumerate(zip(runs, progress, outs, strict=True)):
         if i in diverged:
@@ -330,6 +330,6 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
             np.savez_compressed(out / "forgetting.npz", events=f["events"].cpu().numpy(),
                                 ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
-                                  history=p["history"], train_seconds=train_seconds, eval_started=time.time(),
+                                  history=p["history"], train_seconds=train_seconds, eval_started=time.monotonic(),
                                   extra={"fused_k": k}))
     return results

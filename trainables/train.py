@@ -193,7 +193,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
     cfg = resolve_config(cfg_in)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started = time.monotonic()  # durations: a step of the wall clock changes none of them
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"])
@@ -220,7 +220,7 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         progress["forgetting"] = {k: torch.zeros(n, dtype=torch.long if k == "events" else torch.bool, device=device)
                                   for k in ("events", "prev_correct", "ever_correct")}
     runner = run.runner(progress["forgetting"] if track else None)
-    last_save = time.time()
+    last_save = time.monotonic()
     for epoch in range(progress["epoch"] + 1, epochs + 1):
         lr = lr_at_epoch_start(sched, cfg["lr_step"])
         loss_sum, seen = runner.epoch()
@@ -236,15 +236,15 @@ def train(cfg_in: dict[str, Any], out_dir: str | Path, report: Reporter | None =
         if cfg["select"] == "last" or val_acc > progress["best_acc"]:
             progress["best_acc"], progress["best_epoch"] = val_acc, epoch
             progress["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if epoch < epochs and time.time() - last_save >= cfg["checkpoint_seconds"]:
-            save_checkpoint(out, cfg, model, opt, sched, gen, progress, time.time() - started)
+        if epoch < epochs and time.monotonic() - last_save >= cfg["checkpoint_seconds"]:
+            save_checkpoint(out, cfg, model, opt, sched, gen, progress, time.monotonic() - started)
             if on_checkpoint is not None:
                 on_checkpoint()
-            last_save = time.time()
+            last_save = time.monotonic()
         inject_crash(out, epoch=epoch)
         if report is not None:
             report(progress["history"][-1])
-    trained_at = time.time()
+    trained_at = time.monotonic()
     train_seconds = progress["seconds"] + trained_at - started  # with the attempts before a resume
     model.load_state_dict(progress["best_state"])
     best_epoch, history = progress["best_epoch"], progress["history"]
@@ -262,13 +262,13 @@ def finish_run(out: Path, cfg: dict[str, Any], model: Network, dd: DeviceData, k
                eval_started: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the trained (best-epoch) ``model``, write its artifacts
     (:func:`~trainables.run_files.save_run`) and return its metrics: the end of :func:`train`, shared
-    with the fused trainer (trainables/fused.py). ``eval_started``: the time from which
-    ``eval_seconds`` counts; ``extra``: further metrics keys."""
+    with the fused trainer (trainables/fused.py). ``eval_started``: the ``time.monotonic()`` from
+    which ``eval_seconds`` counts; ``extra``: further metrics keys."""
     metrics = evaluate(model, dd, cfg, knobs)
     metrics.update(
         config_hash=config_hash(cfg), seed=cfg["seed"], epochs=epochs, best_epoch=best_epoch,
         data_fingerprint=data_fingerprint(dd.data),
-        train_seconds=train_seconds, eval_seconds=time.time() - eval_started,
+        train_seconds=train_seconds, eval_seconds=time.monotonic() - eval_started,
         node=socket.gethostname(), device=str(dd.device), torch_version=torch.__version__,
         python_version=platform.python_version(), history=history, **(extra or {}),
     )

@@ -84,10 +84,10 @@ def _run_workers(k: int, spec: dict[str, Any], timeout: float = 300.0) -> list[d
     for t in drains:
         t.start()
     try:
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         for i, p in enumerate(procs):
             line = p.stdout.readline().strip()
-            if line != "ready" or time.time() > deadline:
+            if line != "ready" or time.monotonic() > deadline:
                 p.wait(timeout=30)
                 raise WbsweepError(f"packed worker {i} did not start: {line or ''} {errors[i][-800:]}")
         for p in procs:

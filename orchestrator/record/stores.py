@@ -243,6 +243,87 @@ def unfinished_mlflow_store(state: StoreState) -> str | None:
     return None
 
 
+# --- a folder moved or copied: its MLflow store's artifact locations ------------------------------------
+
+#: The columns where MLflow's SQLite store records where artifacts live (absolute ``file:`` URIs).
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"))
+
+
+def recorded_artifact_homes(db: Path) -> set[str]:
+    """The ``file:`` URIs of the ``mlartifacts`` folders the store ``db`` records its experiments'
+    artifacts under: wbsweep makes an experiment's location ``<folder>/mlartifacts`` (the Default
+    experiment's ``<folder>/mlartifacts/0``). Locations of any other form are not wbsweep's: left out."""
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+    finally:
+        con.close()
+    homes = set()
+    for exp_id, loc in rows:
+        if not isinstance(loc, str) or not loc.startswith("file:"):
+            continue
+        loc = loc.rstrip("/")
+        if loc.endswith(f"/mlartifacts/{exp_id}"):
+            loc = loc[: -len(f"/{exp_id}")]
+        if loc.endswith("/mlartifacts"):
+            homes.add(loc)
+    return homes
+
+
+def _path_of(uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+def _same_folder(uri: str, home: Path) -> bool:
+    try:
+        return os.path.samefile(_path_of(uri).parent, home.parent)  # the folder reached by another path (a link)
+    except OSError:
+        return False
+
+
+def repoint_artifacts(db: Path, home: Path) -> str | None:
+    """Make the MLflow store ``db`` keep its artifacts under ``home`` (``DIR/mlartifacts``, beside it):
+    a store whose folder was moved or copied records the old folder's absolute locations, where a
+    copy would write its new artifacts (and a moved folder's old path would be made again). Every
+    experiment location, run artifact URI and logged-model location under an old ``mlartifacts``
+    (:func:`recorded_artifact_homes`) is rewritten to the same place under ``home``, in one SQLite
+    transaction; the files themselves are where the move or copy put them. One line saying so, or
+    None (nothing recorded elsewhere). MLflow has no public call that changes a location, hence SQL,
+    here only (tests/test_folder_moves.py guards the columns)."""
+    if not db.is_file():
+        return None
+    new = home.resolve().as_uri()
+    olds = sorted(h for h in recorded_artifact_homes(db) if h != new and not _same_folder(h, home))
+    if not olds:
+        return None
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=60)
+    counts = dict.fromkeys(t for t, _ in ARTIFACT_COLUMNS)
+    try:
+        with con:  # one transaction: all or nothing
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, column in ARTIFACT_COLUMNS:
+                if table not in tables:
+                    continue
+                n = 0
+                for old in olds:
+                    cur = con.execute(
+                        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                        f'WHERE substr("{column}", 1, ?) = ? AND (length("{column}") = ? OR '
+                        f'substr("{column}", ?, 1) = \'/\')',
+                        (new, len(old) + 1, len(old), old, len(old), len(old) + 1))
+                    n += cur.rowcount
+                counts[table] = n
+    finally:
+        con.close()
+    was = ", ".join(str(_path_of(old).parent) for old in olds)
+    return (f"{db}: this folder was moved or copied from {was}: its MLflow store now keeps artifacts under {home} "
+            f"({counts['experiments']} experiment(s), {counts['runs']} run(s) re-pointed); nothing is written to "
+            "the old place")
+
+
 # --- Optuna's studies -------------------------------------------------------------------------------------
 
 OPTUNA_ADVICE = "move it away: the tune stages then search again, reusing every model trained."

@@ -69,4 +69,10 @@ def saved_config(path: str) -> tuple[Path, dict]:
         raise WbsweepError(f"--config {p} is not readable JSON ({exc}); give a run's config.json.") from None
     if not isinstance(cfg, dict) or "dataset" not in cfg or "seed" not in cfg:
         raise WbsweepError(f"--config {p} is not a wbsweep run's config (a JSON object with dataset, seed, ...).")
+    if cfg.get("init_from") and cfg.get("parent_hash"):
+        # a second stage starts from its parent's model.pt, recorded as an absolute path: in a folder
+        # moved or copied since, the parent beside this run (runs/<parent hash>/seed<k>) is that model
+        beside = p.parent.parent.parent / str(cfg["parent_hash"]) / f"seed{cfg['seed']}" / "model.pt"
+        if beside.is_file():
+            cfg["init_from"] = str(beside)
     return p, cfg

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -431,7 +432,9 @@ def figure_report(out: Path, a: pd.DataFrame, spec: str, preset: str, fmt: str, 
                     lines.append(cells)
                 plot_per_class(ax, counts if counts is not None else np.zeros(0), series, ylabel, head,
                                log=analysis == "feature_norms", spread=spread)
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # whole files: another report may draw it too
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            os.replace(tmp, path)
             plt.close(fig)
             sections.append((head, headers, lines, path))
     if fmt == "csv":

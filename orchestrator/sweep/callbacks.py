@@ -73,7 +73,7 @@ class TrialCallback(Callback):
         self.sources: dict[str, str] = {}
         self.open: set[str] = set()  # models started and not yet ended
         self.logged_epochs: dict[str, set[int]] = {}  # member id -> epochs logged live
-        self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
+        self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING (monotonic)
         self.next_wait_note: float | None = None
         self.warnings: dict[str, list[str]] = {}  # trial id -> warnings it reported
 
@@ -83,7 +83,7 @@ class TrialCallback(Callback):
         waiting for a running one to finish is the normal case). Tracking calls deferred earlier are
         tried again here (at most every ``Outbox.retry_s``)."""
         self.ctx.outbox.catch_up()
-        now = time.time()
+        now = time.monotonic()  # waits are durations: a step of the wall clock changes none of them
         pending = {t.trial_id for t in trials if t.status == "PENDING"}
         self.pending_since = {k: self.pending_since.get(k, now) for k in pending}
         since = min(self.pending_since.values()) if pending else None

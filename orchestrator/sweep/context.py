@@ -4,8 +4,8 @@ The stage graph, the trial callback, the stage runs in MLflow and the watchdog e
 :class:`SweepContext` instead of the driver: the experiment, where things are (``out``, the
 records of the results folder), what every training config gets from this sweep (``machine``),
 the per-trial resources, the progress and status file, MLflow's tracker and outbox, the Optuna
-storage, the scheduler and the listeners of the stage events. Every field is set when it is made;
-nothing in it refers back to the driver.
+storage, the scheduler, the listeners of the stage events and the results folder's lock. Every
+field is set when it is made; nothing in it refers back to the driver.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.record.folder_lock import FolderLock
 from orchestrator.record.records import SweepRecords
 from orchestrator.spec.configs import trial_config
 from orchestrator.spec.experiment import Experiment
@@ -41,6 +42,7 @@ class SweepContext:
     events: EventList  # the stage events' listeners
     optuna_storage: Callable[[], Any]  # the RDB storage of every tune stage's study (opened on first use)
     scheduler: StageScheduler | None = None  # early stopping (None: FIFO)
+    lock: FolderLock | None = None  # the results folder's lock, its heartbeat kept by the watchdog (None: none)
 
     @property
     def runs(self) -> str:

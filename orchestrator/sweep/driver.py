@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.record import stores
+from orchestrator.record.folder_lock import FolderLock
 from orchestrator.record.provenance import versions
 from orchestrator.record.records import SweepRecords
 from orchestrator.record.results import upgrade_files
@@ -63,6 +64,7 @@ class SweepOptions:
     max_failures: int | None = None  # retries of a crashed trial (from its checkpoint); spec default 2
     fuse: str | int | None = None  # models per trial (fused training): "auto", "off" or K; spec default auto
     quiet: bool = False
+    lock: FolderLock | None = None  # the results folder's lock, held by the command (None: none, as in tests)
 
 
 @contextmanager
@@ -135,7 +137,7 @@ class Sweep:
         return SweepContext(exp=self.exp, out=self.out, records=self.records, machine=self.machine(),
                             cpus=self.cpus, gpus=self.gpus, autoscaling=autoscaling, progress=self.progress,
                             status=self.status, tracker=tracker, outbox=outbox, events=events,
-                            optuna_storage=self.optuna_storage, scheduler=scheduler)
+                            optuna_storage=self.optuna_storage, scheduler=scheduler, lock=self.opts.lock)
 
     # --- running -----------------------------------------------------------------------------
 

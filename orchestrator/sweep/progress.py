@@ -4,6 +4,10 @@ Plain lines on stderr (no cursor tricks) so that logs of cluster jobs read the s
 The ETA assumes the remaining trials take as long, on average, as the finished ones did. Trials
 that wait for resources (PENDING in Ray Tune: an autoscaler starting nodes, or a cluster too small)
 are counted with the time the longest has waited.
+
+Elapsed time, the ETA and waits are durations, on the monotonic clock (a step of the wall clock does
+not change them); the start and the start of a wait are also kept as wall-clock times (``start``,
+``waiting_since``: epoch seconds), which the status file records for people and other processes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class Progress:
         self.stages: dict[str, str] = dict.fromkeys(labels, "waiting")  # waiting -> running -> done | failed
         self.total, self.total_stages = total_trials, len(labels) if labels else total_stages
         self.quiet = quiet
-        self.start = time.time()
+        self.start = time.time()  # wall clock, for the status file
+        self._t0 = time.monotonic()  # elapsed, ETA
         self.finished = self.n_failed = self.skipped = 0
         self._running: set[str | None] = set()
         self.stages_done = 0
@@ -34,7 +39,8 @@ class Progress:
         self.failures: list[str] = []
         self.listener: Callable[[], None] | None = None  # told after every change (the status file)
         self.pending = 0  # trials waiting for resources (Ray Tune's PENDING)
-        self.waiting_since: float | None = None  # when the longest-waiting of them began to wait
+        self.waiting_since: float | None = None  # when the longest-waiting of them began to wait (wall clock)
+        self._waiting_t0: float | None = None  # the same on the monotonic clock
         self.reused: dict[str, int] = {}  # skipped trials by kind (REUSED)
         self.last = ""  # the last line printed
 
@@ -47,7 +53,7 @@ class Progress:
             self.listener()
 
     def line(self) -> str:
-        elapsed = time.time() - self.start
+        elapsed = time.monotonic() - self._t0
         worked = self.finished + self.n_failed
         left = max(0, self.total - worked - self.skipped)
         # The first trials carry the start-up (Ray, the trial actors' imports): an ETA from them alone
@@ -62,15 +68,22 @@ class Progress:
     def pending_text(self) -> str:
         """"3 pending for 0:01:20, " (the longest wait) or "" when no trial has waited 2 s (on a busy
         fixed cluster the next trial is always pending for a moment)."""
-        if not self.pending or self.waiting_since is None or time.time() - self.waiting_since < 2:
+        waited = self.waited()
+        if not self.pending or waited < 2:
             return ""
-        return f"{self.pending} pending for {_clock(time.time() - self.waiting_since)}, "
+        return f"{self.pending} pending for {_clock(waited)}, "
+
+    def waited(self) -> float:
+        """Seconds the longest-waiting trial has waited (0: none waits)."""
+        return 0.0 if self._waiting_t0 is None else time.monotonic() - self._waiting_t0
 
     def set_pending(self, n: int, since: float | None) -> None:
-        """``n`` trials wait for resources, the longest since ``since`` (epoch seconds). Says nothing
-        (the next line shows it); the status file is updated when the count changes."""
+        """``n`` trials wait for resources, the longest since ``since`` (``time.monotonic()`` then).
+        Says nothing (the next line shows it); the status file is updated when the count changes."""
         changed = n != self.pending
-        self.pending, self.waiting_since = n, since if n else None
+        self.pending = n
+        self._waiting_t0 = since if n else None
+        self.waiting_since = time.time() - (time.monotonic() - since) if n and since is not None else None
         if changed and self.listener is not None:
             self.listener()
 
@@ -78,10 +91,10 @@ class Progress:
         """A line about the trials that wait: how many, for how long, and ``detail`` (what each needs,
         what is free, what the autoscaler does)."""
         self._print(f"waiting for resources: {self.pending} trial(s) pending for "
-                    f"{_clock(time.time() - (self.waiting_since or time.time()))}; {detail}")
+                    f"{_clock(self.waited())}; {detail}")
 
     def begin(self) -> None:
-        self.start = time.time()
+        self.start, self._t0 = time.time(), time.monotonic()
         self._print(self.line())
 
     def stage_started(self, label: str) -> None:
@@ -117,7 +130,7 @@ class Progress:
     def stopped(self) -> None:
         """The sweep has stopped: no trial runs or waits any more."""
         self._running.clear()
-        self.pending, self.waiting_since = 0, None
+        self.pending, self.waiting_since, self._waiting_t0 = 0, None, None
 
     def retrying(self, trial_id: str, what: str) -> None:
         self._print(f"RETRY {what}: the trial crashed; it resumes from its last checkpoint")

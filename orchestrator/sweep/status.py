@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.record.folder_lock import holder_of
 from orchestrator.record.results import mixed_data, read_rows
 from trainables import storage
 from trainables.errors import WbsweepError
@@ -48,7 +49,12 @@ STALE_MIN_S = 300.0
 
 def heartbeat_overdue(status: dict, now: float | None = None) -> float | None:
     """Seconds since a status file was last written when its driver's heartbeat is overdue, else
-    None. Files of drivers that kept no heartbeat (no ``heartbeat_s``) are never overdue."""
+    None. Files of drivers that kept no heartbeat (no ``heartbeat_s``) are never overdue.
+
+    Wall-clock on purpose: ``updated`` was written by another process, maybe on another machine, and
+    only the wall clock (kept in step by NTP) means the same there; the limit (minutes) is far above
+    any skew NTP leaves. A step of this machine's clock can make one reading early or late; the
+    sweep itself never acts on it (its own timers are monotonic: orchestrator/sweep/watchdog.py)."""
     beat = status.get("heartbeat_s")
     if isinstance(beat, bool) or not isinstance(beat, int | float) or beat <= 0:
         return None
@@ -146,6 +152,9 @@ def status_text(out: Path) -> str:
             lines.append(f"  FAILED {failure}")
     for rows in rows_of.values():
         lines += [f"WARNING {line}" for line in mixed_data(rows)]
+    holder = holder_of(out)
+    if holder is not None:
+        lines.append(f"in use by {holder.describe()}")
     stores = ", ".join(storage.join(s, "ray") for s in rows_of) or str(out / "ray")
     lines.append(f"logs: {stores} (per-trial error.txt), MLflow: {out / 'mlflow.db'}")
     return "\n".join(lines) + "\n"

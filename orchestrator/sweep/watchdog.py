@@ -27,6 +27,14 @@ and records that interval (``heartbeat_s``), so that `wbsweep status` can tell a
 whose loop has stopped turning (a hung driver, or a dead one on another host, whose pid it cannot
 check) from one that runs: see :func:`orchestrator.sweep.status.heartbeat_overdue`.
 
+Every timer here measures a duration on the monotonic clock (``time.monotonic``): a step of the
+wall clock (a laptop resumed from suspend, an NTP correction) neither stops a healthy sweep nor
+delays a check. Only what is written for other processes and for people stays wall-clock: the
+status file's ``updated`` (compared across processes, maybe machines, by `wbsweep status`) and the
+lock's heartbeat (orchestrator/record/folder_lock.py), which the same heartbeat rewrites (through
+the context's ``lock``): a driver whose folder another command has taken over stops here, in one
+line.
+
 A head node lost with the GCS on it ends the driver by Ray itself: its GCS client gives up after
 ``gcs_rpc_server_reconnect_timeout_s`` (60 s) and exits the process; the status file then ages
 like any other dead driver's.
@@ -83,6 +91,11 @@ def heartbeat_s() -> float:
     return max(0.1, env_seconds("WBSWEEP_HEARTBEAT_S", 15.0))
 
 
+def monotonic() -> float:
+    """The watchdog's clock: seconds on the monotonic clock (looked up at each call)."""
+    return time.monotonic()
+
+
 def _clock(seconds: float) -> str:
     s = int(max(0, seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -125,7 +138,7 @@ class Watchdog(Callback):
 
     def __init__(self, ctx: SweepContext, limits: Limits | None = None,
                  nodes: Callable[[], list[Node]] = nodes_now, own_node: str | None = None,
-                 clock: Callable[[], float] = time.time, refuses: Callable[[str, int], bool] = port_refuses):
+                 clock: Callable[[], float] = monotonic, refuses: Callable[[str, int], bool] = port_refuses):
         self.ctx, self.autoscaling = ctx, ctx.autoscaling
         self.limits = limits or Limits.from_env(ctx.autoscaling)
         self.nodes, self.clock, self.refuses = nodes, clock, refuses
@@ -160,6 +173,9 @@ class Watchdog(Callback):
         if now - self.last_beat >= self.limits.heartbeat_s:
             self.last_beat = now
             self.ctx.status.write()
+            lost = self.ctx.lock.beat() if self.ctx.lock is not None else None
+            if lost:
+                self.stop(lost)
         if now - self.last_check < self.limits.check_s:
             return
         self.last_check = now

@@ -60,17 +60,29 @@ def store_error(tracking_uri: str, exc: Exception) -> WbsweepError:
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
-def prepare_store(tracking_uri: str, artifact_root: Path | str | None) -> list[str]:
+def prepare_store(tracking_uri: str, artifact_root: Path | str | None, home: Path | None = None) -> list[str]:
     """Make a SQLite tracking store whole before MLflow opens it (see :mod:`orchestrator.record.stores`:
-    MLflow would create it step by step in place); notes of what was done (none for other stores)."""
+    MLflow would create it step by step in place); notes of what was done (none for other stores).
+
+    A results folder's own store (``DIR/mlflow.db``, its artifacts in ``home`` = ``DIR/mlartifacts``:
+    given, or ``artifact_root`` when that lies beside the store) that records another folder's
+    artifact locations (the folder was moved or copied) is re-pointed to ``home`` first
+    (:func:`orchestrator.record.stores.repoint_artifacts`), with a note."""
     try:
         db = stores.sqlite_file(tracking_uri)
-        note = stores.prepare_mlflow_store(db, tracking_uri, artifact_root) if db is not None else None
+        if db is None:
+            return []
+        if home is None and isinstance(artifact_root, Path) and \
+                db.resolve() == (artifact_root.parent / "mlflow.db").resolve():
+            home = artifact_root
+        notes = [stores.prepare_mlflow_store(db, tracking_uri, artifact_root)]
+        if home is not None:
+            notes.append(stores.repoint_artifacts(db, home))
     except WbsweepError:
         raise
     except Exception as exc:
         raise store_error(tracking_uri, exc) from None
-    return [note] if note else []
+    return [n for n in notes if n]
 
 
 class Tracker:

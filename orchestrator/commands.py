@@ -396,6 +396,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if before is not None:
             print(f"the saved run's metrics ({saved.parent / 'metrics.json'}): {reproduction(before, metrics)}",
                   file=sys.stderr)
+        elif (saved.parent / "metrics.json").exists():
+            print(f"the saved run's metrics ({saved.parent / 'metrics.json'}) are torn (not a JSON object): nothing "
+                  "to compare this run with", file=sys.stderr)
     return 0
 
 
@@ -419,13 +422,20 @@ def _analyze(args: argparse.Namespace, out: Path, store: str) -> int:
                            f"{join(store, 'results')}; run the spec first (`wbsweep run SPEC --out DIR`).")
     uri = args.tracking_uri or (default_tracking_uri(out) if (out / "mlflow.db").exists() else None)
     _own_store(out, uri)
+    failed = 0
     for spec in specs:
         counts = ensure_analyses(store, spec, args.preset, names=args.names, force=not args.missing, device=args.device,
                                  data_root=_data_root(args.data_root), tracking_uri=uri,
                                  log=lambda m: print(m, file=sys.stderr))
         skipped = f", {counts['skipped']} without a checkpoint" if counts["skipped"] else ""
+        not_done = f", {counts['failed']} not analysed (named above)" if counts["failed"] else ""
         print(f"{spec}: {counts['analysed']} of {counts['models']} model(s) analysed, {counts['rows']} rows written "
-              f"to {join(store, 'analyses')}{skipped}")
+              f"to {join(store, 'analyses')}{skipped}{not_done}")
+        failed += counts["failed"]
+    if failed:  # the others are analysed and written; exit 1 as a sweep with failed trials does
+        print(f"wbsweep: {failed} model(s) could not be analysed (each named above with what to do); the others "
+              "were", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -43,6 +43,14 @@ def truncated_cifar(tmp: Path) -> str:
     return str(root)
 
 
+def duplicate_preset(tmp: Path) -> str:
+    """A spec whose preset p is written twice: the second (one epoch) would silently win."""
+    path = Path(spec_file(tmp))
+    text = path.read_text()
+    path.write_text(text + text[text.index("  p:"):].replace("epochs: 1", "epochs: 40"))
+    return str(path)
+
+
 def file_path(tmp: Path) -> str:
     f = tmp / "a-file"
     f.write_text("x")
@@ -57,6 +65,10 @@ CASES = [
     ("unknown-dataset", lambda t, o: ["run", spec_file(t, dataset="cifar100-lr"), "--out", o], ["cifar100-lt"]),
     ("unknown-model", lambda t, o: ["run", spec_file(t, model="resnet43"), "--out", o], ["resnet34"]),
     ("malformed-spec", lambda t, o: ["run", spec_file(t, method="wd, la: [none"), "--out", o], ["mine.yaml:"]),
+    ("duplicate-key", lambda t, o: ["run", spec_file(t, epochs="40, lr: 0.1, epochs: 2"), "--out", o],
+     ["mine.yaml:6:", "'epochs' is given twice", "line 6"]),
+    ("duplicate-key-nested", lambda t, o: ["run", duplicate_preset(t), "--out", o],
+     ["mine.yaml:8:", "'p' is given twice", "line 5"]),
     ("wrong-type", lambda t, o: ["run", spec_file(t, epochs="ten"), "--out", o], ["epochs"]),
     ("out-of-range", lambda t, o: ["run", spec_file(t, lr="-0.1"), "--out", o], ["lr"]),
     ("missing-spec-file", lambda t, o: ["run", str(t / "nope.yaml"), "--out", o], ["nope.yaml", "does not exist"]),

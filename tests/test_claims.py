@@ -164,6 +164,9 @@ BAD = {
     "unknown_group": ("claims:\n  - {name: x, metric: acc_avg, greater: {method: wd_fr_ef}, than: {method: wb}}\n",
                       "unknown method 'wd_fr_ef'"),
     "malformed": ("claims: [name: x\n", "cannot read claims file"),
+    "duplicate_key": ("claims:\n  - name: x\n    metric: acc_avg\n    greater: {method: wd}\n"
+                      "    than: {method: wb}\n    metric: fdr_test\n",
+                      "c.yaml:6:5: key 'metric' is given twice (also on line 3)"),
     "no_list": ("min_seeds: 3\n", "non-empty list 'claims'"),
     "metric": ("claims:\n  - {name: x, metric: acc, greater: {method: wd}, than: {method: wb}}\n",
                "unknown metric 'acc'"),

@@ -248,12 +248,16 @@ class _Context:
         from trainables.config import DEFAULTS
         from trainables.device_data import DeviceData
         from trainables.models import ModelSpec, build_model
+        from trainables.run_files import load_model_file, retrain_hint
         from trainables.train import config_dataset, pick_device
 
         path = run_dir / "model.pt"
         if not path.exists():
             raise WbsweepError(f"{run_dir} has no model.pt: the run did not finish; train it first.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_model_file(path)
+        if not isinstance(state.get("config"), dict):
+            raise WbsweepError(f"{path} holds no config (not a finished run's model.pt); "
+                               f"{retrain_hint(run_dir)}.")
         cfg = {**DEFAULTS, **state["config"]}  # a run of an older version lacks newer keys
         self.cfg = cfg
         self.analyses = list(state["config"].get("analyses") or [])
@@ -332,8 +336,15 @@ def _compute(name: str, ctx: _Context, run_dir: Path) -> dict[str, Any] | str:
         if not path.exists():
             return ("no forgetting.npz: the run was trained without track_forgetting"
                     + (" (a second stage does not record it)" if ctx.cfg["stage2"] else ""))
-        with np.load(path) as z:
-            scores = forgetting_scores(z["events"], z["ever_correct"], z["labels"], c)
+        try:
+            with np.load(path) as z:
+                events, ever, labels = z["events"], z["ever_correct"], z["labels"]
+        except Exception as exc:  # noqa: BLE001 - a torn zip or a foreign file: name it, in one line
+            from trainables.run_files import one_line, retrain_hint
+
+            raise WbsweepError(f"{path} is torn or not a wbsweep forgetting file ({one_line(exc)}); "
+                               f"{retrain_hint(run_dir)}.") from None
+        scores = forgetting_scores(events, ever, labels, c)
         return {**scores, "epochs": ctx.cfg["epochs"]}
     if name == "weight_norms":
         norms, ratio = weight_norm_ratio(ctx.model.classifier.weight, ctx.data.class_counts)
@@ -355,7 +366,11 @@ def run_analyses(run_dir: str | Path, names: Sequence[str] | None = None, device
         names = ctx.analyses
     result = load_result(run_dir)
     metrics = run_dir / "metrics.json"
-    hash_ = json.loads(metrics.read_text())["config_hash"] if metrics.exists() else run_dir.parent.name
+    # the folder is named by the config hash too: a torn metrics.json (the sweep retrains that model) need not stop this
+    try:
+        hash_ = json.loads(metrics.read_text()).get("config_hash") or run_dir.parent.name
+    except (OSError, ValueError, AttributeError):
+        hash_ = run_dir.parent.name
     result.update({"config_hash": hash_, "seed": ctx.cfg["seed"], "dataset": ctx.data.name,
                    "model": ctx.cfg["model"], "class_counts": list(ctx.data.class_counts),
                    "groups": ctx.data.groups()})

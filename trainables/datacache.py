@@ -31,7 +31,8 @@ from trainables.dataset_registry import _spec
 from trainables.readers import resolve_root
 
 CACHE_ENV = "WBSWEEP_DATA_CACHE"
-FORMAT = 2  # bump when the split or the stored layout changes (2: the split option, the fingerprint)
+FORMAT = 3  # bump when the split, the stored layout or the checks on reading change (2: the split option,
+#             the fingerprint; 3: the files checked by content, trainables/identity.py)
 TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 _in_process: dict[str, LTDataset] = {}
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from trainables.errors import WbsweepError
+from trainables.identity import check_identity, content_digest
 
 #: Environment variable that overrides the default data root (handy on clusters with shared storage).
 DATA_ROOT_ENV = "WBSWEEP_DATA_ROOT"
@@ -150,9 +151,9 @@ def _get(entry: dict, key: str) -> Any:
 
 def _read_cifar_file(
     path: Path, label_key: str, num_classes: int, hint: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR pickle -> (uint8 (n, 3, 32, 32), int64 (n,)), with every structural check that
-    turns a truncated or foreign file into a one-line message naming it."""
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """One CIFAR pickle -> (uint8 (n, 3, 32, 32), int64 (n,), the SHA-256 of its data array), with every
+    structural check that turns a truncated or foreign file into a one-line message naming it."""
     bad = f"delete it and {hint}"
     try:
         with open(path, "rb") as fh:
@@ -183,7 +184,7 @@ def _read_cifar_file(
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise WbsweepError(f"CIFAR file {path} has labels outside 0..{num_classes - 1}; {bad}")
     # Rows are the R, G and B planes of a 32x32 image, row-major: exactly (3, 32, 32) in C order.
-    return data.reshape(len(data), 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(len(data), 3, 32, 32), labels.astype(np.int64), content_digest(path, data)
 
 
 def read_cifar(
@@ -223,12 +224,14 @@ def read_cifar(
             f"{key}: missing {', '.join(missing)} in {base} (expected {', '.join(wanted)}); {how}"
         )
     hint = f"download {url} again"
-    train = [_read_cifar_file(base / name, label_key, num_classes, hint) for name in train_files]
-    test = [_read_cifar_file(base / name, label_key, num_classes, hint) for name in test_files]
-    x_pool = np.concatenate([x for x, _ in train])
-    y_pool = np.concatenate([y for _, y in train])
-    x_test = np.concatenate([x for x, _ in test])
-    y_test = np.concatenate([y for _, y in test])
+    read = {base / name: _read_cifar_file(base / name, label_key, num_classes, hint) for name in wanted}
+    check_identity(key, {path: sha for path, (_, _, sha) in read.items()}, how)
+    train = [read[base / name] for name in train_files]
+    test = [read[base / name] for name in test_files]
+    x_pool = np.concatenate([x for x, _, _ in train])
+    y_pool = np.concatenate([y for _, y, _ in train])
+    x_test = np.concatenate([x for x, _, _ in test])
+    y_test = np.concatenate([y for _, y, _ in test])
     return Raw(x_pool, y_pool, x_test, y_test, np.arange(len(y_pool)), np.arange(len(y_test)))
 
 
@@ -254,7 +257,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     magic, fewer or more data bytes than the header promises) is a WbsweepError naming the file,
     so a truncated download is reported as such instead of as a reshape error deep in training.
     """
-    path = Path(path)
+    return _decode_idx(Path(path), digest=False)[0]
+
+
+def _decode_idx(path: Path, digest: bool) -> tuple[np.ndarray, str | None]:
+    """:func:`read_idx`, and the SHA-256 of the uncompressed file where ``digest`` (trainables/identity.py)."""
     redo = "delete it and download it again"
     try:
         with open(path, "rb") as fh:
@@ -277,7 +284,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{expected} (truncated or corrupt); {redo}"
         )
     array = np.frombuffer(raw, dtype=dtype, count=math.prod(dims), offset=header).reshape(dims)
-    return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+    sha = content_digest(path, raw) if digest else None
+    return array.astype(dtype.newbyteorder("="), copy=True), sha  # writable, native byte order
 
 
 _IDX_FILES = (
@@ -304,15 +312,15 @@ def _find_idx(root: Path, dirs: tuple[str, ...]) -> list[Path] | None:
     return None
 
 
-def _read_idx_images(path: Path, labels: bool) -> np.ndarray:
-    array = read_idx(path)
+def _read_idx_images(path: Path, labels: bool) -> tuple[np.ndarray, str]:
+    array, sha = _decode_idx(path, digest=True)
     want = 1 if labels else 3
     if array.ndim != want or array.dtype != np.uint8:
         raise WbsweepError(
             f"IDX file {path} holds {array.dtype}{list(array.shape)}, expected uint8 with {want} "
             "dimension(s); check that the right file has this name"
         )
-    return array
+    return array, sha
 
 
 def read_mnist_like(
@@ -359,7 +367,10 @@ def read_mnist_like(
             failure = f", and downloading them failed ({errors[0]})"
     if files is None:
         raise WbsweepError(f"{key}: the IDX files {names} were not found in any of {places}{failure}; {how}")
-    x_train, y_train, x_test, y_test = (_read_idx_images(p, labels=i % 2 == 1) for i, p in enumerate(files))
+    read = [_read_idx_images(p, labels=i % 2 == 1) for i, p in enumerate(files)]
+    # Another known dataset's files under this one's names (Fashion-MNIST's in MNIST's folder) are refused
+    check_identity(key, {p: sha for p, (_, sha) in zip(files, read, strict=True)}, how)
+    x_train, y_train, x_test, y_test = (array for array, _ in read)
     for x, y in ((x_train, y_train), (x_test, y_test)):
         if len(x) != len(y):
             raise WbsweepError(f"{key}: {files[0].parent} has {len(x)} images but {len(y)} labels; {how}")

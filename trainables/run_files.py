@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from trainables import storage
 from trainables.config import config_hash
+from trainables.errors import WbsweepError
 from trainables.models import Network
 
 # --- checkpoints: nothing lost when a trial is killed -----------------------------------------
@@ -49,7 +51,9 @@ def resume(out: Path, cfg: dict[str, Any], model: Network, opt, sched, gen: torc
         return fresh
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves to device
-    except Exception:  # a torn or foreign file: start over rather than fail the trial
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start over rather than fail the trial
+        print(f"wbsweep: checkpoint {path} is torn or unreadable ({one_line(exc)}); this model trains from its "
+              "first epoch (nothing else is lost)", file=sys.stderr)
         return fresh
     if state.get("config_hash") != config_hash(cfg) or state.get("seed", cfg["seed"]) != cfg["seed"]:
         return fresh
@@ -112,6 +116,40 @@ def load_metrics(run: str | Path) -> dict[str, Any] | None:
     return storage.read_json_object(storage.join(run, "metrics.json"))
 
 
+def retrain_hint(folder: Path) -> str:
+    """What to do about a finished run's torn file: train that model again. A sweep's model
+    (``DIR/runs/<hash>/seed<k>``) counts as done while its results rows exist, so both go."""
+    folder = Path(folder)
+    if folder.parent.parent.name == "runs" and folder.name.startswith("seed"):
+        results = folder.parent.parent.parent / "results"
+        return (f"restore it from a copy, or move {folder} away, delete {results}/*-{folder.parent.name}-s"
+                f"{folder.name[4:]}.parquet and run the spec again (that model is trained again)")
+    return f"restore it from a copy, or delete {folder} and train the model again"
+
+
+def load_model_file(path: Path, fix: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """A ``model.pt`` (or checkpoint) as written by :func:`save_run`: a dict with the weights under
+    "model". A missing, torn (a full disk, a copy cut short) or foreign file is one WbsweepError line
+    naming it and saying ``fix`` (default: :func:`retrain_hint`), never PyTorch's traceback."""
+    fix = fix or retrain_hint(path.parent)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise WbsweepError(f"{path} does not exist; {fix}.") from None
+    except Exception as exc:  # noqa: BLE001 - a torn zip, a pickle error, a foreign file: all the same to the user
+        raise WbsweepError(f"{path} is torn or not a wbsweep model file ({one_line(exc)}); {fix}.") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise WbsweepError(f"{path} is not a wbsweep model file (no weights under 'model'); {fix}.")
+    return state
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's type and text on one line, shortened (error messages are one line)."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def network_from_run(folder: Path) -> Network:
     """The trained network of a finished run folder, rebuilt from its ``model.pt`` (weights, config
     and the :class:`~trainables.models.ModelSpec` it was built from), in eval mode. A ``model.pt``
@@ -120,7 +158,7 @@ def network_from_run(folder: Path) -> Network:
     from trainables.config import DEFAULTS
     from trainables.models import ModelSpec, build_model, fix_batchnorm_
 
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = load_model_file(folder / "model.pt")
     cfg = {**DEFAULTS, **state["config"]}
     if "spec" in state:
         spec = ModelSpec(**state["spec"])

@@ -47,7 +47,7 @@ from trainables.evaluation import balanced_acc, evaluate, predict
 from trainables.heads import maxnorm_threshold
 from trainables.losses import cb_weights, class_balanced_loss, dot_regression_loss
 from trainables.models import ModelSpec, Network, build_model, fix_batchnorm_, weight_decay_groups
-from trainables.run_files import inject_crash, resume, save_checkpoint, save_run
+from trainables.run_files import inject_crash, load_model_file, resume, retrain_hint, save_checkpoint, save_run
 from trainables.runner import EpochRunner, Knobs, has_conv, make_sgd
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -122,7 +122,9 @@ def build_training(cfg: dict[str, Any], dd: DeviceData, knobs: Knobs | None = No
     stage2 = bool(cfg["stage2"])
     if stage2:
         # WB stage 2: start from the stage-1 model of the same seed, train only the classifier.
-        state = torch.load(cfg["init_from"], map_location=device, weights_only=True)
+        init = Path(cfg["init_from"])
+        state = load_model_file(init, f"this stage-2 run starts from that stage-1 model: "
+                                      f"{retrain_hint(init.parent)}", map_location=device)
         model.load_state_dict(state["model"])
         model.backbone.requires_grad_(False)
         if cfg["stage2_init_norm"]:  # "WD&Norm&CB" (figure 6): unit-norm classifier rows instead of MaxNorm

@@ -29,6 +29,8 @@ import pyarrow as pa
 
 from orchestrator.record.results import read_rows, write_rows
 from trainables import storage
+from trainables.errors import WbsweepError
+from trainables.run_files import one_line
 from trainables.storage import run_location
 
 FOLDER = "analyses"
@@ -88,7 +90,9 @@ def ensure_analyses(store: str | Path, spec: str, preset: str | None = None, nam
     as files in its run folder and as rows in ``store/analyses``: those of its config's
     ``analyses`` option, or ``names``. Missing ones are computed from the checkpoint (all of them
     with ``force``); new files are added to the model's MLflow run when ``tracking_uri`` is given.
-    Returns counts: models looked at, analysed (computed), rows written, skipped (no checkpoint)."""
+    Returns counts: models looked at, analysed (computed), rows written, skipped (no checkpoint),
+    failed: a model whose files are torn (a truncated ``model.pt``, ``forgetting.npz``) or whose
+    analyses cannot be written (a full disk) is named in one ``log`` line and the others go on."""
     from trainables.analysis import ensure_run_analyses, load_result, run_analyses
 
     log = log or (lambda msg: None)
@@ -100,7 +104,7 @@ def ensure_analyses(store: str | Path, spec: str, preset: str | None = None, nam
     have = read_analysis_rows(storage.join(store, FOLDER))
     have = have[have["spec"] == spec]
     have_keys = set(zip(have["config_hash"], have["seed"].astype(int), have["analysis"], strict=True))
-    counts = {"models": 0, "analysed": 0, "rows": 0, "skipped": 0}
+    counts = {"models": 0, "analysed": 0, "rows": 0, "skipped": 0, "failed": 0}
     client = None
     models = df.drop_duplicates(["config_hash", "seed"])
     for _, row in models.iterrows():
@@ -117,20 +121,26 @@ def ensure_analyses(store: str | Path, spec: str, preset: str | None = None, nam
                 counts["skipped"] += 1
                 log(f"analyses: {home} has no model.pt; skipped")
                 continue
-            before = load_result(folder).get("analyses", {})
-            if force:
-                result = run_analyses(folder, wanted, device=device, data_root=data_root)
-            else:
-                result = ensure_run_analyses(folder, wanted, device=device, data_root=data_root)
-            computed = force or any(n not in before for n in wanted)
-            if computed:
-                counts["analysed"] += 1
-                log(f"analyses: {row['method']} seed {seed} ({hash_}): {', '.join(wanted)}")
-            done = set(result.get("analyses", {}))
-            if computed or any((hash_, seed, n) not in have_keys for n in done):
-                storage.upload(folder, home, [p.name for p in folder.glob("analysis*")])
-                counts["rows"] += record_run_analyses(store, folder, spec=spec, preset=row["preset"],
-                                                      method=row["method"])
+            try:
+                before = load_result(folder).get("analyses", {})
+                if force:
+                    result = run_analyses(folder, wanted, device=device, data_root=data_root)
+                else:
+                    result = ensure_run_analyses(folder, wanted, device=device, data_root=data_root)
+                computed = force or any(n not in before for n in wanted)
+                if computed:
+                    counts["analysed"] += 1
+                    log(f"analyses: {row['method']} seed {seed} ({hash_}): {', '.join(wanted)}")
+                done = set(result.get("analyses", {}))
+                if computed or any((hash_, seed, n) not in have_keys for n in done):
+                    storage.upload(folder, home, [p.name for p in folder.glob("analysis*")])
+                    counts["rows"] += record_run_analyses(store, folder, spec=spec, preset=row["preset"],
+                                                          method=row["method"])
+            except (WbsweepError, OSError) as exc:  # this model's files; the next model's may be fine
+                counts["failed"] += 1
+                why = str(exc) if isinstance(exc, WbsweepError) else f"cannot write its analyses ({one_line(exc)})"
+                log(f"analyses: {row['method']} seed {seed} ({hash_}) not analysed: {why}")
+                continue
             if computed and tracking_uri and isinstance(row.get("mlflow_run_id"), str):
                 try:
                     if client is None:

@@ -109,6 +109,11 @@ def read_results(folder: str | Path, schema: pa.Schema = SCHEMA) -> pd.DataFrame
     return read_rows(folder, schema)
 
 
+#: How a torn rows file is written again once moved away: from the model's run folder, not by training.
+REWRITES = {"results": "the next `wbsweep run` of its spec writes its rows again from the model's run folder",
+            "analyses": "`wbsweep analyze --missing` writes its rows again from the model's analysis.json"}
+
+
 def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "results") -> pd.DataFrame:
     """Every row under ``folder`` (a local folder or a storage URI); an empty frame with the
     schema's columns when there are none.
@@ -136,7 +141,8 @@ def read_rows(folder: str | Path, schema: pa.Schema = SCHEMA, kind: str = "resul
         try:
             t = pq.read_table(pa.BufferReader(storage.read_bytes(f) or b""))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise WbsweepError(f"{f} is not a readable Parquet file ({exc}); move it out of {folder}.") from None
+            raise WbsweepError(f"{f} is torn or not a Parquet file ({' '.join(str(exc).split())}); move it out of "
+                               f"{folder}: {REWRITES.get(kind, 'then run the command again')}.") from None
         missing = set(schema.names) - set(t.column_names) - ADDED_LATER
         if missing:
             raise WbsweepError(f"{f} is not a wbsweep {kind} file (missing {', '.join(sorted(missing))}); "

@@ -107,6 +107,7 @@ def _group(raw: Any, where: str, analysis: bool) -> dict[str, str]:
 
 def load_claims(path: str | Path) -> Claims:
     """Read and check a claims file; a mistake in it is one :class:`WbsweepError` line naming the file."""
+    from orchestrator.spec.yaml_loader import describe
     from orchestrator.spec.yaml_loader import load as load_yaml
     from trainables.methods import METHODS
 
@@ -117,7 +118,7 @@ def load_claims(path: str | Path) -> Claims:
     try:
         doc = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
-        raise WbsweepError(f"cannot read claims file {path}: {str(exc).splitlines()[0]}.") from None
+        raise WbsweepError(f"cannot read claims file {describe(exc, path)}.") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("claims"), list) or not doc["claims"]:
         raise WbsweepError(f"claims file {path} must be a mapping with a non-empty list 'claims'.")
     min_seeds = doc.get("min_seeds", MIN_SEEDS)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.spec.yaml_loader import describe
 from orchestrator.spec.yaml_loader import load as load_yaml
 from trainables.config import DEFAULTS, LA_KINDS, resolve_config
 from trainables.errors import WbsweepError, unknown_name
@@ -126,10 +127,8 @@ def find_spec(name_or_path: str) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         doc = load_yaml(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise WbsweepError(f"malformed spec {where}: {exc.problem}.") from None
+    except yaml.YAMLError as exc:
+        raise WbsweepError(f"malformed spec {describe(exc, path)}.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise WbsweepError(f"cannot read spec {path}: {exc}.") from None
     if not isinstance(doc, dict):

@@ -39,7 +39,7 @@ _in_process: dict[str, LTDataset] = {}
 
 def cache_root() -> Path | None:
     """The node-local cache folder, or None when caching is turned off."""
-    from trainables.storage import scratch_root  # (pyarrow only where a trial needs it: bench/gpu_check.sh)
+    from trainables.storage import scratch_root
 
     value = os.environ.get(CACHE_ENV, "")
     if value.lower() in ("off", "0", "no", "false"):

@@ -25,11 +25,20 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any
 
 from trainables.errors import WbsweepError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+
+def _pafs():
+    """``pyarrow.fs``, imported on first use: a trainer whose runs live in a local folder never needs
+    it, so ``trainables.train`` runs where pyarrow is not installed (bench/gpu_paper_rows.py)."""
+    import pyarrow.fs
+
+    return pyarrow.fs
 
 
 def is_remote(location: str | Path) -> bool:
@@ -50,7 +59,7 @@ def join(location: str | Path, *parts: str) -> str:
 @functools.lru_cache(maxsize=32)
 def _filesystem(base: str) -> tuple[pafs.FileSystem, str]:
     try:
-        return pafs.FileSystem.from_uri(base)
+        return _pafs().FileSystem.from_uri(base)
     except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise WbsweepError(f"cannot open storage {base}: {str(exc).splitlines()[0]}") from None
 
@@ -60,7 +69,7 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     trial does not reconnect for every file)."""
     s = str(location)
     if not is_remote(s):
-        return pafs.LocalFileSystem(), str(Path(s.removeprefix("file://")).expanduser().resolve())
+        return _pafs().LocalFileSystem(), str(Path(s.removeprefix("file://")).expanduser().resolve())
     base, _, query = s.partition("?")
     # The filesystem is made from bucket + query (its options); the rest of the path is ours.
     scheme, _, rest = base.partition("://")
@@ -87,15 +96,15 @@ def _one_line(location: str | Path) -> Iterator[None]:
 def exists(location: str | Path) -> bool:
     fs, path = filesystem(location)
     with _one_line(location):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return fs.get_file_info(path).type != _pafs().FileType.NotFound
 
 
 def list_files(location: str | Path, suffix: str = "") -> list[str]:
     """Names (not paths) of the files directly under ``location`` ending in ``suffix``, sorted."""
     fs, path = filesystem(location)
     with _one_line(location):
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+        infos = fs.get_file_info(_pafs().FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(Path(i.path).name for i in infos if i.type == _pafs().FileType.File and i.path.endswith(suffix))
 
 
 def read_bytes(location: str | Path) -> bytes | None:
@@ -124,7 +133,7 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     filesystem, a single PUT on an object store."""
     fs, path = filesystem(location)
     parent = path.rsplit("/", 1)[0]
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, _pafs().LocalFileSystem):
         Path(parent).mkdir(parents=True, exist_ok=True)
         # a name of this writer's own: two processes writing one file never share a temporary
         tmp = Path(parent) / f".{Path(path).name}.{os.getpid()}-{threading.get_ident()}.tmp"

@@ -86,7 +86,7 @@ presets:
 """
 
 
-def write_model_rows(out: Path, exp, config_hash_: str, fingerprint: str, acc: float) -> None:
+def write_model_rows(out: Path, exp, config_hash_: str, fingerprint: str | None, acc: float) -> None:
     cfg = resolve_config({**exp.train, "wd": 5e-3, "seed": 0, "la": ["none"], "data_fingerprint": fingerprint})
     metrics = {"config_hash": config_hash_, "fdr_train": 1.0, "fdr_test": 1.0, "epochs": 1, "best_epoch": 1,
                "train_seconds": 1.0, "node": "n", "device": "cpu", "data_fingerprint": fingerprint,
@@ -136,3 +136,29 @@ def test_machine_keys_are_not_part_of_a_config_hash(knob: str) -> None:
     assert config_hash(resolve_config({**base, knob: other})) == config_hash(resolve_config(base))
     assert config_hash(resolve_config({**base, "data_fingerprint": "fedcba9876543210"})) != \
         config_hash(resolve_config(base))
+
+
+def test_rows_of_an_earlier_version_are_not_the_current_config(tmp_path: Path, make_mnist, capsys) -> None:
+    """Rows written before the data's fingerprint was part of a config hash (no data_fingerprint) are
+    not the config the spec asks for (the run trains it again): refused in one line naming
+    --all-configs, which lists them; once the current config has rows, those are shown."""
+    spec = tmp_path / "nine.yaml"
+    spec.write_text(MNIST_SPEC)
+    exp = load_experiment(str(spec), "p")
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_mnist(data / "mnist", 40, 5)
+    runs = str(out.resolve() / "runs")
+    (legacy,) = resolve(exp, out, runs, None, None)
+    (now,) = current_configs([exp], out, runs, str(data)).methods
+    assert legacy.config_hash != now.config_hash
+    write_model_rows(out, exp, legacy.config_hash, None, 33.0)
+    args = ["report", str(spec), "--out", str(out), "--data-root", str(data)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 1 other config(s)" in err and "--all-configs" in err
+    assert main([*args, "--all-configs"]) == 0
+    assert legacy.config_hash in capsys.readouterr().out
+    write_model_rows(out, exp, now.config_hash, now.config["data_fingerprint"], 44.0)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "44.0" in text and "33.0" not in text

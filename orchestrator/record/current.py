@@ -96,16 +96,15 @@ class CurrentConfigs:
 
     def missing(self, rows: pd.DataFrame) -> list[str]:
         """One line per method without rows for its current config (``rows``: this spec and preset's)."""
-        have = set(zip(rows["method"], rows["config_hash"], strict=True))
         several = len(self.order()) > 1
         lines = []
-        for m in self.methods:
+        for m in self.absent(rows):
             held = rows.loc[rows["method"] == m.method, "config_hash"].nunique()
             others = (f"; `wbsweep report {self.spec} --preset {self.preset} --all-configs` lists the {held} other "
                       f"config(s) of it this folder holds" if held else "")
             if m.config_hash is None:
                 lines.append(f"{m.who(several)}: no rows shown: {m.reason}{others}.")
-            elif (m.method, m.config_hash) not in have:
+            else:
                 lines.append(f"{m.who(several)}: no rows yet for the config the spec asks for now (config hash "
                              f"{m.config_hash}); `wbsweep run {self.spec} --preset {self.preset}` trains it{others}.")
         return lines
@@ -121,27 +120,33 @@ def current_configs(exps: list[Experiment], out: Path, runs: str, data_root: str
     exp0 = exps[0]
     current = CurrentConfigs(exp0.name, exp0.preset, [])
     for exp in exps:
-        fingerprint, why = data_fingerprint(exp, data_root)
-        if fingerprint is not None:
-            current.methods += resolve(exp, out, runs, data_root, fingerprint)
-            continue
-        found = _from_rows(exp, out, runs, data_root, rows)
-        dataset = str(exp.train.get("dataset", DEFAULTS["dataset"]))
-        if len(found) > 1:
-            prints = ", ".join(sorted(found))
-            raise WbsweepError(f"the {dataset} data cannot be read here ({why}) and this folder holds rows of "
-                               f"{exp0.name}/{exp0.preset} on {len(found)} different data ({prints}); give "
-                               "--data-root (the data the spec uses) to tell which rows are current.")
-        if found:
-            (fingerprint, methods), = found.items()
-            current.methods += methods
-            current.notes.append(f"the {dataset} data cannot be read here ({why}): the rows' data (fingerprint "
-                                 f"{fingerprint}) are taken for the spec's; --data-root checks that.")
-            continue
-        reason = (f"the {dataset} data cannot be read here ({why}), so its config hash is unknown and no row of "
-                  "this folder matches the spec on the data it recorded; give --data-root")
-        current.methods += [MethodConfig(exp, e, None, None, reason) for e in exp.methods]
+        _add(current, exp, out, runs, data_root, rows)
     return current
+
+
+def _add(current: CurrentConfigs, exp: Experiment, out: Path, runs: str, data_root: str | None,
+         rows: pd.DataFrame | None) -> None:
+    """The methods of ``exp`` on the data a sweep would train on (see :func:`current_configs`)."""
+    fingerprint, why = data_fingerprint(exp, data_root)
+    if fingerprint is not None:
+        current.methods += resolve(exp, out, runs, data_root, fingerprint)
+        return
+    found = _from_rows(exp, out, runs, data_root, rows)
+    dataset = str(exp.train.get("dataset", DEFAULTS["dataset"]))
+    if len(found) > 1:
+        prints = ", ".join(sorted(found))
+        raise WbsweepError(f"the {dataset} data cannot be read here ({why}) and this folder holds rows of "
+                           f"{exp.name}/{exp.preset} on {len(found)} different data ({prints}); give "
+                           "--data-root (the data the spec uses) to tell which rows are current.")
+    if found:
+        (fingerprint, methods), = found.items()
+        current.methods += methods
+        current.notes.append(f"the {dataset} data cannot be read here ({why}): the rows' data (fingerprint "
+                             f"{fingerprint}) are taken for the spec's; --data-root checks that.")
+        return
+    reason = (f"the {dataset} data cannot be read here ({why}), so its config hash is unknown and no row of "
+              "this folder matches the spec on the data it recorded; give --data-root")
+    current.methods += [MethodConfig(exp, e, None, None, reason) for e in exp.methods]
 
 
 def data_fingerprint(exp: Experiment, data_root: str | None) -> tuple[str | None, str]:
@@ -174,9 +179,11 @@ def _from_rows(exp: Experiment, out: Path, runs: str, data_root: str | None,
     return found
 
 
-def resolve(exp: Experiment, out: Path, runs: str, data_root: str | None, fingerprint: str) -> list[MethodConfig]:
+def resolve(exp: Experiment, out: Path, runs: str, data_root: str | None,
+            fingerprint: str | None) -> list[MethodConfig]:
     """Every method of ``exp`` on the data ``fingerprint``, as the stage graph resolves it
-    (orchestrator/sweep/graph.py ``base_config``, orchestrator/sweep/stages.py)."""
+    (orchestrator/sweep/graph.py ``base_config``, orchestrator/sweep/stages.py). ``fingerprint``
+    None: the hashes an earlier version gave the configs, before the data were part of a hash."""
     # what a sweep adds to every config; device and threads are not hashed (any value gives the same hashes)
     machine = {"data_fingerprint": fingerprint, "device": "auto", "threads": 1,
                "data_root": configs.data_root(exp, data_root)}

@@ -61,9 +61,11 @@ def select_rows(df: pd.DataFrame, spec: str, preset: str | None, current_of: Cur
     rows = current.select(df)
     lines = current.notes + current.missing(df)
     if rows.empty:
-        raise WbsweepError(f"no rows of {spec}/{preset} for the configs the spec resolves to now ({lines[-1]}); run "
-                           f"`wbsweep run {spec} --preset {preset}`, or list the {df['config_hash'].nunique()} "
-                           f"config(s) this folder holds with `wbsweep report {spec} --preset {preset} --all-configs`.")
+        said = "".join(f" ({note})" for note in current.notes)
+        raise WbsweepError(f"no rows of {spec}/{preset} for the configs the spec resolves to now{said}; this folder "
+                           f"holds {df['config_hash'].nunique()} other config(s) of it (an edited spec, other data, "
+                           f"or rows of an earlier version): list them with `wbsweep report {spec} --preset {preset} "
+                           f"--all-configs`, or train the current ones with `wbsweep run {spec} --preset {preset}`.")
     order = current.order()
     rows = rows.assign(_v=[order.get(k, len(order)) for k in zip(rows["dataset"], rows["model"], strict=True)])
     rows = rows.sort_values(["_v", "created_at"], kind="stable").drop(columns="_v")

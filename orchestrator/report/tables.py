@@ -213,7 +213,7 @@ def render(summary: pd.DataFrame, fmt: str, title: str, absent: list | None = No
             la = f"add τ={r['tau']:.2f}"
         if r["la"] == "mult" and not math.isnan(r["gamma"]):
             la = f"mult γ={r['gamma']:.2f}"
-        cells = [_label(r["method"]), la, *(_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS), str(r["seeds"])]
+        cells = [_label(r["method"]), la, *(_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS), str(int(r["seeds"]))]
         lines.append(cells)
         if has_paper and not math.isnan(r.get("paper_acc_avg", math.nan)):
             paper = ["", "  paper", *(_pm(r.get(f"paper_{m}"), r.get(f"paper_{m}_std")) for m in METRICS), ""]

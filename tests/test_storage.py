@@ -260,9 +260,11 @@ def test_a_local_storage_folder_apart_from_out(tmp_path):
     out, shared = tmp_path / "out", tmp_path / "shared"
     out.mkdir()
     write_rows(storage.join(str(shared), "results"), "x", _rows(0))
+    # hand-made rows (config hash "abc"): not a config the spec resolves to, so listed by --all-configs
     rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
-                          "--storage", str(shared), "--format", "csv"], capture_output=True, text=True, timeout=300)
-    assert rep.returncode == 0 and "digits-lt,mlp3,wd,none" in rep.stdout, rep.stderr[-2000:]
+                          "--storage", str(shared), "--format", "csv", "--all-configs"], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0 and "digits-lt,mlp3,wd,abc," in rep.stdout, rep.stderr[-2000:]
     missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
                               "--format", "csv"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

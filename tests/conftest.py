@@ -1,4 +1,6 @@
-"""Data fixtures: small datasets written in the exact on-disk formats, and the real data sources.
+"""The fixtures of the test session: small datasets written in the exact on-disk formats, the real
+data sources and the reference smoke sweep. What is shared but no fixture (running the command
+line, reading a results folder) is in tests/helpers.py.
 
 The fakes are written byte-for-byte the way the original releases are laid out (Python 2
 protocol-2 CIFAR pickles, big-endian gzip IDX files), so that the readers are tested against the
@@ -20,7 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from helpers import sorted_rows, wbsweep
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
@@ -283,10 +287,17 @@ def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     ``fuse: auto`` with a machine record of its own: this sweep measures its K (a Ray task)."""
     out = tmp_path_factory.mktemp("smoke")
     env = {**os.environ, "WBSWEEP_FUSION_CACHE": str(out.parent / f"{out.name}-fusion.json")}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(smoke_sweep) -> pd.DataFrame:
+    """The rows of the uninterrupted smoke sweep, sorted by helpers.KEY: what an interrupted and
+    resumed sweep must end with (helpers.assert_same_rows)."""
+    out, _ = smoke_sweep
+    return sorted_rows(out)
 
 
 @pytest.fixture

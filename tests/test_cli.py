@@ -6,24 +6,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def wbsweep(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("wbsweep: error:"), proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+from helpers import assert_user_error, wbsweep
 
 
 def test_unknown_spec_suggests_the_closest(tmp_path):

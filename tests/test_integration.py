@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import trained, wbsweep
 
 from orchestrator.spec.experiment import load_experiment
 
@@ -27,18 +27,9 @@ TABLE4_ROWS = {
 }
 
 
-def wbsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def sweep(smoke_sweep) -> tuple[Path, subprocess.CompletedProcess]:
     return smoke_sweep
-
-
-def trained_models(out: Path) -> set[tuple[str, str]]:
-    return {(p.parent.parent.name, p.parent.name) for p in (out / "runs").glob("*/seed*/metrics.json")}
 
 
 def test_results_have_every_row_of_table4_for_every_seed(sweep):
@@ -88,7 +79,7 @@ def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):
                 and r.data.tags.get("wbsweep.kind") != "reference"]
     parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     # a child run per trained model (tune trials and repeats, the shared seed trained once)
-    assert len(children) == len(trained_models(out))
+    assert len(children) == len(set(trained(out)))
     assert all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= set(parents)
     stages = {(r.data.tags["wbsweep.stage"], r.data.tags["wbsweep.method"]) for r in parents.values()
@@ -158,7 +149,7 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("ray", "status"))
     spec = tmp_path / "t4copy.yaml"
     spec.write_text((SPECS / "table4.yaml").read_text().replace("name: table4", "name: t4copy"))
-    before_models = trained_models(out)
+    before_models = set(trained(out))
     folders = sorted(os.listdir(out / "runs"))
     before_rows = pd.read_parquet(out / "results")
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -177,7 +168,7 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     assert len(summary) == 1 and "tune-stage trials whose choice was recorded" in summary[0], proc.stderr[-4000:]
     assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
     assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
-    assert trained_models(out) == before_models and sorted(os.listdir(out / "runs")) == folders
+    assert set(trained(out)) == before_models and sorted(os.listdir(out / "runs")) == folders
     after_rows = pd.read_parquet(out / "results")
     assert len(after_rows.query("spec == 'table4'")) == len(before_rows)
     copy_rows = after_rows.query("spec == 't4copy'")

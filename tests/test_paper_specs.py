@@ -4,11 +4,10 @@ positive work, the paper presets say what the paper says, the smoke presets are 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import wbsweep
 
 from orchestrator.spec.experiment import load_experiment, load_experiments, spec_names
 from orchestrator.sweep.driver import plan
@@ -118,13 +117,11 @@ def test_unknown_layout(tmp_path: Path) -> None:
 
 
 def test_cli_plan_and_list_show_the_variants() -> None:
-    run = [sys.executable, "-m", "orchestrator.cli"]
-    proc = subprocess.run([*run, "run", "table3", "--preset", "paper", "--plan"], capture_output=True, text=True,
-                          timeout=300)
+    proc = wbsweep("run", "table3", "--preset", "paper", "--plan", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "11 variants, 33 stages, 165 trials" in proc.stdout
     assert "variant mnist-resblock2: mnist, resblock2" in proc.stdout
-    listing = subprocess.run([*run, "list"], capture_output=True, text=True, timeout=300).stdout
+    listing = wbsweep("list", timeout=300).stdout
     specs = listing.splitlines()[0]
     assert all(s in specs for s in PAPER_SPECS)
     for word in ("wd_noshift", "wd_norm_cb", "mini-imagenet-lt", "resnext50", "resblock2"):

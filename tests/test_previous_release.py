@@ -9,22 +9,16 @@ resumed sweep trains every model again beside the old rows, which stay readable.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import wbsweep
 
 pytestmark = pytest.mark.slow
 
 ARCHIVE = Path(__file__).parent / "data" / "previous-release-table4-smoke.tar.xz"
-
-
-def wbsweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture()

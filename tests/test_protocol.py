@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import wbsweep
 from sklearn.model_selection import train_test_split
 
 from trainables.config import config_hash, resolve_config
@@ -116,11 +116,9 @@ def _cifar_sweep(tmp_path: Path, out: Path, root: Path, env_root: bool = False) 
                     "methods:\n  - {method: naive, la: [none]}\n"
                     "presets:\n  smoke:\n    train: {dataset: cifar10-lt, model: mlp3, width: 16, epochs: 1}\n"
                     "    seeds: [0]\n    resources: {cpus_per_trial: 1, gpus_per_trial: 0}\n")
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out),
-           "--quiet"]
-    env = {**os.environ, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else os.environ
-    return subprocess.run(cmd + ([] if env_root else ["--data-root", str(root)]), capture_output=True, text=True,
-                          timeout=600, env=env, cwd=tmp_path)
+    args = ["run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet"]
+    env = {**os.environ, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else None
+    return wbsweep(*args, *([] if env_root else ["--data-root", str(root)]), env=env, cwd=tmp_path, timeout=600)
 
 
 @pytest.mark.slow
@@ -139,10 +137,8 @@ def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path
     assert rows["data_fingerprint"].nunique() == 2 and len(rows) == 2
     assert rows["config_hash"].nunique() == 2  # B's model is its own, not A's reused
     a_row, b_row = rows.sort_values("created_at").itertuples()
-    report = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(tmp_path / "cifar.yaml"),
-                             "--out", str(out), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    report = wbsweep("report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv", timeout=300)
     assert report.returncode == 0, report.stderr
     assert f"{b_row.acc_avg:.6g}" in report.stdout
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    status = wbsweep("status", "--out", str(out), timeout=300)
     assert "cifar10-lt: rows from 2 different data" in status.stdout, status.stdout + status.stderr

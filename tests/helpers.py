@@ -1,6 +1,7 @@
 """What several test modules share: running the command line, Ray clusters of a test's own, reading a
 results folder. Test modules import from here (``from helpers import ...``), never from each other;
-pytest's fixtures (the data fakes, the reference smoke sweep) are in tests/conftest.py.
+pytest's fixtures (the data fakes, the session's shared Ray cluster, the reference smoke sweep) are in
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +51,16 @@ def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
 
 
 # --- Ray clusters of a test's own -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A running Ray cluster: ``wbsweep run ... --address ADDRESS`` joins it, with ``env`` (its token
+    authentication) as the command's environment."""
+
+    address: str
+    env: dict[str, str]
+    temp: Path  # its session folder: every process of the cluster names it (kill_tree's pattern)
 
 
 def kill_tree(pattern: str) -> None:

@@ -141,11 +141,13 @@ def test_more_cpus_per_trial_than_the_local_cluster_has_is_an_error_not_a_hang(t
 
 
 @pytest.mark.parametrize("name", ["optuna.db", "mlflow.db"])
-def test_a_torn_database_in_out_is_one_line(tmp_path, name):
+def test_a_torn_database_in_out_is_one_line(tmp_path, name, ray_cluster):
     out = tmp_path / "o"
     out.mkdir()
     (out / name).write_bytes(b"SQLite format 3\x00" + b"\x01" * 200)  # a cut file
-    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    # mlflow.db is opened once Ray is up: on the session's cluster, not a local one started for it
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--address", ray_cluster.address,
+                   env=ray_cluster.env)
     assert_user_error(proc, name)
     assert not (out / "results").exists()
 

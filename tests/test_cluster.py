@@ -114,7 +114,7 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
 
 
 @pytest.mark.slow
-def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path):
+def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path, ray_cluster):
     port = 5100 + os.getpid() % 500
     out = tmp_path / "out"
     server = subprocess.Popen([*CLI, "mlflow-server", "--out", str(out), "--port", str(port)],
@@ -135,7 +135,8 @@ def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((other, port), timeout=2).close()
         uri = f"http://127.0.0.1:{port}"
-        proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--tracking-uri", uri)
+        proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--tracking-uri", uri,
+                       "--address", ray_cluster.address, env=ray_cluster.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         from mlflow import MlflowClient
 

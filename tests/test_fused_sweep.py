@@ -141,7 +141,7 @@ presets:
 
 
 @pytest.mark.slow  # a real Ray sweep: ~30 s on 2 idle cores
-def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
+def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path, ray_cluster) -> None:
     """`wbsweep run --fuse 4` of WD and its two second stages (WB: MaxNorm per step; WD&Norm&CB:
     unit-norm rows, no MaxNorm), 2 seeds, one trial at a time (so each trial finds every model its
     inputs allow): WD's seeds train as one trial, then the four second stages -- two methods, two
@@ -160,7 +160,7 @@ def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
     spec, out = tmp_path / "wbfused.yaml", tmp_path / "out"
     spec.write_text(WB_SPEC)
     proc = wbsweep("run", str(spec), "--out", str(out), "--fuse", "4", "--max-concurrent", "1", "--device", "cpu",
-                   timeout=600)
+                   "--address", ray_cluster.address, env=ray_cluster.env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_parquet(out / "results")
     assert sorted(df["method"]) == ["wb", "wb", "wd", "wd", "wd_norm_cb", "wd_norm_cb"]

@@ -74,7 +74,7 @@ def test_a_budget_above_the_grid_is_capped(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
+def test_a_sweep_evaluates_every_grid_value_once(tmp_path, ray_cluster) -> None:
     spec = tmp_path / "grid.yaml"
     spec.write_text(textwrap.dedent("""
         name: gridcheck
@@ -93,7 +93,8 @@ def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
             resources: {cpus_per_trial: 1, gpus_per_trial: 0}
         """))
     out = tmp_path / "out"
-    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet", timeout=600)
+    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet",
+                   "--address", ray_cluster.address, env=ray_cluster.env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(out / "trials")
     values = sorted(round(v, 9) for v in trials["bn_scale"])

@@ -133,7 +133,8 @@ def test_auto_fuse_measures_once_and_groups_by_it(sweep):
     assert (fused_k.max() > 1) == (record["k"] > 1)
 
 
-def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path):
+def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path,
+                                                                                              ray_cluster):
     """Table 4's smoke preset again, under another spec name (a copy of table4.yaml, on a copy of the
     shared sweep's folder): nothing is trained, table4's rows and MLflow runs stay as they were, one
     summary line says what was skipped, a torn stage record is made again from the study, and the
@@ -161,7 +162,8 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     assert len(records) >= 2
     chosen = records[0].read_text()
     records[0].write_text("")
-    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--device", "cpu")
+    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--device", "cpu",
+                   "--address", ray_cluster.address, env=ray_cluster.env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # one summary line, not a line per reused trial; the recorded choices cover every trial of their stages
     summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
@@ -202,13 +204,14 @@ presets:
 """
 
 
-def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path):
+def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path, ray_cluster):
     """Preset b trains the same config as preset a: its seed 0 is a's model (not trained again), and
     b's report shows both seeds (the skip used to look at a's rows and leave b without seed 0)."""
     spec, out = tmp_path / "tiny.yaml", tmp_path / "out"
     spec.write_text(TWO_PRESETS)
     for preset in ("a", "b"):
-        proc = wbsweep("run", str(spec), "--preset", preset, "--out", str(out))
+        proc = wbsweep("run", str(spec), "--preset", preset, "--out", str(out), "--address", ray_cluster.address,
+                       env=ray_cluster.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_parquet(out / "results")
     assert sorted(df[df["preset"] == "b"]["seed"]) == [0, 1] and sorted(df[df["preset"] == "a"]["seed"]) == [0]

@@ -29,7 +29,7 @@ def old_out(tmp_path) -> Path:
     return out
 
 
-def test_a_previous_release_folder_is_read_and_resumed(old_out):
+def test_a_previous_release_folder_is_read_and_resumed(old_out, ray_cluster):
     old_files = sorted(p.name for p in (old_out / "results").glob("*.parquet"))
     old_rows = pd.concat([pd.read_parquet(old_out / "results" / f) for f in old_files])
     assert "data_fingerprint" not in old_rows.columns and len(old_rows) > 0  # what the fixture is
@@ -41,7 +41,8 @@ def test_a_previous_release_folder_is_read_and_resumed(old_out):
     assert report.returncode == 0 and "Naive" in report.stdout, report.stderr
 
     # the same command resumes it
-    run = wbsweep("run", "table4", "--preset", "smoke", "--out", str(old_out), "--quiet")
+    run = wbsweep("run", "table4", "--preset", "smoke", "--out", str(old_out), "--quiet", "--address",
+                  ray_cluster.address, env=ray_cluster.env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "not reused" in run.stderr and "upgraded" in run.stderr, run.stderr[-3000:]
 

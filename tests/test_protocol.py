@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import wbsweep
+from helpers import RayCluster, wbsweep
 from sklearn.model_selection import train_test_split
 
 from trainables.config import config_hash, resolve_config
@@ -108,29 +108,33 @@ def test_fingerprint_follows_the_content(tmp_path: Path, make_mnist) -> None:
     assert len(data_fingerprint(a)) == 16
 
 
-def _cifar_sweep(tmp_path: Path, out: Path, root: Path, env_root: bool = False) -> subprocess.CompletedProcess:
+def _cifar_sweep(tmp_path: Path, out: Path, root: Path, cluster: RayCluster,
+                 env_root: bool = False) -> subprocess.CompletedProcess:
     """The sweep on the CIFAR files under ``root``: --data-root, or (``env_root``) a relative
-    WBSWEEP_DATA_ROOT from the command's folder, which every trial (in folders of its own) must see."""
+    WBSWEEP_DATA_ROOT from the command's folder, which every trial (in folders of its own) must see.
+    On the session's Ray cluster, whose trials do not have the command's environment: the command
+    must hand them the folder itself."""
     spec = tmp_path / "cifar.yaml"
     spec.write_text("name: fakecifar\ntitle: fake then real\nlayout: accuracy\n"
                     "methods:\n  - {method: naive, la: [none]}\n"
                     "presets:\n  smoke:\n    train: {dataset: cifar10-lt, model: mlp3, width: 16, epochs: 1}\n"
                     "    seeds: [0]\n    resources: {cpus_per_trial: 1, gpus_per_trial: 0}\n")
-    args = ["run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet"]
-    env = {**os.environ, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else None
+    args = ["run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet", "--address", cluster.address]
+    env = {**cluster.env, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else cluster.env
     return wbsweep(*args, *([] if env_root else ["--data-root", str(root)]), env=env, cwd=tmp_path, timeout=600)
 
 
 @pytest.mark.slow
-def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path: Path, make_cifar) -> None:
+def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path: Path, make_cifar,
+                                                                        ray_cluster: RayCluster) -> None:
     """Data A then data B under one dataset name and one --out: B's models are trained, B's numbers
     reported, A's rows stay and are told apart by their fingerprint."""
     out = tmp_path / "out"
     make_cifar(tmp_path / "a", 10, per_class_train=140, per_class_test=10, seed=0)
     make_cifar(tmp_path / "b", 10, per_class_train=140, per_class_test=10, seed=1)
-    first = _cifar_sweep(tmp_path, out, tmp_path / "a", env_root=True)
+    first = _cifar_sweep(tmp_path, out, tmp_path / "a", ray_cluster, env_root=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _cifar_sweep(tmp_path, out, tmp_path / "b")
+    second = _cifar_sweep(tmp_path, out, tmp_path / "b", ray_cluster)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "on other data" in second.stdout + second.stderr
     rows = pd.read_parquet(out / "results")

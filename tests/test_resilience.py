@@ -1,6 +1,8 @@
 """Nothing lost: crashed trials, a driver stopped with SIGTERM, a locked tracking store — all with a
-real local Ray cluster, real Optuna studies, a real MLflow store and real Parquet files. A driver
-killed with SIGKILL at every instant: tests/test_kill_instants.py.
+real Ray cluster, real Optuna studies, a real MLflow store and real Parquet files. The crash test
+starts a local cluster of its own (its trials must get the crash injection's environment); the
+others stop or slow the driver only, and join the session's shared cluster (tests/conftest.py).
+A driver killed with SIGKILL at every instant: tests/test_kill_instants.py.
 
 The reference is an uninterrupted smoke sweep; an interrupted one must end with the same rows.
 """
@@ -18,6 +20,7 @@ import pandas as pd
 import pytest
 from helpers import (
     CLI,
+    RayCluster,
     assert_nothing_left_open,
     assert_same_rows,
     mlflow_children,
@@ -29,11 +32,14 @@ from helpers import (
 pytestmark = pytest.mark.slow
 
 
-def run_cmd(out: Path, env: dict | None = None, stderr=subprocess.PIPE, fuse: str = "auto") -> subprocess.Popen:
-    """`wbsweep run table4 --preset smoke` in a process group of its own."""
-    return subprocess.Popen([*CLI, "run", "table4", "--preset", "smoke", "--out", str(out), "--fuse", fuse],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})},
-                            start_new_session=True)
+def run_cmd(out: Path, env: dict | None = None, stderr=subprocess.PIPE, fuse: str = "auto",
+            cluster: RayCluster | None = None) -> subprocess.Popen:
+    """`wbsweep run table4 --preset smoke` in a process group of its own, on a local Ray cluster of
+    its own, or on ``cluster`` (its trials then do not get ``env``: only the command does)."""
+    address = ["--address", cluster.address] if cluster else []
+    return subprocess.Popen([*CLI, "run", "table4", "--preset", "smoke", "--out", str(out), "--fuse", fuse, *address],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env={**(cluster.env if cluster else os.environ), **(env or {})}, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> tuple[int, str]:
@@ -70,14 +76,14 @@ def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, smoke_refere
         assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
 
 
-def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, ray_cluster):
     """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
     status 'interrupted', no abort dump from the libraries' own signal handlers; and what the sweep
     started ends: the stopped trials' MLflow runs KILLED with the reason, the stages' runs ended, the
     Optuna trials in flight failed (a resume proposes others), no trial counted as running. One
     model per trial (--fuse off): fused groups of sub-second models finish in bursts, and the stop
     must find some in flight."""
-    proc = run_cmd(tmp_path, fuse="off")
+    proc = run_cmd(tmp_path, fuse="off", cluster=ray_cluster)  # the driver is stopped, not Ray
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "trials").glob("*.parquet")):
         time.sleep(0.5)
@@ -94,13 +100,13 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     assert all(r.data.tags.get("wbsweep.error", "").startswith("interrupted") for r in stopped)
 
 
-def test_a_locked_tracking_store_delays_the_logging_not_the_sweep(tmp_path, smoke_reference):
+def test_a_locked_tracking_store_delays_the_logging_not_the_sweep(tmp_path, smoke_reference, ray_cluster):
     """Another process holds mlflow.db locked (a second command, `mlflow gc`, a database browser, a
     backup) for longer than MLflow waits (its SQLite busy timeout, 20 s) while trials run: the sweep
     says so in one line, goes on, and catches the logging up once the lock is gone."""
     out, err_file = tmp_path / "out", tmp_path / "stderr.txt"
     with open(err_file, "w") as err_fh:
-        proc = run_cmd(out, {"WBSWEEP_TRACKING_RETRY_S": "1"}, stderr=err_fh)
+        proc = run_cmd(out, {"WBSWEEP_TRACKING_RETRY_S": "1"}, stderr=err_fh, cluster=ray_cluster)  # the driver's
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list((out / "runs").glob("*/seed*/mlflow_run_id")):
         time.sleep(0.2)

@@ -348,6 +348,12 @@ def ray_cluster(_shared_ray: RayCluster) -> RayCluster:
 
 
 @pytest.fixture(scope="session")
+def wbsweep_list() -> subprocess.CompletedProcess:
+    """One `wbsweep list` (a process of its own), read by the tests of what it lists."""
+    return wbsweep("list", timeout=300)
+
+
+@pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted `wbsweep run table4 --preset smoke` through a real local Ray cluster,
     shared by the end-to-end tests (its results are also the reference for the resilience tests).

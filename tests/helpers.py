@@ -33,6 +33,19 @@ def wbsweep(*args: str, env: dict | None = None, cwd: Path | str | None = None,
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
+def wbsweep_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``wbsweep ARGS`` in this process (``orchestrator.cli.main``), its output taken from pytest's
+    ``capsys``: for the commands that read a results folder (report, status), seconds faster than a
+    process of their own (no interpreter start, torch and MLflow already imported). The result reads
+    like :func:`wbsweep`'s. The exit path of a real process (``entry``) is tests/test_cli.py's."""
+    from orchestrator.cli import main
+
+    capsys.readouterr()  # what the test printed before is not this command's output
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([*CLI, *args], code, captured.out, captured.err)
+
+
 def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     """The command failed as a user's mistake should: exit ``code``, no traceback, one line on stderr
     that starts with ``wbsweep: error: ``. Returns that line."""

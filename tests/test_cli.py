@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,15 +55,9 @@ def test_plan_prints_the_stages_without_running(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture(scope="module")
-def listing() -> subprocess.CompletedProcess:
-    """One `wbsweep list`, read by each case of test_list (the command is the same for all four)."""
-    return wbsweep("list")
-
-
 @pytest.mark.parametrize("what", ["specs:", "methods:", "datasets:", "models:"])
-def test_list(what, listing):
-    proc = listing
+def test_list(what, wbsweep_list):
+    proc = wbsweep_list
     assert proc.returncode == 0 and what in proc.stdout
     assert "table4" in proc.stdout and "cifar100-lt" in proc.stdout and "resnet34" in proc.stdout
 

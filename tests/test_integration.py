@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import trained, wbsweep
+from helpers import trained, wbsweep, wbsweep_here
 
 from orchestrator.spec.experiment import load_experiment
 
@@ -95,9 +95,9 @@ def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):
             run.data.params.get("stage2") == "True"
 
 
-def test_report_csv_rebuilds_the_table_from_parquet(sweep):
+def test_report_csv_rebuilds_the_table_from_parquet(sweep, capsys):
     out, _ = sweep
-    proc = wbsweep("report", "table4", "--out", str(out), "--format", "csv")
+    proc = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--format", "csv")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 + len(TABLE4_ROWS)
@@ -109,7 +109,7 @@ def test_report_csv_rebuilds_the_table_from_parquet(sweep):
     row = table[(table["method"] == "wd") & (table["la"] == "mult")].iloc[0]
     assert row["acc_avg_mean"] == pytest.approx(wd_mult["acc_avg"].mean(), rel=1e-5)
     assert row["acc_avg_std"] == pytest.approx(wd_mult["acc_avg"].std(), rel=1e-5)
-    text = wbsweep("report", "table4", "--out", str(out))
+    text = wbsweep_here(capsys, "report", "table4", "--out", str(out))
     assert text.returncode == 0 and "WD&FR&ETF" in text.stdout and "±" in text.stdout
 
 
@@ -204,7 +204,7 @@ presets:
 """
 
 
-def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path, ray_cluster):
+def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path, ray_cluster, capsys):
     """Preset b trains the same config as preset a: its seed 0 is a's model (not trained again), and
     b's report shows both seeds (the skip used to look at a's rows and leave b without seed 0)."""
     spec, out = tmp_path / "tiny.yaml", tmp_path / "out"
@@ -217,5 +217,5 @@ def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_pat
     assert sorted(df[df["preset"] == "b"]["seed"]) == [0, 1] and sorted(df[df["preset"] == "a"]["seed"]) == [0]
     attempts = [len(p.read_text().splitlines()) for p in (out / "runs").glob("*/seed*/attempts.log")]
     assert sorted(attempts) == [1, 1]  # two models, each trained once
-    rep = wbsweep("report", str(spec), "--preset", "b", "--out", str(out), "--format", "csv")
+    rep = wbsweep_here(capsys, "report", str(spec), "--preset", "b", "--out", str(out), "--format", "csv")
     assert rep.returncode == 0 and ",2," in rep.stdout.splitlines()[1], rep.stdout

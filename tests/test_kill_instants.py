@@ -33,7 +33,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from helpers import assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained, wbsweep
+from helpers import assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained, wbsweep_here
 
 from orchestrator.record.stores import open_optuna_storage
 from orchestrator.tracking.tracker import Tracker, default_tracking_uri
@@ -207,7 +207,7 @@ def test_a_kill_while_the_stores_are_created_leaves_them_absent_or_whole(tmp_pat
 
 
 def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tmp_path, smoke_reference,
-                                                                             whole_store_tables):
+                                                                             whole_store_tables, capsys):
     """Five kills of the whole process group in one folder, each run starting where the killed one
     left it: during Python's start, the imports, the preflight (dataset cache), then half way
     through the MLflow store's creation (Ray is up by then); each later run only needs to get that
@@ -230,7 +230,7 @@ def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tm
               if (out / "runs" / k[0] / k[1] / "metrics.json").stat().st_mtime < killed_at}
     assert before, "no model had finished before the kill"
     time.sleep(2)  # let Ray's processes notice that their driver is gone
-    status = wbsweep("status", "--out", str(out))
+    status = wbsweep_here(capsys, "status", "--out", str(out))
     assert status.returncode == 0 and "interrupted" in status.stdout, status.stdout + status.stderr
 
     proc = start(wbsweep_run(out))
@@ -255,6 +255,6 @@ def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tm
     # a run KILLED by the kill and re-attached by the resume ends FINISHED without the stale reason
     assert not [r.info.run_name for r in mlflow_runs(out)
                 if r.info.status == "FINISHED" and "wbsweep.error" in r.data.tags]
-    status = wbsweep("status", "--out", str(out)).stdout
+    status = wbsweep_here(capsys, "status", "--out", str(out)).stdout
     assert "finished" in status
     assert_nothing_left_open(out, status)

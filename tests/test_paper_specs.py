@@ -116,12 +116,12 @@ def test_unknown_layout(tmp_path: Path) -> None:
         load_experiments(str(path))
 
 
-def test_cli_plan_and_list_show_the_variants() -> None:
+def test_cli_plan_and_list_show_the_variants(wbsweep_list) -> None:
     proc = wbsweep("run", "table3", "--preset", "paper", "--plan", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "11 variants, 33 stages, 165 trials" in proc.stdout
     assert "variant mnist-resblock2: mnist, resblock2" in proc.stdout
-    listing = wbsweep("list", timeout=300).stdout
+    listing = wbsweep_list.stdout
     specs = listing.splitlines()[0]
     assert all(s in specs for s in PAPER_SPECS)
     for word in ("wd_noshift", "wd_norm_cb", "mini-imagenet-lt", "resnext50", "resblock2"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import wbsweep
+from helpers import wbsweep, wbsweep_here
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +29,15 @@ def old_out(tmp_path) -> Path:
     return out
 
 
-def test_a_previous_release_folder_is_read_and_resumed(old_out, ray_cluster):
+def test_a_previous_release_folder_is_read_and_resumed(old_out, ray_cluster, capsys):
     old_files = sorted(p.name for p in (old_out / "results").glob("*.parquet"))
     old_rows = pd.concat([pd.read_parquet(old_out / "results" / f) for f in old_files])
     assert "data_fingerprint" not in old_rows.columns and len(old_rows) > 0  # what the fixture is
 
     # read as it is: status and report of the old folder
-    status = wbsweep("status", "--out", str(old_out))
+    status = wbsweep_here(capsys, "status", "--out", str(old_out))
     assert status.returncode == 0 and "table4 preset smoke" in status.stdout, status.stderr
-    report = wbsweep("report", "table4", "--preset", "smoke", "--out", str(old_out))
+    report = wbsweep_here(capsys, "report", "table4", "--preset", "smoke", "--out", str(old_out))
     assert report.returncode == 0 and "Naive" in report.stdout, report.stderr
 
     # the same command resumes it
@@ -66,10 +66,10 @@ def test_a_previous_release_folder_is_read_and_resumed(old_out, ray_cluster):
     client = MlflowClient(f"sqlite:///{old_out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("table4").experiment_id], max_results=1000)
     assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-    assert "finished" in wbsweep("status", "--out", str(old_out)).stdout
+    assert "finished" in wbsweep_here(capsys, "status", "--out", str(old_out)).stdout
 
     # the report shows today's models (the latest config per method), not the old ones
-    report = wbsweep("report", "table4", "--preset", "smoke", "--out", str(old_out), "--format", "csv")
+    report = wbsweep_here(capsys, "report", "table4", "--preset", "smoke", "--out", str(old_out), "--format", "csv")
     assert report.returncode == 0, report.stderr
     naive_today = new[(new["method"] == "naive") & (new["la"] == "none")]["acc_avg"].mean()
     assert f"{naive_today:.1f}" in report.stdout, report.stdout

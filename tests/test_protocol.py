@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import RayCluster, wbsweep
+from helpers import RayCluster, wbsweep, wbsweep_here
 from sklearn.model_selection import train_test_split
 
 from trainables.config import config_hash, resolve_config
@@ -126,7 +126,7 @@ def _cifar_sweep(tmp_path: Path, out: Path, root: Path, cluster: RayCluster,
 
 @pytest.mark.slow
 def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path: Path, make_cifar,
-                                                                        ray_cluster: RayCluster) -> None:
+                                                                        ray_cluster: RayCluster, capsys) -> None:
     """Data A then data B under one dataset name and one --out: B's models are trained, B's numbers
     reported, A's rows stay and are told apart by their fingerprint."""
     out = tmp_path / "out"
@@ -141,8 +141,8 @@ def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path
     assert rows["data_fingerprint"].nunique() == 2 and len(rows) == 2
     assert rows["config_hash"].nunique() == 2  # B's model is its own, not A's reused
     a_row, b_row = rows.sort_values("created_at").itertuples()
-    report = wbsweep("report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv", timeout=300)
+    report = wbsweep_here(capsys, "report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv")
     assert report.returncode == 0, report.stderr
     assert f"{b_row.acc_avg:.6g}" in report.stdout
-    status = wbsweep("status", "--out", str(out), timeout=300)
+    status = wbsweep_here(capsys, "status", "--out", str(out))
     assert "cifar10-lt: rows from 2 different data" in status.stdout, status.stdout + status.stderr

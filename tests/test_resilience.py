@@ -26,7 +26,7 @@ from helpers import (
     mlflow_children,
     mlflow_runs,
     trained,
-    wbsweep,
+    wbsweep_here,
 )
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_crashed_trials_are_retried_from_their_checkpoint(tmp_path, smoke_refere
         assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
 
 
-def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, ray_cluster):
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, capsys, ray_cluster):
     """kill (SIGTERM, as a job scheduler stops a job) is a graceful stop: the one-line message, the
     status 'interrupted', no abort dump from the libraries' own signal handlers; and what the sweep
     started ends: the stopped trials' MLflow runs KILLED with the reason, the stages' runs ended, the
@@ -92,7 +92,7 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, ray_cluster):
     code, err = finish(proc, timeout=120)
     assert code == 130 and "interrupted; run the same command again to resume" in err, err[-3000:]
     assert "SIGTERM received" not in err
-    status = wbsweep("status", "--out", str(tmp_path))
+    status = wbsweep_here(capsys, "status", "--out", str(tmp_path))
     assert "interrupted" in status.stdout, status.stdout
     assert_nothing_left_open(tmp_path, status.stdout)
     stopped = [r for r in mlflow_runs(tmp_path) if r.info.status == "KILLED"]

@@ -12,7 +12,7 @@ import socket
 
 import pandas as pd
 import pytest
-from helpers import wbsweep
+from helpers import wbsweep, wbsweep_here
 
 from orchestrator.record.results import read_rows, rows_for_run, write_rows
 from trainables import storage
@@ -247,15 +247,15 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     assert not list(scratch.glob("*/*/seed*"))  # the scratch copies are gone
 
 
-def test_a_local_storage_folder_apart_from_out(tmp_path):
+def test_a_local_storage_folder_apart_from_out(tmp_path, capsys):
     """`report --storage DIR` reads the results there, not in --out (tests/test_cluster.py runs a
     whole two-node sweep with a shared --storage folder)."""
     out, shared = tmp_path / "out", tmp_path / "shared"
     out.mkdir()
     write_rows(storage.join(str(shared), "results"), "x", _rows(0))
-    rep = wbsweep("report", "table4", "--out", str(out), "--storage", str(shared), "--format", "csv", timeout=300)
+    rep = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--storage", str(shared), "--format", "csv")
     assert rep.returncode == 0 and "digits-lt,mlp3,wd,none" in rep.stdout, rep.stderr[-2000:]
-    missing = wbsweep("report", "table4", "--out", str(out), "--format", "csv", timeout=300)
+    missing = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--format", "csv")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -281,7 +281,7 @@ def test_recorded_storage_is_the_folder_itself_after_a_move_or_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
+def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep, capsys):
     """`mv OUT NEW; wbsweep report --out NEW` reads NEW, also where the status files were written
     by an earlier version (storage = the old folder's absolute path), and `status` finds the seeds."""
     import json
@@ -296,7 +296,7 @@ def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
         doc["storage"] = str(old.resolve())  # as earlier versions wrote it
         f.write_text(json.dumps(doc))
     old.rename(new)
-    rep = wbsweep("report", "table4", "--preset", "smoke", "--out", str(new), "--format", "csv", timeout=300)
+    rep = wbsweep_here(capsys, "report", "table4", "--preset", "smoke", "--out", str(new), "--format", "csv")
     assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]
 
 

@@ -1,4 +1,7 @@
-"""Data fixtures: small datasets written in the exact on-disk formats, and the real data sources.
+"""The fixtures of the test session: small datasets written in the exact on-disk formats, the real
+data sources, one Ray cluster for the sweeps that do not test Ray's own start, and the reference smoke
+sweep. What is shared but no fixture (running the command line, reading a results folder) is in
+tests/helpers.py.
 
 The fakes are written byte-for-byte the way the original releases are laid out (Python 2
 protocol-2 CIFAR pickles, big-endian gzip IDX files), so that the readers are tested against the
@@ -12,15 +15,18 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from helpers import RayCluster, kill_tree, sorted_rows, wbsweep
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
@@ -276,6 +282,77 @@ def _node_caches_in_a_temp_folder(tmp_path_factory):
             os.environ[k] = v
 
 
+# --------------------------------------------------------------------------------------------------
+# Ray: one cluster for the session's sweeps that do not test Ray's own start or death
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(_node_caches_in_a_temp_folder) -> Iterator[RayCluster]:
+    """``ray start --head`` once for the session, in a temp folder of its own (short: Ray's socket
+    paths must fit in 107 bytes) and a session of its own, so that no test's kill reaches it: tests
+    kill their own process groups, or processes that name their own temp folders or node ids.
+
+    A sweep that joins a running cluster instead of starting its own saves the cluster's start
+    (seconds of GCS, raylet and agents per sweep). What else differs, and why the sweeps moved here
+    do not depend on it (orchestrator/sweep/ray_start.py, cluster.py, fusion.py):
+
+    * ``--no-monitor``: no autoscaler process, so the sweep sees a fixed cluster of live nodes, as on
+      its own local cluster (with one, it would take the cluster for an autoscaling one whose node
+      types it cannot read, and keep 16 trials pending instead of as many as the node holds);
+    * a trial needing more than any node has is not refused at the start (a fixed remote cluster may
+      still gain such a node): the tests of that refusal start their own cluster;
+    * ``fuse: auto`` keeps its measurements in the results folder only, not in the machine's record
+      (``$WBSWEEP_FUSION_CACHE``): a sweep here measures its K once (a Ray task of seconds) where a
+      local one may find it recorded;
+    * the trials run in worker processes of this cluster, with the environment of this fixture (the
+      session's data cache and scratch folders, PYTHONPATH), not the command's: a test that hands the
+      trials an environment variable (crash injection, S3 credentials, a scratch folder) starts its own.
+
+    The cluster gets as many CPUs as a local one would (Ray counts them the same way); its processes
+    are killed at the end of the session, whatever happened."""
+    temp = Path(tempfile.mkdtemp(prefix="wbsh", dir="/tmp"))
+    port = _free_port()
+    repo = str(Path(__file__).resolve().parents[1])
+    # PYTHONPATH: the workers import the tree under test, wherever pip's editable install points.
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": pythonpath}
+    # Token authentication (Ray's default for `ray start` since 2.59) needs a token on disk before
+    # `ray start`; this creates ~/.ray/auth_token only where none exists.
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
+    try:
+        proc = subprocess.run(["ray", "start", "--head", f"--port={port}", "--no-monitor", "--include-dashboard=false",
+                               f"--temp-dir={temp}", "--disable-usage-stats"], env=env, capture_output=True,
+                              text=True, timeout=180, start_new_session=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        yield RayCluster(f"127.0.0.1:{port}", env, temp)
+    finally:
+        kill_tree(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(_shared_ray: RayCluster) -> RayCluster:
+    """The session's shared Ray cluster (see ``_shared_ray``), checked alive before each test that
+    uses it, so that a test that broke it is named by the next one."""
+    from orchestrator.sweep.cluster import check_reachable
+
+    check_reachable(_shared_ray.address, "the session's shared Ray cluster")
+    return _shared_ray
+
+
+@pytest.fixture(scope="session")
+def wbsweep_list() -> subprocess.CompletedProcess:
+    """One `wbsweep list` (a process of its own), read by the tests of what it lists."""
+    return wbsweep("list", timeout=300)
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted `wbsweep run table4 --preset smoke` through a real local Ray cluster,
@@ -283,10 +360,17 @@ def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     ``fuse: auto`` with a machine record of its own: this sweep measures its K (a Ray task)."""
     out = tmp_path_factory.mktemp("smoke")
     env = {**os.environ, "WBSWEEP_FUSION_CACHE": str(out.parent / f"{out.name}-fusion.json")}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(smoke_sweep) -> pd.DataFrame:
+    """The rows of the uninterrupted smoke sweep, sorted by helpers.KEY: what an interrupted and
+    resumed sweep must end with (helpers.assert_same_rows)."""
+    out, _ = smoke_sweep
+    return sorted_rows(out)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cluster import _kill_tree, long_trials_spec
+from helpers import CLI, kill_tree, long_trials_spec
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +79,7 @@ class FakeCluster:
 
     def kill_node(self, node_id: str) -> None:
         """A worker node lost (spot reclaim): its raylet and every process under it, SIGKILL."""
-        _kill_tree(f"--node_id={node_id}")
+        kill_tree(f"--node_id={node_id}")
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +101,12 @@ def cluster():
         assert proc.returncode == 0, proc.stderr[-2000:]
         yield FakeCluster(f"{ip}:{port}", env, temp)
     finally:
-        _kill_tree(str(temp))
+        kill_tree(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def sweep_cmd(cluster: FakeCluster, spec: Path, out: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--address", cluster.address, "--out",
+    return [*CLI, "run", str(spec), "--address", cluster.address, "--out",
             str(out), "--device", "cpu", "--cpus-per-trial", "1", "--gpus-per-trial", "1", *flags]
 
 

@@ -4,7 +4,6 @@ tmp_path, read by the real code."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import digest
 
 from orchestrator.cli import main
 from orchestrator.record.results import read_rows, rows_for_run, write_rows
@@ -34,10 +34,6 @@ def write_model(out: Path, preset: str = "smoke", seed: int = 0) -> None:
                         versions={"wbsweep": "x", "torch": "x", "ray": "x"},
                         created_at=pd.Timestamp("2026-01-01", tz="UTC"))
     write_rows(out / "results", f"table4-{preset}-wd-s{seed}", rows)
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*"))}
 
 
 def one_error_line(capsys) -> str:

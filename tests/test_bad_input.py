@@ -3,14 +3,12 @@ already in --out untouched. Table-driven: one case per mistake a user can make."
 
 from __future__ import annotations
 
-import hashlib
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import digest, wbsweep
 
 from orchestrator.cli import main
 from orchestrator.record.results import rows_for_run, write_rows
@@ -98,10 +96,6 @@ CASES = [
 ]
 
 
-def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*"))}
-
-
 @pytest.fixture()
 def out_with_results(tmp_path) -> Path:
     """An --out that already holds a results file of an earlier sweep."""
@@ -146,8 +140,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, out_with_results, c
 def test_a_foreign_file_in_results_is_named_and_nothing_runs(tmp_path, out_with_results):
     pd.DataFrame({"x": [1]}).to_parquet(out_with_results / "results" / "notes.parquet")
     before = digest(out_with_results / "results")
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke", "--out",
-                           str(out_with_results)], capture_output=True, text=True, timeout=300)
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out_with_results), timeout=300)
     assert proc.returncode == 2 and "notes.parquet" in proc.stderr and "Traceback" not in proc.stderr
     assert digest(out_with_results / "results") == before
     assert not (out_with_results / "runs").exists()  # nothing was trained

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def wbsweep(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("wbsweep: error:"), proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+from helpers import assert_user_error, wbsweep
 
 
 def test_unknown_spec_suggests_the_closest(tmp_path):
@@ -70,15 +55,9 @@ def test_plan_prints_the_stages_without_running(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture(scope="module")
-def listing() -> subprocess.CompletedProcess:
-    """One `wbsweep list`, read by each case of test_list (the command is the same for all four)."""
-    return wbsweep("list")
-
-
 @pytest.mark.parametrize("what", ["specs:", "methods:", "datasets:", "models:"])
-def test_list(what, listing):
-    proc = listing
+def test_list(what, wbsweep_list):
+    proc = wbsweep_list
     assert proc.returncode == 0 and what in proc.stdout
     assert "table4" in proc.stdout and "cifar100-lt" in proc.stdout and "resnet34" in proc.stdout
 
@@ -155,11 +134,13 @@ def test_more_cpus_per_trial_than_the_local_cluster_has_is_an_error_not_a_hang(t
 
 
 @pytest.mark.parametrize("name", ["optuna.db", "mlflow.db"])
-def test_a_torn_database_in_out_is_one_line(tmp_path, name):
+def test_a_torn_database_in_out_is_one_line(tmp_path, name, ray_cluster):
     out = tmp_path / "o"
     out.mkdir()
     (out / name).write_bytes(b"SQLite format 3\x00" + b"\x01" * 200)  # a cut file
-    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out))
+    # mlflow.db is opened once Ray is up: on the session's cluster, not a local one started for it
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--address", ray_cluster.address,
+                   env=ray_cluster.env)
     assert_user_error(proc, name)
     assert not (out / "results").exists()
 

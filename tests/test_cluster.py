@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -19,6 +17,7 @@ import pandas as pd
 import pytest
 import ray
 import yaml
+from helpers import CLI, kill_tree, long_trials_spec, wbsweep
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -72,26 +71,6 @@ def test_schema_rejects_a_broken_config():
 # --- a real two-node Ray cluster on loopback, and the MLflow server -------------------------------
 
 
-def _kill_tree(pattern: str) -> None:
-    """Stop the processes of the test cluster only (never `ray stop`, which would stop every Ray
-    cluster on the machine): those whose command line names our temp dir, and their children."""
-    parent, cmdline = {}, {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                cmdline[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    doomed = {pid for pid, cmd in cmdline.items() if pattern in cmd}
-    grew = True
-    while grew:
-        children = {pid for pid, ppid in parent.items() if ppid in doomed} - doomed
-        grew = bool(children)
-        doomed |= children
-    for pid in doomed:
-        with contextlib.suppress(OSError):
-            os.kill(pid, 9)
-
-
 @pytest.fixture()
 def two_node_cluster(tmp_path):
     # The session folder is named in every process of this cluster (for the clean-up); short,
@@ -112,29 +91,8 @@ def two_node_cluster(tmp_path):
             assert proc.returncode == 0, proc.stderr[-2000:]
         yield f"127.0.0.1:{port}", env
     finally:
-        _kill_tree(str(temp))
+        kill_tree(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def long_trials_spec(name: str, epochs: int, fuse: str = "off") -> str:
-    """A spec whose trials last seconds (``epochs`` of the digits MLP, a checkpoint every epoch): a
-    tune stage (real Optuna, two trials) and repeats over three seeds, ``fuse`` models per trial at
-    most. With sub-second trials (the smoke preset) every trial can run, one after another, on the
-    first node's reused trial actor before a second actor has started (seen on a loaded 2-core CI machine)."""
-    return f"""\
-name: {name}
-methods:
-  - {{method: naive, la: [none]}}
-  - {{method: wd, la: [none, mult]}}
-presets:
-  cpu:
-    train: {{dataset: digits-lt, model: mlp3, width: 64, epochs: {epochs}, checkpoint_seconds: 0}}
-    hyper: {{wd: 5.0e-3}}
-    search: {{wd: {{loguniform: [1.0e-4, 1.0e-2]}}}}
-    trials: 2
-    seeds: [0, 1, 2]
-    resources: {{fuse: {fuse}}}
-"""
 
 
 @pytest.mark.slow
@@ -145,9 +103,8 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
     spec = tmp_path / "twonode.yaml"
     # two trials at once, one per node, of up to two fused models each (groups over a shared storage)
     spec.write_text(long_trials_spec("twonode", 300, fuse="2"))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--address", address,
-                           "--out", str(out), "--storage", str(shared), "--device", "cpu"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = wbsweep("run", str(spec), "--address", address, "--out", str(out), "--storage", str(shared),
+                   "--device", "cpu", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # naive: 3 seeds; wd: 2 tune trials (one of them is seed 0) + seeds 1 and 2
     assert not (out / "results").exists() and len(list((shared / "runs").glob("*/seed*/model.pt"))) == 7
@@ -157,12 +114,11 @@ def test_a_sweep_spreads_over_two_nodes_and_completes(two_node_cluster, tmp_path
 
 
 @pytest.mark.slow
-def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path):
+def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path, ray_cluster):
     port = 5100 + os.getpid() % 500
     out = tmp_path / "out"
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "mlflow-server", "--out", str(out),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    server = subprocess.Popen([*CLI, "mlflow-server", "--out", str(out), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -179,8 +135,8 @@ def test_mlflow_server_binds_loopback_and_receives_a_sweep(tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((other, port), timeout=2).close()
         uri = f"http://127.0.0.1:{port}"
-        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                               "--out", str(out), "--tracking-uri", uri], capture_output=True, text=True, timeout=900)
+        proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--tracking-uri", uri,
+                       "--address", ray_cluster.address, env=ray_cluster.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         from mlflow import MlflowClient
 

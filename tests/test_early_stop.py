@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import time
 from types import SimpleNamespace
@@ -13,6 +11,7 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
+from helpers import wbsweep
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -47,11 +46,6 @@ def write_spec(tmp_path, scheduler: str = "{name: asha, grace_period: 1, reducti
     spec = tmp_path / "prune.yaml"
     spec.write_text(textwrap.dedent(PRUNE_SPEC).replace("SCHEDULER", scheduler))
     return spec
-
-
-def wbsweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import wbsweep
 
 from orchestrator.spec.experiment import load_experiment
 from orchestrator.sweep.driver import Sweep, SweepOptions
@@ -143,7 +144,7 @@ presets:
 
 
 @pytest.mark.slow  # a real Ray sweep: ~30 s on 2 idle cores
-def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
+def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path, ray_cluster) -> None:
     """`wbsweep run --fuse 4` of WD and its two second stages (WB: MaxNorm per step; WD&Norm&CB:
     unit-norm rows, no MaxNorm), 2 seeds, one trial at a time (so each trial finds every model its
     inputs allow): WD's seeds train as one trial, then the four second stages -- two methods, two
@@ -151,8 +152,6 @@ def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
     its config alone (what ``--fuse off`` trains: the same config, from the same parent model) to
     float32 rounding, and its backbone is its parent's: the same train FDR, bit for bit."""
     import json
-    import subprocess
-    import sys
 
     import numpy as np
     import pandas as pd
@@ -163,9 +162,8 @@ def test_a_sweep_fuses_the_second_stages_of_wb(tmp_path: Path) -> None:
 
     spec, out = tmp_path / "wbfused.yaml", tmp_path / "out"
     spec.write_text(WB_SPEC)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--out", str(out), "--fuse",
-                           "4", "--max-concurrent", "1", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=600)
+    proc = wbsweep("run", str(spec), "--out", str(out), "--fuse", "4", "--max-concurrent", "1", "--device", "cpu",
+                   "--address", ray_cluster.address, env=ray_cluster.env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_parquet(out / "results")
     assert sorted(df["method"]) == ["wb", "wb", "wd", "wd", "wd_norm_cb", "wd_norm_cb"]

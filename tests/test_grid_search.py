@@ -4,14 +4,13 @@ across a resume (issue: the authors' protocol; TPE reached only 12-15 of the 20 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
 import optuna
 import pandas as pd
 import pytest
+from helpers import wbsweep
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -75,7 +74,7 @@ def test_a_budget_above_the_grid_is_capped(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
+def test_a_sweep_evaluates_every_grid_value_once(tmp_path, ray_cluster) -> None:
     spec = tmp_path / "grid.yaml"
     spec.write_text(textwrap.dedent("""
         name: gridcheck
@@ -94,9 +93,8 @@ def test_a_sweep_evaluates_every_grid_value_once(tmp_path) -> None:
             resources: {cpus_per_trial: 1, gpus_per_trial: 0}
         """))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out),
-           "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet",
+                   "--address", ray_cluster.address, env=ray_cluster.env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(out / "trials")
     values = sorted(round(v, 9) for v in trials["bn_scale"])

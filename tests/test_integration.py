@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import trained, wbsweep, wbsweep_here
 
 from orchestrator.spec.experiment import load_experiment
 
@@ -27,18 +27,9 @@ TABLE4_ROWS = {
 }
 
 
-def wbsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def sweep(smoke_sweep) -> tuple[Path, subprocess.CompletedProcess]:
     return smoke_sweep
-
-
-def trained_models(out: Path) -> set[tuple[str, str]]:
-    return {(p.parent.parent.name, p.parent.name) for p in (out / "runs").glob("*/seed*/metrics.json")}
 
 
 def test_results_have_every_row_of_table4_for_every_seed(sweep):
@@ -88,7 +79,7 @@ def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):
                 and r.data.tags.get("wbsweep.kind") != "reference"]
     parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     # a child run per trained model (tune trials and repeats, the shared seed trained once)
-    assert len(children) == len(trained_models(out))
+    assert len(children) == len(set(trained(out)))
     assert all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= set(parents)
     stages = {(r.data.tags["wbsweep.stage"], r.data.tags["wbsweep.method"]) for r in parents.values()
@@ -104,9 +95,9 @@ def test_mlflow_has_a_finished_run_per_trained_model_with_artifacts(sweep):
             run.data.params.get("stage2") == "True"
 
 
-def test_report_csv_rebuilds_the_table_from_parquet(sweep):
+def test_report_csv_rebuilds_the_table_from_parquet(sweep, capsys):
     out, _ = sweep
-    proc = wbsweep("report", "table4", "--out", str(out), "--format", "csv")
+    proc = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--format", "csv")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 + len(TABLE4_ROWS)
@@ -118,7 +109,7 @@ def test_report_csv_rebuilds_the_table_from_parquet(sweep):
     row = table[(table["method"] == "wd") & (table["la"] == "mult")].iloc[0]
     assert row["acc_avg_mean"] == pytest.approx(wd_mult["acc_avg"].mean(), rel=1e-5)
     assert row["acc_avg_std"] == pytest.approx(wd_mult["acc_avg"].std(), rel=1e-5)
-    text = wbsweep("report", "table4", "--out", str(out))
+    text = wbsweep_here(capsys, "report", "table4", "--out", str(out))
     assert text.returncode == 0 and "WD&FR&ETF" in text.stdout and "±" in text.stdout
 
 
@@ -142,7 +133,8 @@ def test_auto_fuse_measures_once_and_groups_by_it(sweep):
     assert (fused_k.max() > 1) == (record["k"] > 1)
 
 
-def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path):
+def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_models_it_reuses(sweep, tmp_path,
+                                                                                              ray_cluster):
     """Table 4's smoke preset again, under another spec name (a copy of table4.yaml, on a copy of the
     shared sweep's folder): nothing is trained, table4's rows and MLflow runs stay as they were, one
     summary line says what was skipped, a torn stage record is made again from the study, and the
@@ -158,7 +150,7 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("ray", "status"))
     spec = tmp_path / "t4copy.yaml"
     spec.write_text((SPECS / "table4.yaml").read_text().replace("name: table4", "name: t4copy"))
-    before_models = trained_models(out)
+    before_models = set(trained(out))
     folders = sorted(os.listdir(out / "runs"))
     before_rows = pd.read_parquet(out / "results")
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -170,14 +162,15 @@ def test_a_rerun_trains_nothing_duplicates_nothing_and_another_spec_lists_the_mo
     assert len(records) >= 2
     chosen = records[0].read_text()
     records[0].write_text("")
-    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--device", "cpu")
+    proc = wbsweep("run", str(spec), "--preset", "smoke", "--out", str(out), "--device", "cpu",
+                   "--address", ray_cluster.address, env=ray_cluster.env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # one summary line, not a line per reused trial; the recorded choices cover every trial of their stages
     summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
     assert len(summary) == 1 and "tune-stage trials whose choice was recorded" in summary[0], proc.stderr[-4000:]
     assert "unreadable record" in proc.stderr and records[0].with_suffix(".bad").exists()
     assert json.loads(records[0].read_text())["searched"] == json.loads(chosen)["searched"]
-    assert trained_models(out) == before_models and sorted(os.listdir(out / "runs")) == folders
+    assert set(trained(out)) == before_models and sorted(os.listdir(out / "runs")) == folders
     after_rows = pd.read_parquet(out / "results")
     assert len(after_rows.query("spec == 'table4'")) == len(before_rows)
     copy_rows = after_rows.query("spec == 't4copy'")
@@ -211,17 +204,18 @@ presets:
 """
 
 
-def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path):
+def test_a_preset_sharing_a_config_with_another_gets_rows_for_every_seed(tmp_path, ray_cluster, capsys):
     """Preset b trains the same config as preset a: its seed 0 is a's model (not trained again), and
     b's report shows both seeds (the skip used to look at a's rows and leave b without seed 0)."""
     spec, out = tmp_path / "tiny.yaml", tmp_path / "out"
     spec.write_text(TWO_PRESETS)
     for preset in ("a", "b"):
-        proc = wbsweep("run", str(spec), "--preset", preset, "--out", str(out))
+        proc = wbsweep("run", str(spec), "--preset", preset, "--out", str(out), "--address", ray_cluster.address,
+                       env=ray_cluster.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_parquet(out / "results")
     assert sorted(df[df["preset"] == "b"]["seed"]) == [0, 1] and sorted(df[df["preset"] == "a"]["seed"]) == [0]
     attempts = [len(p.read_text().splitlines()) for p in (out / "runs").glob("*/seed*/attempts.log")]
     assert sorted(attempts) == [1, 1]  # two models, each trained once
-    rep = wbsweep("report", str(spec), "--preset", "b", "--out", str(out), "--format", "csv")
+    rep = wbsweep_here(capsys, "report", str(spec), "--preset", "b", "--out", str(out), "--format", "csv")
     assert rep.returncode == 0 and ",2," in rep.stdout.splitlines()[1], rep.stdout

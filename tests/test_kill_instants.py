@@ -33,7 +33,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from test_resilience import KEY, assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained
+from helpers import assert_nothing_left_open, assert_same_rows, mlflow_children, mlflow_runs, trained, wbsweep_here
 
 from orchestrator.record.stores import open_optuna_storage
 from orchestrator.tracking.tracker import Tracker, default_tracking_uri
@@ -206,15 +206,8 @@ def test_a_kill_while_the_stores_are_created_leaves_them_absent_or_whole(tmp_pat
 # --- the real command ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference(smoke_sweep) -> pd.DataFrame:
-    """The rows of the uninterrupted smoke sweep (shared with tests/test_integration.py)."""
-    out, _ = smoke_sweep
-    return pd.read_parquet(out / "results").sort_values(KEY).reset_index(drop=True)
-
-
-def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tmp_path, reference,
-                                                                             whole_store_tables):
+def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tmp_path, smoke_reference,
+                                                                             whole_store_tables, capsys):
     """Five kills of the whole process group in one folder, each run starting where the killed one
     left it: during Python's start, the imports, the preflight (dataset cache), then half way
     through the MLflow store's creation (Ray is up by then); each later run only needs to get that
@@ -237,8 +230,7 @@ def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tm
               if (out / "runs" / k[0] / k[1] / "metrics.json").stat().st_mtime < killed_at}
     assert before, "no model had finished before the kill"
     time.sleep(2)  # let Ray's processes notice that their driver is gone
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
-                            capture_output=True, text=True)
+    status = wbsweep_here(capsys, "status", "--out", str(out))
     assert status.returncode == 0 and "interrupted" in status.stdout, status.stdout + status.stderr
 
     proc = start(wbsweep_run(out))
@@ -246,7 +238,7 @@ def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tm
     assert proc.returncode == 0, err[-3000:]
     df = pd.read_parquet(out / "results")
     assert len(df) == 24 and not df.duplicated(["method", "la", "seed"]).any()
-    assert_same_rows(out, reference, same_search=False)  # the search was cut: it may choose otherwise
+    assert_same_rows(out, smoke_reference, same_search=False)  # the search was cut: it may choose otherwise
     assert leftovers(out) == []
     after_ = trained(out)
     for model, attempts in before.items():  # finished work was not trained again
@@ -263,7 +255,6 @@ def test_wbsweep_run_killed_early_again_and_again_then_mid_sweep_then_resumes(tm
     # a run KILLED by the kill and re-attached by the resume ends FINISHED without the stale reason
     assert not [r.info.run_name for r in mlflow_runs(out)
                 if r.info.status == "FINISHED" and "wbsweep.error" in r.data.tags]
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
-                            capture_output=True, text=True).stdout
+    status = wbsweep_here(capsys, "status", "--out", str(out)).stdout
     assert "finished" in status
     assert_nothing_left_open(out, status)

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wbsweep
 from PIL import Image
 
 from trainables import mini_imagenet
@@ -148,16 +147,13 @@ def test_too_few_images_per_class(tmp_path: Path) -> None:
 def test_cli_prepare(tmp_path: Path) -> None:
     make_fake_imagenet(tmp_path / "imagenet", per_synset=3, extra=0)
     out = tmp_path / "prepared"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "mini-imagenet",
-                           "--imagenet-root", str(tmp_path / "imagenet" / "train"), "--out", str(out),
-                           "--size", "8", "--resize", "10", "--per-class", "1,1,1"], capture_output=True, text=True,
-                          timeout=300)
+    proc = wbsweep("data", "prepare", "mini-imagenet", "--imagenet-root", str(tmp_path / "imagenet" / "train"),
+                   "--out", str(out), "--size", "8", "--resize", "10", "--per-class", "1,1,1", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert np.load(out / "images-train.npy").shape == (100, 3, 10, 10)
     assert np.load(out / "images-test.npy").shape == (100, 3, 8, 8)
     assert "mini-imagenet" in proc.stdout and (out / "split.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "mini-imagenet",
-                          "--imagenet-root", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    bad = wbsweep("data", "prepare", "mini-imagenet", "--imagenet-root", str(tmp_path / "nope"), timeout=300)
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
 

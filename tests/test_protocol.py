@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import RayCluster, wbsweep, wbsweep_here
 from sklearn.model_selection import train_test_split
 
 from trainables.config import config_hash, resolve_config
@@ -108,41 +108,41 @@ def test_fingerprint_follows_the_content(tmp_path: Path, make_mnist) -> None:
     assert len(data_fingerprint(a)) == 16
 
 
-def _cifar_sweep(tmp_path: Path, out: Path, root: Path, env_root: bool = False) -> subprocess.CompletedProcess:
+def _cifar_sweep(tmp_path: Path, out: Path, root: Path, cluster: RayCluster,
+                 env_root: bool = False) -> subprocess.CompletedProcess:
     """The sweep on the CIFAR files under ``root``: --data-root, or (``env_root``) a relative
-    WBSWEEP_DATA_ROOT from the command's folder, which every trial (in folders of its own) must see."""
+    WBSWEEP_DATA_ROOT from the command's folder, which every trial (in folders of its own) must see.
+    On the session's Ray cluster, whose trials do not have the command's environment: the command
+    must hand them the folder itself."""
     spec = tmp_path / "cifar.yaml"
     spec.write_text("name: fakecifar\ntitle: fake then real\nlayout: accuracy\n"
                     "methods:\n  - {method: naive, la: [none]}\n"
                     "presets:\n  smoke:\n    train: {dataset: cifar10-lt, model: mlp3, width: 16, epochs: 1}\n"
                     "    seeds: [0]\n    resources: {cpus_per_trial: 1, gpus_per_trial: 0}\n")
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "smoke", "--out", str(out),
-           "--quiet"]
-    env = {**os.environ, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else os.environ
-    return subprocess.run(cmd + ([] if env_root else ["--data-root", str(root)]), capture_output=True, text=True,
-                          timeout=600, env=env, cwd=tmp_path)
+    args = ["run", str(spec), "--preset", "smoke", "--out", str(out), "--quiet", "--address", cluster.address]
+    env = {**cluster.env, "WBSWEEP_DATA_ROOT": os.path.relpath(root, tmp_path)} if env_root else cluster.env
+    return wbsweep(*args, *([] if env_root else ["--data-root", str(root)]), env=env, cwd=tmp_path, timeout=600)
 
 
 @pytest.mark.slow
-def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path: Path, make_cifar) -> None:
+def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path: Path, make_cifar,
+                                                                        ray_cluster: RayCluster, capsys) -> None:
     """Data A then data B under one dataset name and one --out: B's models are trained, B's numbers
     reported, A's rows stay and are told apart by their fingerprint."""
     out = tmp_path / "out"
     make_cifar(tmp_path / "a", 10, per_class_train=140, per_class_test=10, seed=0)
     make_cifar(tmp_path / "b", 10, per_class_train=140, per_class_test=10, seed=1)
-    first = _cifar_sweep(tmp_path, out, tmp_path / "a", env_root=True)
+    first = _cifar_sweep(tmp_path, out, tmp_path / "a", ray_cluster, env_root=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _cifar_sweep(tmp_path, out, tmp_path / "b")
+    second = _cifar_sweep(tmp_path, out, tmp_path / "b", ray_cluster)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "on other data" in second.stdout + second.stderr
     rows = pd.read_parquet(out / "results")
     assert rows["data_fingerprint"].nunique() == 2 and len(rows) == 2
     assert rows["config_hash"].nunique() == 2  # B's model is its own, not A's reused
     a_row, b_row = rows.sort_values("created_at").itertuples()
-    report = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(tmp_path / "cifar.yaml"),
-                             "--out", str(out), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    report = wbsweep_here(capsys, "report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv")
     assert report.returncode == 0, report.stderr
     assert f"{b_row.acc_avg:.6g}" in report.stdout
-    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    status = wbsweep_here(capsys, "status", "--out", str(out))
     assert "cifar10-lt: rows from 2 different data" in status.stdout, status.stdout + status.stderr

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from helpers import wbsweep, wbsweep_here
 
 from orchestrator.record.results import read_rows, rows_for_run, write_rows
 from trainables import storage
@@ -149,9 +148,8 @@ def test_a_missing_bucket_is_one_line_before_anything_runs(s3_env, tmp_path):
     with pytest.raises(WbsweepError, match="no-such-bucket"):
         storage.check_writable("s3://no-such-bucket/x")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke",
-                           "--out", str(out), "--storage", "s3://no-such-bucket/sweep"],
-                          env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=300)
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--storage", "s3://no-such-bucket/sweep",
+                   env={**os.environ, **s3_env}, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "no-such-bucket" in lines[0], proc.stderr[-2000:]
     assert not (out / "results").exists()
@@ -166,8 +164,7 @@ def test_an_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(WbsweepError, match="s3://nowhere/x/results.*credentials"):
         storage.list_files("s3://nowhere/x/results")
     storage._filesystem.cache_clear()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(tmp_path),
-                           "--storage", "s3://nowhere/x"], capture_output=True, text=True, timeout=300)
+    proc = wbsweep("report", "table4", "--out", str(tmp_path), "--storage", "s3://nowhere/x", timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "s3://nowhere/x" in lines[0], proc.stderr[-2000:]
 
@@ -182,9 +179,7 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     store = f"s3://{BUCKET}/sweep"
     env = {**os.environ, **s3_env, "WBSWEEP_INJECT_CRASH": "1", "WBSWEEP_INJECT_CRASH_SEEDS": "1",
            "WBSWEEP_SCRATCH": str(scratch)}
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", "table4", "--preset", "smoke", "--out", str(out),
-           "--storage", store]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(out), "--storage", store, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     key = ["method", "la", "seed"]
@@ -237,13 +232,11 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
         (reused, ref_proc.stderr[-2000:])
 
     # report and status find the storage the run recorded
-    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
-                          "--format", "csv"], env=env, capture_output=True, text=True, timeout=300)
+    rep = wbsweep("report", "table4", "--out", str(out), "--format", "csv", env=env, timeout=300)
     assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]
 
     # analyses from the checkpoints in the bucket, their numbers and files written back there
-    an = subprocess.run([sys.executable, "-m", "orchestrator.cli", "analyze", "--out", str(out), "--spec", "table4",
-                         "--names", "weight_norms"], env=env, capture_output=True, text=True, timeout=600)
+    an = wbsweep("analyze", "--out", str(out), "--spec", "table4", "--names", "weight_norms", env=env, timeout=600)
     assert an.returncode == 0 and "12 of 12 model(s) analysed" in an.stdout, an.stdout + an.stderr[-2000:]
     from orchestrator.record.analyses import read_analysis_rows
 
@@ -254,19 +247,17 @@ def test_a_sweep_on_s3_survives_crashes_and_loses_nothing(s3_env, tmp_path, smok
     assert not list(scratch.glob("*/*/seed*"))  # the scratch copies are gone
 
 
-def test_a_local_storage_folder_apart_from_out(tmp_path):
+def test_a_local_storage_folder_apart_from_out(tmp_path, capsys):
     """`report --storage DIR` reads the results there, not in --out (tests/test_cluster.py runs a
     whole two-node sweep with a shared --storage folder)."""
     out, shared = tmp_path / "out", tmp_path / "shared"
     out.mkdir()
     write_rows(storage.join(str(shared), "results"), "x", _rows(0))
     # hand-made rows (config hash "abc"): not a config the spec resolves to, so listed by --all-configs
-    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
-                          "--storage", str(shared), "--format", "csv", "--all-configs"], capture_output=True,
-                         text=True, timeout=300)
+    rep = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--storage", str(shared), "--format", "csv",
+                       "--all-configs")
     assert rep.returncode == 0 and "digits-lt,mlp3,wd,abc," in rep.stdout, rep.stderr[-2000:]
-    missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--out", str(out),
-                              "--format", "csv"], capture_output=True, text=True, timeout=300)
+    missing = wbsweep_here(capsys, "report", "table4", "--out", str(out), "--format", "csv")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -292,7 +283,7 @@ def test_recorded_storage_is_the_folder_itself_after_a_move_or_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
+def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep, capsys):
     """`mv OUT NEW; wbsweep report --out NEW` reads NEW, also where the status files were written
     by an earlier version (storage = the old folder's absolute path), and `status` finds the seeds."""
     import json
@@ -307,8 +298,7 @@ def test_a_moved_results_folder_reports_its_own_rows(tmp_path, smoke_sweep):
         doc["storage"] = str(old.resolve())  # as earlier versions wrote it
         f.write_text(json.dumps(doc))
     old.rename(new)
-    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "table4", "--preset", "smoke",
-                          "--out", str(new), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    rep = wbsweep_here(capsys, "report", "table4", "--preset", "smoke", "--out", str(new), "--format", "csv")
     assert rep.returncode == 0 and len(rep.stdout.strip().splitlines()) == 13, rep.stderr[-2000:]
 
 

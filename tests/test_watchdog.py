@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,25 +18,10 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from test_cluster import _kill_tree
+from helpers import CLI, kill_tree, one_error_line, wbsweep
 
 from orchestrator.sweep.status import status_text
 from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog
-
-
-def wbsweep(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real command; ``env`` replaces the environment (None: this one)."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("wbsweep: error: "), proc.stderr[-3000:]
-    return lines[0]
-
 
 # --- the watchdog's decisions, on a clock and node lists of the test's choosing ------------------
 
@@ -186,7 +170,7 @@ def test_a_tmpdir_too_long_for_rays_sockets_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}  # Ray then reads TMPDIR
     try:
         proc = wbsweep("run", "table4", "--preset", "smoke", "--out", str(tmp_path / "o"),
-                       env={**env, "TMPDIR": str(long_tmp)})
+                       env={**env, "TMPDIR": str(long_tmp)}, timeout=120)
     finally:
         shutil.rmtree(long_tmp, ignore_errors=True)
     line = one_error_line(proc)
@@ -280,7 +264,7 @@ def test_a_sweep_whose_ray_node_dies_ends_in_one_line_and_resumes(tmp_path):
     spec.write_text(SPEC)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "WBSWEEP_WATCHDOG_CHECK_S": "1", "WBSWEEP_HEARTBEAT_S": "1"}
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--out", str(out), "--device", "cpu"]
+    cmd = [*CLI, "run", str(spec), "--out", str(out), "--device", "cpu"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -304,7 +288,7 @@ def test_a_sweep_whose_ray_node_dies_ends_in_one_line_and_resumes(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        _kill_tree(str(ray_tmp))
+        kill_tree(str(ray_tmp))
     print(f"\nkilled {killed - t0:.1f} s after the start; the driver ended {took:.1f} s after its raylet was killed")
     assert proc.returncode == 3, err[-4000:]
     ours = [ln for ln in err.splitlines() if ln.startswith("wbsweep: ")]
@@ -312,7 +296,7 @@ def test_a_sweep_whose_ray_node_dies_ends_in_one_line_and_resumes(tmp_path):
     assert "run the same command again to resume" in ours[0]
     assert "Traceback" not in err, err[-4000:]
     assert took < 90
-    status = wbsweep("status", "--out", str(out))
+    status = wbsweep("status", "--out", str(out), timeout=120)
     assert status.returncode == 0 and "nodedeath preset cpu: stopped: the Ray node of this machine is dead" \
         in status.stdout, status.stdout
     assert not (mid / "metrics.json").exists()
@@ -322,9 +306,9 @@ def test_a_sweep_whose_ray_node_dies_ends_in_one_line_and_resumes(tmp_path):
         again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         print(f"resumed to the end in {time.time() - t1:.1f} s")
     finally:
-        _kill_tree(str(ray_tmp))
+        kill_tree(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert again.returncode == 0, again.stderr[-4000:]
     assert (mid / "metrics.json").exists() and len((mid / "attempts.log").read_text().splitlines()) == 2
     assert len(pd.read_parquet(out / "results")) == 1
-    assert ": finished" in wbsweep("status", "--out", str(out)).stdout
+    assert ": finished" in wbsweep("status", "--out", str(out), timeout=120).stdout

@@ -4,6 +4,8 @@ already in --out untouched. Table-driven: one case per mistake a user can make."
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd

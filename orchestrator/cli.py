@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"),
                    help="models go to OUT/<config hash>/seed<k>/ (default wbsweep-out/train)")
     t.add_argument("--force", action="store_true", help="train again a model that is already trained")
+    t.add_argument("--alone", action="store_true", help="with --config of a run trained fused (fused_k > 1): "
+                                                        "train it on its own, not fused again (float32: rounds "
+                                                        "differently)")
     t.set_defaults(func=cmd_train)
 
     st = sub.add_parser("status", help="what is done, running, failed and left in a results folder")

@@ -215,6 +215,24 @@ def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | 
     return 0
 
 
+def train_fused_again(cfg: dict, out: Path, fused_k: int, show) -> dict:
+    """A saved run that trained in a fused group (``fused_k`` > 1), trained fused again: with one copy
+    of itself as the group's other model, in a temporary folder. A model's arithmetic in a group
+    does not depend on the group's size or on its other models (tests/test_fused_reproduce.py, on a
+    CPU), only on being fused, so this is its run bit for bit; alone, its float32 trajectory differs."""
+    import tempfile
+
+    from trainables.fused import train_fused
+
+    print(f"the saved run was trained fused (fused_k {fused_k}): training it fused again, with a copy of itself "
+          "as the group's other model, so that it rounds as it did (--alone: on its own)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix=".mate-", dir=out.parent) as mate:
+        result = train_fused([cfg, cfg], [out, Path(mate)], report=lambda rows: 0 in rows and show(rows[0]))[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.spec.experiment import load_experiment
     from trainables.config import config_hash, resolve_config
@@ -274,8 +292,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # same order as in the sweep, so a saved run's FDR is reproduced to the last bit
         from threadpoolctl import threadpool_limits
 
+        fused_k = int((load_metrics(saved.parent) or {}).get("fused_k") or 1) if saved is not None else 1
         with threadpool_limits(int(full["threads"])) if full["threads"] else contextlib.nullcontext():
-            metrics = train(cfg, out, report=show)
+            if fused_k > 1 and not args.alone:
+                metrics = train_fused_again(cfg, out, fused_k, show)
+            else:
+                metrics = train(cfg, out, report=show)
     summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}

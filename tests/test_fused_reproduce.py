@@ -1,7 +1,8 @@
 """Re-running a model that trained in a fused group (docs/performance.md, "What fused training
-preserves"): on a CPU its arithmetic depends on being fused, not on its group's size, its other
-models or its place in the group, so `wbsweep train --config` trains it fused again (with a copy of
-itself) and reproduces it bit for bit; alone (--alone), its float32 run rounds differently."""
+preserves"): its rounding depends on its group's size and its place in it (recorded: fused_k,
+fused_slot), never on the other models, so `wbsweep train --config` trains it fused again in a group
+of copies of itself at its place and reproduces it bit for bit; alone (--alone), its float32 run
+rounds differently."""
 
 from __future__ import annotations
 
@@ -37,26 +38,38 @@ def fused(tmp: Path, name: str, group: list[dict]) -> list[Path]:
     return outs
 
 
-def test_a_fused_model_is_the_same_in_any_group_and_differs_alone(tmp_path, one_thread):
-    ref = weights(fused(tmp_path, "pair", [cfg(0), cfg(1)])[0])
-    for name, group, at in (("other-mate", [cfg(0), cfg(2, wd=0.05)], 0), ("three", [cfg(2), cfg(1), cfg(0)], 2),
-                            ("itself", [cfg(0), cfg(0)], 1)):
-        got = weights(fused(tmp_path, name, group)[at])
-        assert all(torch.equal(ref[k], got[k]) for k in ref), name  # bit for bit
-    train(cfg(0), tmp_path / "alone")
-    alone = weights(tmp_path / "alone")
-    assert not all(torch.equal(ref[k], alone[k]) for k in ref)  # float32: another summation order
+@pytest.mark.parametrize("model", [{}, {"model": "resnet32", "width": 4, "epochs": 2}], ids=["mlp3", "resnet32"])
+def test_a_fused_model_depends_on_its_place_not_on_its_group_and_differs_alone(tmp_path, one_thread, model):
+    """Its run in a group of K at place i is that of K copies of it at place i: the other models'
+    values never enter it. mlp3's is even the same at any place and K; resnet32's may not be (a
+    grouped convolution's slice at another offset), as the second check shows."""
+    def c(seed: int, **kw) -> dict:
+        return cfg(seed, **model, **kw)
+
+    def same(a, b) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    for k, at, group in ((2, 0, [c(0), c(1)]), (3, 2, [c(2), c(1, wd=0.05), c(0)]), (4, 1, [c(3), c(0), c(1), c(2)])):
+        mine = weights(fused(tmp_path, f"k{k}", group)[at])
+        copies = weights(fused(tmp_path, f"copies{k}", [c(0)] * k)[at])
+        assert same(mine, copies), (k, at)  # bit for bit
+    pair, three = weights(tmp_path / "k2" / "m0"), weights(tmp_path / "k3" / "m2")
+    assert same(pair, three) == (model == {})  # mlp3: any place and K; resnet32: not this one
+    train(c(0), tmp_path / "alone")
+    assert not same(pair, weights(tmp_path / "alone"))  # float32: another summation order
 
 
-def test_train_config_reproduces_a_fused_run_bit_for_bit(tmp_path, capsys):
-    saved = fused(tmp_path, "sweep", [cfg(0), cfg(1), cfg(2)])[1]
-    assert json.loads((saved / "metrics.json").read_text())["fused_k"] == 3
+@pytest.mark.parametrize("model", [{}, {"model": "resnet32", "width": 4, "epochs": 2}], ids=["mlp3", "resnet32"])
+def test_train_config_reproduces_a_fused_run_bit_for_bit(tmp_path, capsys, model):
+    saved = fused(tmp_path, "sweep", [cfg(2, **model), cfg(1, **model), cfg(0, **model)])[2]
+    metrics = json.loads((saved / "metrics.json").read_text())
+    assert (metrics["fused_k"], metrics["fused_slot"]) == (3, 2)
     assert main(["train", "--config", str(saved / "config.json"), "--out", str(tmp_path / "again")]) == 0
     err = capsys.readouterr().err
     assert "training it fused again" in err and "reproduced exactly" in err, err
-    (again,) = (tmp_path / "again").glob("*/seed1")
+    (again,) = (tmp_path / "again").glob("*/seed0")
     assert all(torch.equal(a, b) for a, b in zip(weights(saved).values(), weights(again).values(), strict=True))
-    assert not list((tmp_path / "again").glob("*/.mate-*"))  # the copy's folder is gone
+    assert not list((tmp_path / "again").glob("*/.mates-*"))  # the copies' folder is gone
 
     assert main(["train", "--config", str(saved / "config.json"), "--alone", "--out", str(tmp_path / "alone")]) == 0
     err = capsys.readouterr().err

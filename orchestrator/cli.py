@@ -38,7 +38,10 @@ from orchestrator.commands import (
     cmd_status,
     cmd_train,
 )
-from trainables.errors import WbsweepError, exception_chain
+from trainables.errors import WbsweepError, disk_full_cause, disk_full_reason, exception_chain
+
+#: A full disk: the same status as a sweep it stopped (orchestrator/sweep/diskfull.py, watchdog.EXIT_STOPPED).
+EXIT_DISK_FULL = 3
 
 DEFAULT_OUT = "wbsweep-out"
 
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=os.path.join(DEFAULT_OUT, "train"),
                    help="models go to OUT/<config hash>/seed<k>/ (default wbsweep-out/train)")
     t.add_argument("--force", action="store_true", help="train again a model that is already trained")
+    t.add_argument("--alone", action="store_true", help="with --config of a run trained fused (fused_k > 1): "
+                                                        "train it on its own, not fused again (float32: rounds "
+                                                        "differently)")
     t.set_defaults(func=cmd_train)
 
     st = sub.add_parser("status", help="what is done, running, failed and left in a results folder")
@@ -210,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         print("wbsweep: interrupted; run the same command again to resume.", file=sys.stderr)
         _forget(exc)
         return 130
+    except Exception as exc:  # a full disk met by a command that has no handling of its own: one line too
+        if args.debug or disk_full_cause(exc) is None:
+            raise
+        print(f"wbsweep: error: no space left on a disk this command writes to ({disk_full_reason(exc)}); free "
+              "space there and run the same command again.", file=sys.stderr)
+        _forget(exc)
+        return EXIT_DISK_FULL
 
 
 def _forget(exc: BaseException) -> None:

@@ -324,6 +324,30 @@ def _report_claims(args: argparse.Namespace, out: Path, spec: str, table: int | 
     return 0
 
 
+def train_fused_again(cfg: dict, out: Path, saved: dict, show) -> dict:
+    """A saved run that trained in a fused group (``fused_k`` K > 1), trained fused again: in a group of
+    K copies of itself, its run at its place (``fused_slot``), the others in a temporary folder. Its
+    rounding depends on nothing else of the group (not the other models' values), so this is its run
+    bit for bit (tests/test_fused_reproduce.py); alone, its float32 trajectory differs."""
+    import tempfile
+
+    from trainables.fused import train_fused
+
+    k, slot = int(saved["fused_k"]), saved.get("fused_slot")
+    where = f"at its place {slot}" if slot is not None else \
+        "first (its place in the group was not recorded: a run of an earlier version, which may round otherwise)"
+    print(f"the saved run was trained fused (fused_k {k}): training it fused again in a group of {k} copies of "
+          f"itself, {where}, so that it rounds as it did ({k}x the arithmetic of one model; --alone: on its own)",
+          file=sys.stderr)
+    slot = int(slot or 0)
+    with tempfile.TemporaryDirectory(prefix=".mates-", dir=out.parent) as mates:
+        outs = [out if i == slot else Path(mates) / f"copy{i}" for i in range(k)]
+        result = train_fused([cfg] * k, outs, report=lambda rows: slot in rows and show(rows[slot]))[slot]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.spec.experiment import load_experiment
     from trainables.config import config_hash, resolve_config
@@ -383,8 +407,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # same order as in the sweep, so a saved run's FDR is reproduced to the last bit
         from threadpoolctl import threadpool_limits
 
+        before = (load_metrics(saved.parent) or {}) if saved is not None else {}
         with threadpool_limits(int(full["threads"])) if full["threads"] else contextlib.nullcontext():
-            metrics = train(cfg, out, report=show)
+            if int(before.get("fused_k") or 1) > 1 and not args.alone:
+                metrics = train_fused_again(cfg, out, before, show)
+            else:
+                metrics = train(cfg, out, report=show)
     summary = {k: metrics[k] for k in ("config_hash", "fdr_train", "fdr_test", "best_epoch", "train_seconds")}
     summary["la"] = {la: {k: r[k] for k in ("param", "val_acc", "many", "medium", "few", "avg")}
                      for la, r in metrics["la"].items()}

@@ -38,7 +38,7 @@ GROUP = [
 WEIGHTS = {"rtol": 1e-5, "atol": 1e-5}
 LOGITS = {"rtol": 1e-5, "atol": 1e-5}
 SCALARS = {"rtol": 1e-5, "atol": 1e-6}
-TIMING = {"train_seconds", "eval_seconds", "node", "fused_k"}
+TIMING = {"train_seconds", "eval_seconds", "node", "fused_k", "fused_slot"}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ GROUP = [
 # As tests/test_fused.py's float32 bounds (the fused step's batched products sum in another order).
 WEIGHTS = {"rtol": 1e-5, "atol": 1e-5}
 SCALARS = {"rtol": 1e-5, "atol": 1e-6}
-TIMING = {"train_seconds", "eval_seconds", "node", "fused_k"}
+TIMING = {"train_seconds", "eval_seconds", "node", "fused_k", "fused_slot"}
 
 
 def model_state(run: Path) -> dict[str, torch.Tensor]:

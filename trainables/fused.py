@@ -50,7 +50,14 @@ The losses are summed over the models before the backward pass; the models share
 each model's gradient is the gradient of its own loss. What differs from K separate runs is only
 floating-point rounding: batched matrix products and reductions may sum in another order than
 single ones (about 1e-7 relative per step; tests/test_fused.py bounds the difference after a few
-epochs).
+epochs). In float64 a fused run equals its run alone; in float32 the difference grows over many
+epochs (SGD amplifies it chaotically: up to 2.2 pp of average accuracy after 40 epochs on
+Fashion-MNIST-LT, no systematic difference), so a fused model's float32 trajectory is not the one it
+would have alone. It does not depend on the other models of its group (their values never enter its
+slice), but it may on the group's size and its place in it (a grouped convolution's slice at another
+offset: tests/test_fused_reproduce.py), which its metrics record (``fused_k``, ``fused_slot``): a
+group of K copies of it, its run at that place, reproduces it bit for bit (``wbsweep train
+--config``; docs/performance.md, "What fused training preserves").
 
 A model whose loss becomes NaN or infinite stops being validated and reported; the others go on
 (its slice of the stack cannot affect theirs), and its entry in the returned list is the
@@ -204,10 +211,11 @@ def train_fused(cfgs_in: Sequence[dict[str, Any]], out_dirs: Sequence[str | Path
     ``out_dirs`` entry, as :func:`trainables.train.train` would have written them alone.
 
     Returns, per run, its metrics (``train_seconds`` is its 1/K share of the group's training time,
-    and ``fused_k`` = K says it was trained in a group), or the :class:`TrainingDiverged` error of a
-    run whose loss became NaN (nothing is written for it). ``report(rows)`` is called once per epoch
-    with ``{i: row}``, the row :func:`train` reports, for each run i still training. ``data``
-    replaces the configured dataset.
+    ``fused_k`` = K says it was trained in a group and ``fused_slot`` its place in it: a convolutional
+    model's rounding can depend on the place, see ``wbsweep train --config``), or the
+    :class:`TrainingDiverged` error of a run whose loss became NaN (nothing is written for it).
+    ``report(rows)`` is called once per epoch with ``{i: row}``, the row :func:`train` reports, for
+    each run i still training. ``data`` replaces the configured dataset.
 
     Checkpoints: every ``checkpoint_seconds`` (the group's smallest), each run's own checkpoint is
     written in train()'s format to its folder, then ``on_checkpoint()`` is called. A group started
@@ -331,5 +339,5 @@ def _train_epochs(runs: list[Training], outs: list[Path], progress: list[dict[st
                                 ever_correct=f["ever_correct"].cpu().numpy(), labels=dd.y["train"].cpu().numpy())
         results.append(finish_run(out, r.cfg, r.model, dd, r.knobs, epochs=epochs, best_epoch=p["best_epoch"],
                                   history=p["history"], train_seconds=train_seconds, eval_started=time.monotonic(),
-                                  extra={"fused_k": k}))
+                                  extra={"fused_k": k, "fused_slot": i}))
     return results

@@ -6,10 +6,13 @@ tests use), and its result (:func:`save_run`: config.json, model.pt, logits.npz,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 
 from trainables import storage
 from trainables.config import config_hash
-from trainables.errors import WbsweepError
+from trainables.errors import WbsweepError, disk_full_cause, free_bytes, nearly_full, size_text
 from trainables.models import Network
 
 # --- checkpoints: nothing lost when a trial is killed -----------------------------------------
@@ -36,7 +39,8 @@ def save_checkpoint(out: Path, cfg: dict[str, Any], model: Network, opt, sched, 
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
         **{k: v for k, v in progress.items() if k != "seconds"}, "seconds": progress["seconds"] + seconds,
     }
-    torch.save(state, out / f"{CHECKPOINT}.tmp")
+    with writing(out / f"{CHECKPOINT}.tmp"):
+        torch.save(state, out / f"{CHECKPOINT}.tmp")
     os.replace(out / f"{CHECKPOINT}.tmp", out / CHECKPOINT)
 
 
@@ -96,18 +100,38 @@ def save_run(out: Path, cfg: dict[str, Any], model: Network, metrics: dict[str, 
     """Write config, checkpoint, logits and metrics; metrics.json last and atomically, because its
     presence is what marks the run as finished."""
     arrays = metrics.pop("_arrays")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    with writing(out / "config.json.tmp"):
+        (out / "config.json.tmp").write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(out / "config.json.tmp", out / "config.json")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the plain layout, whatever trained
     # the ModelSpec too, so that the network can be rebuilt from this file alone (network_from_run)
     spec = {"spec": dataclasses.asdict(model.spec)} if model.spec is not None else {}
-    torch.save({"model": state, "config": cfg, **spec}, out / "model.pt.tmp")
+    with writing(out / "model.pt.tmp"):
+        torch.save({"model": state, "config": cfg, **spec}, out / "model.pt.tmp")
     os.replace(out / "model.pt.tmp", out / "model.pt")
-    with open(out / "logits.npz.tmp", "wb") as fh:
+    with writing(out / "logits.npz.tmp"), open(out / "logits.npz.tmp", "wb") as fh:
         np.savez_compressed(fh, **arrays)
     os.replace(out / "logits.npz.tmp", out / "logits.npz")
-    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, default=float))
+    with writing(out / "metrics.json.tmp"):
+        (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, default=float))
     os.replace(out / "metrics.json.tmp", out / "metrics.json")
     (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt now holds the result
+
+
+@contextlib.contextmanager
+def writing(tmp: Path) -> Iterator[None]:
+    """Writing the temporary file ``tmp`` (renamed once whole): on failure it is removed, and a full
+    disk, which PyTorch's writer reports only as "file write failed", is an OSError ENOSPC naming
+    the file and the space left, so that the sweep recognises it and stops in one line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if disk_full_cause(exc) is not None or nearly_full(tmp.parent):
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {tmp.parent / tmp.name[:-4]} "
+                                        f"({size_text(free_bytes(tmp.parent))} free)") from exc
+        raise
 
 
 def load_metrics(run: str | Path) -> dict[str, Any] | None:

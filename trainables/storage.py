@@ -137,7 +137,11 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         Path(parent).mkdir(parents=True, exist_ok=True)
         # a name of this writer's own: two processes writing one file never share a temporary
         tmp = Path(parent) / f".{Path(path).name}.{os.getpid()}-{threading.get_ident()}.tmp"
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError:  # a full disk: no torn temporary left behind (the file itself is untouched)
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         return
     with _one_line(location):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.tracking.tracker import Tracker, first_line
+from orchestrator.tracking.tracker import Tracker, first_line, quiet_store_errors
+from trainables.errors import disk_full_cause
 
 
 def log_report_run(tracking_uri: str, out: Path, store: str, spec: str, preset: str, text: str,
@@ -93,10 +94,12 @@ def report_to_mlflow(tracking_uri: str | None, out: Path, store: str, spec: str,
     from orchestrator.report.selection import spec_rows
     from trainables import storage
 
+    quiet_store_errors()
     try:
         if preset is None:
             _, preset = spec_rows(read_rows(storage.join(store, "results")), spec, None)
         run_id = log_report_run(tracking_uri, out, store, spec, preset, text, table_csv)
         log(f"report logged to MLflow ({tracking_uri}), run {run_id}")
     except Exception as exc:  # noqa: BLE001 - MLflow is a view: the report is printed regardless
-        log(f"WARNING report not logged to MLflow: {first_line(exc)}")
+        again = "; free space there and run the same command again" if disk_full_cause(exc) is not None else ""
+        log(f"WARNING report not logged to MLflow: {first_line(exc)}{again}")

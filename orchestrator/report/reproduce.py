@@ -14,7 +14,8 @@ from trainables.errors import WbsweepError
 
 def reproduction(before: dict, after: dict) -> str:
     """Whether a re-run reproduced a saved run's metrics: "reproduced exactly", or which numbers
-    differ, by how much, and why they may (a run trained fused with others rounds differently)."""
+    differ, by how much, and why they may (a run trained fused with others, re-run alone, rounds
+    differently)."""
     diff = metric_differences(before, after)
     if not diff:
         return "reproduced exactly"
@@ -22,10 +23,11 @@ def reproduction(before: dict, after: dict) -> str:
     rel = largest_relative_difference(before, after)
     if rel is not None:
         text += f" (largest relative difference {rel:.2g})"
-    k = int(before.get("fused_k") or 1)
-    if k > 1:
-        text += (f"; it was trained fused with {k - 1} other model(s) (trainables/fused.py), whose batched "
-                 "arithmetic rounds differently: a run trained alone (resources fuse: off) re-runs bit for bit")
+    k, again = int(before.get("fused_k") or 1), int(after.get("fused_k") or 1)
+    if k > 1 and again == 1:
+        text += (f"; it was trained fused with {k - 1} other model(s) (trainables/fused.py) and now alone: the "
+                 "batched arithmetic rounds differently, and in float32 the difference grows over the epochs "
+                 "(docs/performance.md); without --alone it is trained fused again, which reproduces it")
     return text
 
 

@@ -26,6 +26,7 @@ from orchestrator.record.analyses import record_run_analyses
 from orchestrator.record.records import SweepRecords
 from orchestrator.sweep.cluster import autoscaler_activity, free_resources
 from orchestrator.sweep.context import SweepContext
+from orchestrator.sweep.diskfull import cause_text, disk_full, full_disk
 from orchestrator.sweep.graph import StageGraph, member_id, trial_members
 from orchestrator.sweep.stage_runs import StageRuns, end_reference_runs
 from orchestrator.tracking.pytorch_model import log_pytorch_model
@@ -76,6 +77,7 @@ class TrialCallback(Callback):
         self.pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING (monotonic)
         self.next_wait_note: float | None = None
         self.warnings: dict[str, list[str]] = {}  # trial id -> warnings it reported
+        self.disk_full: Exception | None = None  # the full disk that stopped the sweep (said once)
 
     def on_step_end(self, iteration, trials, **info):
         """Trials that wait for resources: counted on the progress line; a line about them once they
@@ -192,6 +194,7 @@ class TrialCallback(Callback):
         self.ctx.progress.started(mid)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        self.stop_if_disk_full(trial, self.error_text(trial))  # a retry would fail the same way
         members = self.members(trial)
         what = self.label(members[0][1]) + (f" and {len(members) - 1} fused with it" if len(members) > 1 else "")
         self.ctx.progress.retrying(trial.trial_id, what)
@@ -227,6 +230,16 @@ class TrialCallback(Callback):
                          lambda run_id, chunk=chunk: self.tracker.client.log_batch(run_id, metrics=chunk))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        try:
+            self.trial_complete(trial)
+        except Exception as exc:  # its rows, analyses or run files not written: a full disk stops the sweep
+            if self.disk_full is None and disk_full(self.ctx.out, exc):
+                self.disk_full = full_disk(self.ctx.out, f"writing what trial {trial.trial_id} trained",
+                                           cause_text(exc))
+                raise self.disk_full from None
+            raise
+
+    def trial_complete(self, trial) -> None:
         last = trial.last_result or {}
         members = self.members(trial)
         pruned_at = self.ctx.pruned_epoch(trial.trial_id)
@@ -308,16 +321,29 @@ class TrialCallback(Callback):
         self.ctx.progress.done(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        reason = "unknown error"
+        reason = self.error_text(trial)
+        for mid, config in self.members(trial):
+            self.model_failed(mid, config, reason)
+        self.stop_if_disk_full(trial, reason)
+
+    @staticmethod
+    def error_text(trial) -> str:
+        """The last line of a failed trial's error file (its exception), or "unknown error"."""
         if trial.error_file:
             try:
                 with open(trial.error_file) as fh:
                     lines = [ln for ln in fh.read().strip().splitlines() if ln.strip()]
-                reason = lines[-1] if lines else reason
+                return lines[-1] if lines else "unknown error"
             except OSError:
                 pass
-        for mid, config in self.members(trial):
-            self.model_failed(mid, config, reason)
+        return "unknown error"
+
+    def stop_if_disk_full(self, trial, reason: str) -> None:
+        """Stop the sweep in one line (:mod:`orchestrator.sweep.diskfull`) when a trial failed on a full
+        disk, or while --out's disk is full (its error file, on that disk, may be empty)."""
+        if self.disk_full is None and disk_full(self.ctx.out, text=reason):
+            self.disk_full = full_disk(self.ctx.out, f"trial {trial.trial_id} failed", reason)
+            raise self.disk_full
 
     def end_run(self, mid: str, status: str, reason: str) -> None:
         """End a model's run that did not finish: ``status`` KILLED or FAILED, the reason in its

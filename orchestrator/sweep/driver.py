@@ -142,12 +142,30 @@ class Sweep:
     # --- running -----------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Run the sweep (:meth:`_run`); a full disk met anywhere on the way, by the trials, the
+        driver's writes, a store or Ray Tune's own files, ends it in one line, resumable
+        (:mod:`orchestrator.sweep.diskfull`)."""
+        from orchestrator.sweep.diskfull import DiskFull, cause_text, disk_full, full_disk
+
+        try:
+            self._run()
+        except (WbsweepError, KeyboardInterrupt):
+            raise  # said in one line already (a DiskFull among them)
+        except Exception as exc:
+            if disk_full(self.out, exc):
+                stop: DiskFull = full_disk(self.out, "the sweep could not write", cause_text(exc))
+                self.status.write("stopped", stop.problem)
+                raise stop from None
+            raise
+
+    def _run(self) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Ray's tables
         import optuna
         import ray
         from ray import tune
 
         from orchestrator.sweep.callbacks import TrialCallback, close_interrupted_runs
+        from orchestrator.sweep.diskfull import DiskFull
         from orchestrator.sweep.graph import StageGraph, prefetch_fusion
         from orchestrator.sweep.scheduler import stage_scheduler
         from orchestrator.sweep.stage_runs import StageRuns
@@ -220,10 +238,11 @@ class Sweep:
             outcome, reason = "interrupted", "interrupted: the sweep was stopped (Ctrl-C or SIGTERM)"
             raise
         except BaseException as exc:
-            cause = list(exception_chain(exc))[-1]  # the innermost: Ray Tune's TuneError wraps a callback's
+            chain = list(exception_chain(exc))  # Ray Tune's TuneError wraps a callback's (the watchdog's, a DiskFull)
+            cause = next((e for e in chain if isinstance(e, SweepStopped)), chain[-1])
             if isinstance(cause, SweepStopped):  # the watchdog: its one line, its exit status
                 outcome, stopped_because = "stopped", cause.problem
-                reason = f"stopped by the watchdog: {cause.problem}"
+                reason = f"stopped{'' if isinstance(cause, DiskFull) else ' by the watchdog'}: {cause.problem}"
                 raise cause from None
             reason = f"the sweep stopped on an error: {first_line(cause)}"
             raise

@@ -13,6 +13,7 @@ each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -205,6 +206,8 @@ class StatusFile:
             os.replace(tmp, self.path)
             self.error = False
         except OSError as exc:  # `wbsweep status` lags, the sweep goes on
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk: no torn temporary left
             if not self.error:
                 self.error = True
                 p.note(f"WARNING cannot write the status file {self.path}: {exc}; `wbsweep status` "

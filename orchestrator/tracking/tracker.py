@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.record import stores
 from orchestrator.record.provenance import mlflow_tags
-from trainables.errors import WbsweepError, exception_chain
+from trainables.errors import WbsweepError, disk_full_cause, disk_full_reason, exception_chain
 
 #: Tags of every experiment wbsweep makes: ``mlflow.experimentKind`` tells MLflow 3's UI these are
 #: model-training runs, so an experiment opens on its runs table (without it, on the GenAI traces view).
@@ -229,8 +229,19 @@ def link_tree(src: Path, dst: Path | None) -> bool:
 
 
 def first_line(exc: BaseException) -> str:
+    """An exception on one line; a full disk as what says so, not SQLAlchemy's autoflush note."""
+    if disk_full_cause(exc) is not None:
+        return f"no space left on its disk ({disk_full_reason(exc)})"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def quiet_store_errors() -> None:
+    """MLflow's SQL store logs every database error with a traceback of fifty lines before it raises:
+    the callers say it in one line (:class:`Outbox`, the report's run)."""
+    quiet = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _QuietLockErrors) for f in quiet.filters):
+        quiet.addFilter(_QuietLockErrors())
 
 
 def transient(exc: BaseException) -> bool:
@@ -262,8 +273,8 @@ def transient_cause(exc: BaseException) -> BaseException | None:
 
 
 class _QuietLockErrors(logging.Filter):
-    """MLflow logs every SQLAlchemy OperationalError (a locked SQLite store) with a traceback of
-    fifty lines before it raises; the :class:`Outbox` says it in one."""
+    """MLflow logs every SQLAlchemy OperationalError (a locked SQLite store, a full disk) with a
+    traceback of fifty lines before it raises; the callers say it in one (:func:`quiet_store_errors`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("SQLAlchemy database error")
@@ -292,9 +303,8 @@ class Outbox:
         self.down = ""  # why the store is unavailable ("" while it is not)
         self.next_try = 0.0  # when a deferred call is tried again
         self.caught_up = 0  # deferred calls made since
-        quiet = logging.getLogger("mlflow.store.db.utils")
-        if not any(isinstance(f, _QuietLockErrors) for f in quiet.filters):
-            quiet.addFilter(_QuietLockErrors())
+        self.full = False  # the store's disk is full (not waited for at the end)
+        quiet_store_errors()
 
     def __call__(self, what: str, call: Callable[[], object]) -> None:
         """Make ``call`` (``what`` names it in a warning) now, or later if the store is unavailable."""
@@ -308,11 +318,13 @@ class Outbox:
         try, each once; ``final`` (the sweep ends): now, retrying for up to ``retry_s``, then a line
         about what could not be logged."""
         if self.queue and (final or time.monotonic() >= self.next_try):
-            self._drain(time.monotonic() + (self.retry_s if final else 0.0))
+            # a full disk is not waited for at the end: the sweep stops on it, and waiting frees nothing
+            self._drain(time.monotonic() + (self.retry_s if final and not self.full else 0.0))
         if final and self.queue:
+            again = "once space is freed" if self.full else "once the store is available"
             self.note(f"WARNING MLflow: {len(self.queue)} tracking call(s) could not be made ({self.down}); "
-                      "results/ and the run folders hold everything. Run the same command again once the store "
-                      "is available: it ends the model runs left RUNNING with their metrics and files.")
+                      f"results/ and the run folders hold everything. Run the same command again {again}: it "
+                      "ends the model runs left RUNNING with their metrics and files.")
             self.queue.clear()
 
     def _drain(self, deadline: float) -> None:
@@ -326,8 +338,10 @@ class Outbox:
             except Exception as exc:
                 if transient(exc):
                     self.next_try = time.monotonic() + self.retry_s
+                    self.full = disk_full_cause(exc) is not None
                     if not self.down:
-                        self.down = first_line(transient_cause(exc) or exc)
+                        self.down = (f"no space left on the store's disk: {disk_full_reason(exc)}"
+                                     if self.full else first_line(transient_cause(exc) or exc))
                         self.note(f"WARNING MLflow tracking store unavailable ({self.down}; retried for "
                                   f"{time.monotonic() - started:.0f} s): its logging is deferred and caught up later; "
                                   "the sweep goes on, results and run folders are written as usual")
@@ -351,7 +365,7 @@ class Outbox:
                 call()
                 return
             except Exception as exc:
-                if not transient(exc) or time.monotonic() + delay > deadline:
-                    raise
+                if not transient(exc) or time.monotonic() + delay > deadline or disk_full_cause(exc) is not None:
+                    raise  # a full disk: deferred at once, not retried with back-off
             time.sleep(delay)
             delay = min(2 * delay, 8.0)

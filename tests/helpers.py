@@ -200,3 +200,44 @@ def assert_same_rows(out: Path, reference: pd.DataFrame, same_search: bool = Tru
         assert same.sum() >= len(df) // 2  # untuned methods and unchanged choices
         pd.testing.assert_frame_equal(df.loc[same, KEY + COMPARED], reference.loc[same, KEY + COMPARED],
                                       check_exact=False, rtol=rtol)
+
+
+# --- a sweep's context as the watchdog sees it, and a results folder's lock ----------------------------
+
+
+class FakeSweep:
+    """What the watchdog reads of a sweep's context (orchestrator/sweep/context.py), and the status
+    states it writes."""
+
+    def __init__(self, cpus=1.0, gpus=0.0, autoscaling=False):
+        from types import SimpleNamespace
+
+        self.cpus, self.gpus, self.autoscaling = cpus, gpus, autoscaling
+        self.states: list[tuple[str, str | None]] = []
+        self.status = SimpleNamespace(write=self.write)
+        self.lock = None  # the results folder's lock (orchestrator/record/folder_lock.py): none here
+
+    def write(self, state: str | None = None, reason: str | None = None) -> None:
+        self.states.append((state or "running", reason))
+
+
+def trials(*statuses: str) -> list:
+    """Ray Tune trials as the watchdog reads them: their status only."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(status=s) for s in statuses]
+
+
+def write_lock(folder: Path, **fields) -> dict:
+    """A results folder's lock file as another command would have left it (orchestrator/record/folder_lock.py)."""
+    import socket
+    import time
+
+    from orchestrator.record.folder_lock import LOCK_NAME, process_start
+
+    now = time.time()
+    doc = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot": None,
+           "command": "wbsweep run other", "started": now - 100, "heartbeat": now, "heartbeat_s": 15.0,
+           "token": "someone-else", **fields}
+    (folder / LOCK_NAME).write_text(json.dumps(doc))
+    return doc

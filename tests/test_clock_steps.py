@@ -26,9 +26,11 @@ time.time = lambda: _wall() + offset["time"]
 time.monotonic = lambda: _mono() + offset["monotonic"]
 sys.path.insert(0, sys.argv[1])
 
-from test_watchdog import ME, FakeSweep, trials  # noqa: E402
+from helpers import FakeSweep, trials  # noqa: E402
 from orchestrator.sweep.progress import Progress  # noqa: E402
-from orchestrator.sweep.watchdog import Limits, SweepStopped, Watchdog  # noqa: E402
+from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog  # noqa: E402
+
+ME = Node("me", True, {"CPU": 4.0, "GPU": 0.0}, "10.0.0.1", 4000)
 
 HOURS = float(sys.argv[2])
 out = {}

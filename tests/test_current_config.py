@@ -18,8 +18,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import wbsweep
 
 from orchestrator.record.results import SCHEMA, read_rows
 
@@ -57,11 +56,6 @@ def write_spec(path: Path, wd: str = "5.0e-3", epochs: int = 2, stage2_wd: str =
     return str(path)
 
 
-def wbsweep(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def table(stdout: str) -> list[str]:
     """The printed accuracy table's rows (method lines), as text."""
     lines = stdout.splitlines()
@@ -75,13 +69,14 @@ def table(stdout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory) -> SimpleNamespace:
+def history(tmp_path_factory, _shared_ray) -> SimpleNamespace:
     d = tmp_path_factory.mktemp("revert")
     spec, out = d / "revert.yaml", d / "out"
     runs = {}
     for name, wd in (("first", "5.0e-3"), ("edited", "0.5"), ("reverted", "5.0e-3")):
         write_spec(spec, wd)
-        proc = wbsweep("run", str(spec), "--out", str(out), "--quiet")
+        proc = wbsweep("run", str(spec), "--out", str(out), "--quiet", "--address", _shared_ray.address,
+                       env=_shared_ray.env)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[name] = SimpleNamespace(proc=proc, rows=read_rows(out / "results"))
     first = set(runs["first"].rows["config_hash"])

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_watchdog import ME, FakeSweep, trials
+from helpers import FakeSweep, trials, write_lock
 
 from orchestrator.record.folder_lock import LOCK_NAME, FolderBusy, FolderLock, Holder, process_start
-from orchestrator.sweep.watchdog import Limits, SweepStopped, Watchdog
+from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog
+
+ME = Node("me", True, {"CPU": 4.0, "GPU": 0.0}, "10.0.0.1", 4000)  # the driver's own Ray node
 
 HOLD = """
 import sys, time
@@ -36,16 +38,6 @@ def holder_process(folder: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
-
-
-def write_lock(folder: Path, **fields) -> dict:
-    """A lock file as another command would have left it."""
-    now = time.time()
-    doc = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot": None,
-           "command": "wbsweep run other", "started": now - 100, "heartbeat": now, "heartbeat_s": 15.0,
-           "token": "someone-else", **fields}
-    (folder / LOCK_NAME).write_text(json.dumps(doc))
-    return doc
 
 
 def take(folder: Path) -> tuple[FolderLock, list[str]]:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import wbsweep
 
 from orchestrator.record.stores import ARTIFACT_COLUMNS
 from orchestrator.tracking.tracker import Tracker, default_tracking_uri, prepare_store
@@ -106,9 +107,10 @@ def test_a_copied_store_is_re_pointed_to_its_own_folder_everywhere_it_names_one(
 # --- the real commands ----------------------------------------------------------------------------------
 
 
-def wbsweep(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+def ok(*args: str, cluster=None) -> subprocess.CompletedProcess:
+    """``wbsweep ARGS``, which must succeed; a ``run`` joins ``cluster`` (the session's)."""
+    extra = ("--address", cluster.address) if cluster is not None else ()
+    proc = wbsweep(*args, *extra, env=cluster.env if cluster is not None else None, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -120,27 +122,27 @@ def spec(folder: Path, epochs: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_copied_folder_never_writes_into_the_original_and_a_moved_one_never_makes_it_again(tmp_path):
+def test_a_copied_folder_never_writes_into_the_original_and_a_moved_one_never_makes_it_again(tmp_path, ray_cluster):
     a, b, c = tmp_path / "A", tmp_path / "B", tmp_path / "C"
-    wbsweep("run", spec(tmp_path, 1), "--out", str(a), "--fuse", "off")
+    ok("run", spec(tmp_path, 1), "--out", str(a), "--fuse", "off", cluster=ray_cluster)
     shutil.copytree(a, b, symlinks=True)
     before = tree(a)
 
     # the copy continues with a changed spec (new models, new MLflow runs), then reports
-    ran = wbsweep("run", spec(tmp_path, 2), "--out", str(b), "--fuse", "off")
+    ran = ok("run", spec(tmp_path, 2), "--out", str(b), "--fuse", "off", cluster=ray_cluster)
     said = [ln for ln in ran.stderr.splitlines() if "moved or copied from" in ln]
     assert len(said) == 1 and f"moved or copied from {a}: its MLflow store now keeps artifacts under " \
         f"{b / 'mlartifacts'}" in said[0], ran.stderr[-3000:]
-    wbsweep("report", spec(tmp_path, 2), "--out", str(b))
+    ok("report", spec(tmp_path, 2), "--out", str(b))
     assert tree(a) == before, "the copy wrote into the original"
     assert all(loc.startswith((b / "mlartifacts").as_uri()) for loc in mlflow_locations(b))
     assert len(list((b / "mlartifacts").glob("*/artifacts/metrics.json"))) == 2  # each model's files, in B
 
     # the original moved: it works in its new place, and its old path is not made again
     a.rename(c)
-    ran = wbsweep("run", spec(tmp_path, 3), "--out", str(c), "--fuse", "off")
+    ran = ok("run", spec(tmp_path, 3), "--out", str(c), "--fuse", "off", cluster=ray_cluster)
     assert sum("moved or copied from" in ln for ln in ran.stderr.splitlines()) == 1
-    wbsweep("report", spec(tmp_path, 3), "--out", str(c))
+    ok("report", spec(tmp_path, 3), "--out", str(c))
     assert not a.exists()
     assert all(loc.startswith((c / "mlartifacts").as_uri()) for loc in mlflow_locations(c))
     assert references(c / "mlflow.db", (a / "mlartifacts").as_uri()) == []

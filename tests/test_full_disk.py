@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import CLI, wbsweep
 
 SPEC = """name: tiny
 methods:
@@ -53,11 +53,6 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def wbsweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600)
-
-
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -65,7 +60,7 @@ def sha(path: Path) -> str:
 def test_a_disk_full_mid_sweep_stops_in_one_line_and_the_same_command_resumes(small_disk, tmp_path):
     spec, out = tmp_path / "tiny.yaml", small_disk / "out"
     spec.write_text(SPEC)
-    run = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--preset", "p", "--out", str(out)]
+    run = [*CLI, "run", str(spec), "--preset", "p", "--out", str(out)]  # a cluster of its own: its disk fills
     proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 400
     while proc.poll() is None and len(list(out.glob("results/*.parquet"))) < 2 and time.monotonic() < deadline:

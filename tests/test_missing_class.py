@@ -6,14 +6,13 @@ results/, and a note under the table when it is fewer than the dataset's classes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import wbsweep
 
 from orchestrator.record.results import SCHEMA, fewer_classes, read_rows
 from trainables.evaluation import classes_in_average
@@ -31,13 +30,13 @@ LINE = "the test accuracies are averaged over 9 of 10 classes; the test split ha
 
 
 @pytest.mark.slow
-def test_a_class_without_test_images_is_named_and_counted(tmp_path: Path, make_mnist) -> None:
+def test_a_class_without_test_images_is_named_and_counted(tmp_path: Path, make_mnist, ray_cluster) -> None:
     """MNIST-LT in its IDX files, class 9 without a test image: a real sweep."""
     data, out, spec = tmp_path / "data", tmp_path / "out", tmp_path / "nine.yaml"
     make_mnist(data / "mnist", 40, [5] * 9 + [0])
     spec.write_text(SPEC)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--out", str(out),
-                           "--data-root", str(data)], capture_output=True, text=True, timeout=900)
+    proc = wbsweep("run", str(spec), "--out", str(out), "--data-root", str(data), "--address", ray_cluster.address,
+                   env=ray_cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines()
             if line.startswith("WARNING repeat wd seed 0:") and "has no image of class 9" in line]
@@ -51,8 +50,7 @@ def test_a_class_without_test_images_is_named_and_counted(tmp_path: Path, make_m
     per_class = np.asarray(rows["acc_per_class"].iloc[0], dtype=float)
     assert np.isnan(per_class[9]) and rows["acc_avg"].iloc[0] == pytest.approx(np.nanmean(per_class))
     assert f"NOTE wd (mnist-lt, mlp3): {LINE}" in proc.stdout  # the table's note
-    report = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(spec), "--out", str(out),
-                             "--data-root", str(data)], capture_output=True, text=True, timeout=300)
+    report = wbsweep("report", str(spec), "--out", str(out), "--data-root", str(data))
     assert report.returncode == 0 and f"NOTE wd (mnist-lt, mlp3): {LINE}" in report.stdout
 
 

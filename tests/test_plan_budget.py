@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wbsweep
 
 from orchestrator.spec import early_stopping as early_stop
 from orchestrator.spec.space import discrete_points, grid_values
@@ -97,8 +98,7 @@ def plan_seconds(tmp: Path, trials: int) -> tuple[float, str]:
     spec = tmp / f"budget{trials}.yaml"
     spec.write_text(SPEC.format(trials=trials))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--plan", "--plan-device",
-                           "h100", "--out", str(tmp / "nothing")], capture_output=True, text=True, timeout=600)
+    proc = wbsweep("run", str(spec), "--plan", "--plan-device", "h100", "--out", str(tmp / "nothing"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return time.perf_counter() - t0, proc.stdout
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import wbsweep
 
 from orchestrator.cli import main
 from orchestrator.record.results import read_rows
@@ -31,17 +30,13 @@ presets:
 """
 
 
-def wbsweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
+def sweep(tmp_path_factory, _shared_ray) -> Path:
     """A finished sweep of WD and WB (WB's stage 2 starts from WD's model.pt), three seeds each."""
     base = tmp_path_factory.mktemp("torn")
     (base / "tiny.yaml").write_text(SPEC)
-    proc = wbsweep("run", str(base / "tiny.yaml"), "--preset", "p", "--out", str(base / "out"))
+    proc = wbsweep("run", str(base / "tiny.yaml"), "--preset", "p", "--out", str(base / "out"), "--address",
+                   _shared_ray.address, env=_shared_ray.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return base
 
@@ -57,7 +52,7 @@ def model_folders(out: Path) -> list[tuple[str, Path]]:
     return [(r.method, out / "runs" / r.config_hash / f"seed{r.seed}") for r in rows.itertuples()]
 
 
-def test_analyze_names_each_torn_model_and_analyses_the_others(sweep):
+def test_analyze_names_each_torn_model_and_analyses_the_others(sweep, ray_cluster):
     out = sweep / "out"
     models = model_folders(out)
     assert len(models) == 6
@@ -87,7 +82,8 @@ def test_analyze_names_each_torn_model_and_analyses_the_others(sweep):
         rows = list(pattern.parent.glob(pattern.name))
         assert len(rows) == 1  # this model's results file, no other
         rows[0].unlink()
-    proc = wbsweep("run", str(sweep / "tiny.yaml"), "--preset", "p", "--out", str(out))
+    proc = wbsweep("run", str(sweep / "tiny.yaml"), "--preset", "p", "--out", str(out), "--address",
+                   ray_cluster.address, env=ray_cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = wbsweep("analyze", "--out", str(out), "--spec", "tiny", "--names", "weight_norms")
     assert proc.returncode == 0 and "6 of 6 model(s) analysed" in proc.stdout, proc.stdout + proc.stderr[-2000:]
@@ -149,12 +145,13 @@ def test_a_torn_forgetting_file_is_named(tmp_path):
     assert os.path.exists(tmp_path / "model.pt")
 
 
-def test_a_torn_rows_file_is_named_and_written_again_as_it_says(sweep):
+def test_a_torn_rows_file_is_named_and_written_again_as_it_says(sweep, ray_cluster):
     """A torn Parquet file of results/ (or analyses/) stops `report` (or `analyze`) in one line naming
     it; moved away, the next `run` (`analyze --missing`) writes its rows again, training nothing."""
     out = sweep / "out"
     for kind, command, again in (("results", ["report", str(sweep / "tiny.yaml"), "--out", str(out), "--preset", "p"],
-                                  ["run", str(sweep / "tiny.yaml"), "--preset", "p", "--out", str(out)]),
+                                  ["run", str(sweep / "tiny.yaml"), "--preset", "p", "--out", str(out),
+                                   "--address", ray_cluster.address]),
                                  ("analyses", ["analyze", "--out", str(out), "--spec", "tiny", "--names",
                                                "weight_norms", "--missing"], None)):
         if kind == "analyses":
@@ -167,7 +164,7 @@ def test_a_torn_rows_file_is_named_and_written_again_as_it_says(sweep):
         assert proc.returncode == 2 and len(lines) == 1 and str(files[0]) in lines[0], proc.stderr[-2000:]
         assert "is torn" in lines[0] and "writes its rows again" in lines[0], lines[0]
         shutil.move(files[0], sweep / f"torn-{kind}.parquet")
-        proc = wbsweep(*(again or command))
+        proc = wbsweep(*(again or command), env=ray_cluster.env if again else None)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert files[0].is_file()  # written again
         if again:

@@ -12,12 +12,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_folder_lock import write_lock
+from helpers import CLI, wbsweep, write_lock
 
 from orchestrator.record.folder_lock import LOCK_NAME
 
@@ -38,12 +37,8 @@ presets:
 """
 
 
-def wbsweep(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
-
-
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(wbsweep(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -106,24 +101,24 @@ def test_two_drivers_at_once_one_is_refused_naming_the_other_which_finishes_alon
 def test_a_lock_of_another_machine_is_refused_while_fresh_and_taken_over_once_stale(raced, spec):
     out, _, _ = raced
     write_lock(out, host="another-node", pid=4242, command="wbsweep run owner.yaml --out shared", boot=None)
-    proc = subprocess.run(wbsweep("run", spec, "--out", str(out)), capture_output=True, text=True, timeout=120)
+    proc = wbsweep("run", spec, "--out", str(out), timeout=120)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "is in use by `wbsweep run owner.yaml --out shared` (pid 4242 on another-node" in line
-    analyze = subprocess.run(wbsweep("analyze", "--out", str(out)), capture_output=True, text=True, timeout=120)
+    analyze = wbsweep("analyze", "--out", str(out), timeout=120)
     assert analyze.returncode == 2 and "pid 4242 on another-node" in one_error_line(analyze.stderr)
     # the read-only commands work meanwhile: status names the holder; report prints, and logs nothing
-    status = subprocess.run(wbsweep("status", "--out", str(out)), capture_output=True, text=True, timeout=120)
+    status = wbsweep("status", "--out", str(out), timeout=120)
     assert status.returncode == 0 and "in use by `wbsweep run owner.yaml --out shared` (pid 4242" in status.stdout
     before = {r.info.run_id: r.info.end_time for r in model_runs(out)}
-    report = subprocess.run(wbsweep("report", spec, "--out", str(out)), capture_output=True, text=True, timeout=300)
+    report = wbsweep("report", spec, "--out", str(out), timeout=300)
     assert report.returncode == 0 and "WD" in report.stdout and "WB" in report.stdout, report.stderr[-2000:]
     assert "the report not logged to MLflow: " in report.stderr and "pid 4242 on another-node" in report.stderr
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == 4242  # untouched
 
     write_lock(out, host="another-node", pid=4242, command="wbsweep run owner.yaml --out shared", boot=None,
                heartbeat=time.time() - 3600)  # its machine went away an hour ago
-    proc = subprocess.run(wbsweep("run", spec, "--out", str(out)), capture_output=True, text=True, timeout=600)
+    proc = wbsweep("run", spec, "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     took = [ln for ln in proc.stderr.splitlines() if ln.startswith("took over")]
     assert len(took) == 1 and "pid 4242 on another-node" in took[0] and "its heartbeat is 60 min old" in took[0]
@@ -142,8 +137,7 @@ def test_a_driver_killed_mid_sweep_leaves_a_lock_the_next_run_takes_over(spec, t
     proc.communicate()
     held = json.loads((tmp_path / LOCK_NAME).read_text())
     assert held["pid"] == proc.pid
-    again = subprocess.run(wbsweep("run", spec, "--out", str(tmp_path)), capture_output=True, text=True,
-                           timeout=600)
+    again = wbsweep("run", spec, "--out", str(tmp_path), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     took = [ln for ln in again.stderr.splitlines() if ln.startswith("took over")]
     assert len(took) == 1 and f"(pid {proc.pid} on" in took[0] and took[0].endswith("its process is gone")

@@ -14,33 +14,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from helpers import CLI, kill_tree, one_error_line, wbsweep
+from helpers import CLI, FakeSweep, kill_tree, one_error_line, trials, wbsweep
 
 from orchestrator.sweep.status import status_text
 from orchestrator.sweep.watchdog import Limits, Node, SweepStopped, Watchdog
 
 # --- the watchdog's decisions, on a clock and node lists of the test's choosing ------------------
-
-
-class FakeSweep:
-    """What the watchdog reads of a sweep's context, and the status states it writes."""
-
-    def __init__(self, cpus=1.0, gpus=0.0, autoscaling=False):
-        self.cpus, self.gpus, self.autoscaling = cpus, gpus, autoscaling
-        self.states: list[tuple[str, str | None]] = []
-        self.status = SimpleNamespace(write=self.write)
-        self.lock = None  # the results folder's lock (orchestrator/record/folder_lock.py): none here
-
-    def write(self, state: str | None = None, reason: str | None = None) -> None:
-        self.states.append((state or "running", reason))
-
-
-def trials(*statuses: str) -> list:
-    return [SimpleNamespace(status=s) for s in statuses]
 
 
 def watchdog(sweep, nodes, refused=(), **limits) -> tuple[Watchdog, list[float]]:

@@ -141,7 +141,12 @@ def test_a_sweep_on_other_data_trains_again_and_reports_the_new_numbers(tmp_path
     assert rows["data_fingerprint"].nunique() == 2 and len(rows) == 2
     assert rows["config_hash"].nunique() == 2  # B's model is its own, not A's reused
     a_row, b_row = rows.sort_values("created_at").itertuples()
-    report = wbsweep_here(capsys, "report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv")
+    # which rows are current depends on the data: where the spec's data cannot be read and the folder
+    # holds rows on two, report asks for them in one line; given B's, it shows B's numbers
+    unsure = wbsweep_here(capsys, "report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv")
+    assert unsure.returncode == 2 and "give --data-root" in unsure.stderr, unsure.stderr
+    report = wbsweep_here(capsys, "report", str(tmp_path / "cifar.yaml"), "--out", str(out), "--format", "csv",
+                          "--data-root", str(tmp_path / "b"))
     assert report.returncode == 0, report.stderr
     assert f"{b_row.acc_avg:.6g}" in report.stdout
     status = wbsweep_here(capsys, "status", "--out", str(out))

@@ -190,13 +190,9 @@ def remove_database(path: Path) -> None:
 
 
 def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    from orchestrator.record.folder_lock import pid_alive  # one test of liveness (a zombie counts as gone)
+
+    return pid_alive(pid)
 
 
 # --- MLflow's tracking store ----------------------------------------------------------------------------
